@@ -1,0 +1,336 @@
+"""Where the config is read: one TOML file -> frozen, typed settings.
+
+The file has the daemon's own tables (``[daemon]``, ``[nginx]``,
+``[sessions]``) and the ``[omero]`` tree of OMERO properties. The daemon's
+tables are checked strictly here (unknown keys, types, ranges); the OMERO
+properties are flattened to dotted names here and checked against the
+installed OMERO.web by :mod:`omerowebd.venv`, which alone knows them.
+
+Every error is one line naming the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomlkit
+import tomlkit.exceptions
+
+from .errors import ConfigError, ConfigErrors
+from .omero_config import flatten_omero_tree
+
+CONFIG_ENV = "OMEROWEBD_CONFIG"
+DEFAULT_CONFIG = Path("/etc/omerowebd/omerowebd.toml")
+
+
+def config_path(arg: str | os.PathLike[str] | None = None) -> Path:
+    """``--config``, else ``$OMEROWEBD_CONFIG``, else the packaged default."""
+    if arg:
+        return Path(arg)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return DEFAULT_CONFIG
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    omerodir: Path = _doc("OMERODIR of the OMERO.web install; config.xml is written below it")
+    venv: Path = _doc("the OMERO.web virtualenv; gunicorn runs as VENV/bin/python -m gunicorn")
+    app: str = _doc("WSGI application", default="omeroweb.wsgi:application")
+    runtime_dir: Path = _doc("control socket and per-generation files", default=Path("/run/omerowebd"))
+    state_dir: Path = _doc("sessions, nginx files, collectstatic record", default=Path("/var/lib/omerowebd"))
+    bind: tuple[str, ...] | None = _doc(
+        "HOST:PORT or unix:/path, used only without systemd sockets;"
+        " default from omero.web.application_server.host/.port",
+        default=None,
+    )
+    ready_timeout: float = _doc("seconds a new generation may take to serve", default=120.0)
+    graceful_timeout: float = _doc("seconds gunicorn lets in-flight requests finish", default=30.0)
+    health_path: str | None = _doc("path probed for health; default PREFIX/webclient/login/", default=None)
+    log_format: Literal["auto", "console", "json", "journal"] = _doc("log output", default="auto")
+
+
+@dataclass(frozen=True)
+class NginxSettings:
+    enabled: bool = _doc("write the nginx server config and location include", default=True)
+    output_dir: Path | None = _doc("where the files go; default STATE_DIR/nginx", default=None)
+    server_file: str = _doc("file name of the server config", default="omero-web.conf")
+    location_file: str = _doc("file name of the location include", default="omero-web-location.include")
+    listen: str = _doc("port (or address:port) nginx listens on", default="80")
+    server_name: str = _doc("nginx server_name", default="$hostname")
+    max_body_size: str = _doc("nginx client_max_body_size", default="0")
+    redirects: dict[str, str] = _doc("path -> target, answered with 307", default_factory=dict)
+    upstreams: tuple[str, ...] = _doc("extra backend addresses (HOST:PORT or unix:/path)", default=())
+    maintenance_template: Path | None = _doc("HTML template of the maintenance page", default=None)
+    validate_command: tuple[str, ...] | None = _doc("run with the new files in place, e.g. nginx -t", default=None)
+    reload_command: tuple[str, ...] | None = _doc("run after a change, e.g. systemctl reload nginx", default=None)
+
+
+@dataclass(frozen=True)
+class SessionsSettings:
+    enabled: bool = _doc("sweep expired sessions", default=True)
+    schedule: str = _doc('an interval ("6h", "30m", "1d") or a daily time ("03:30")', default="6h")
+    at_start: bool = _doc("sweep once after start (never delays READY)", default=True)
+    timeout: float = _doc("seconds a sweep may run", default=3600.0)
+    nice: int = _doc("CPU niceness of the sweep (0-19)", default=19)
+    ionice_idle: bool = _doc("run the sweep in the idle I/O class", default=True)
+
+
+TABLES: dict[str, type] = {"daemon": DaemonSettings, "nginx": NginxSettings, "sessions": SessionsSettings}
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    digest: str  # sha256 of the file's bytes: what `status` shows, what reloads compare
+    daemon: DaemonSettings
+    nginx: NginxSettings
+    sessions: SessionsSettings
+    # Every OMERO property as `omero config` would store it: dotted name -> text.
+    properties: Mapping[str, str]
+    # Where each property is set, for error messages: dotted name -> line.
+    property_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, name: str) -> str:
+        line = self.property_lines.get(name)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and check the file; raise ConfigError with one line per problem."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (pass --config or set ${CONFIG_ENV})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    return parse(data, path)
+
+
+def parse(data: bytes, path: Path) -> Config:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        doc = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as e:
+        raise ConfigError(f"{path}:{e.line}:{e.col}: TOML syntax error: {_parse_message(e)}") from None
+
+    lines = _KeyLines(text)
+    problems: list[str] = []
+    for name in doc:
+        if name not in TABLES and name != "omero":
+            problems.append(
+                f"{path}:{lines.find((), name)}: unknown table [{name}]{_did_you_mean(name, [*TABLES, 'omero'])}"
+            )
+    sections: dict[str, Any] = {}
+    for name, cls in TABLES.items():
+        table = doc.get(name, {})
+        if not isinstance(table, Mapping):
+            problems.append(f"{path}:{lines.find((), name)}: {name} must be a table")
+            table = {}
+        sections[name] = _build(cls, name, table, path, lines, problems)
+
+    omero = doc.get("omero", {})
+    properties: dict[str, str] = {}
+    where: dict[str, int] = {}
+    if not isinstance(omero, Mapping):
+        problems.append(f"{path}:{lines.find((), 'omero')}: omero must be a table")
+    else:
+        for problem, key_path in flatten_omero_tree(omero, properties):
+            problems.append(f"{path}:{lines.find(key_path[:-1], key_path[-1])}: {problem}")
+        for name in properties:
+            where[name] = lines.find_property(name)
+    if problems:
+        raise ConfigErrors(problems)
+    return Config(
+        path=path,
+        digest=hashlib.sha256(data).hexdigest(),
+        properties=properties,
+        property_lines=where,
+        **sections,
+    )
+
+
+def _parse_message(e: Exception) -> str:
+    # tomlkit appends " at line L col C" to its messages; the prefix says it already.
+    return re.sub(r"\s+at line \d+ col \d+$", "", str(e))
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: _KeyLines, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    before = len(problems)
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        where = f"{path}:{lines.find((table,), key)}"
+        if key not in fields:
+            problems.append(f"{where}: unknown key {table}.{key}{_did_you_mean(key, list(fields))}")
+            continue
+        value = _unwrap(raw)
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except ValueError as e:
+            problems.append(f"{where}: {table}.{key} {e}")
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{path}: missing required key {table}.{name} ({f.metadata['doc']})")
+            kwargs[name] = None
+    if len(problems) > before:
+        return None
+    return _check(cls(**kwargs), table, path, lines, problems)
+
+
+def _unwrap(value: Any) -> Any:
+    unwrap = getattr(value, "unwrap", None)
+    return unwrap() if unwrap else value
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Check one TOML value against a field's type; raise ValueError('must be ...')."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        return _coerce(value, options[0])
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"must be a list of strings, not {_tname(value)}")
+        return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(f"must be a table of strings, not {_tname(value)}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, not {_tname(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, not {_tname(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number of seconds, not {_tname(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, not {_tname(value)}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"must be a path string, not {_tname(value)}")
+        if not os.path.isabs(value):
+            raise ValueError(f"must be an absolute path, not {value!r}")
+        return Path(value)
+    raise TypeError(hint)  # a field type this module does not know: a bug
+
+
+def _tname(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+_ADDRESS = re.compile(r"^(unix:/.+|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5})$")
+
+
+def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: list[str]) -> Any:
+    """Range and shape checks that a type alone cannot say."""
+
+    def bad(key: str, message: str) -> None:
+        problems.append(f"{path}:{lines.find((table,), key)}: {table}.{key} {message}")
+
+    if isinstance(settings, DaemonSettings):
+        for address in settings.bind or ():
+            if not _ADDRESS.match(address):
+                bad("bind", f"has {address!r}: use HOST:PORT, [IPV6]:PORT or unix:/absolute/path")
+        if settings.bind == ():
+            bad("bind", "must name at least one address")
+        for key in ("ready_timeout", "graceful_timeout"):
+            if getattr(settings, key) <= 0:
+                bad(key, "must be more than 0")
+        if settings.health_path is not None and not settings.health_path.startswith("/"):
+            bad("health_path", f"must start with '/', not {settings.health_path!r}")
+    if isinstance(settings, SessionsSettings):
+        from .schedule import parse_schedule  # one parser, shared with the sweeper
+
+        try:
+            parse_schedule(settings.schedule)
+        except ValueError as e:
+            bad("schedule", str(e))
+        if not 0 <= settings.nice <= 19:
+            bad("nice", "must be between 0 and 19")
+        if settings.timeout <= 0:
+            bad("timeout", "must be more than 0")
+    return settings
+
+
+class _KeyLines:
+    """Finds the line a key is set on, for error messages.
+
+    TOML parsers do not keep positions; a light scan of the text is enough to
+    point a person at the right line (table headers, plain, quoted and dotted
+    keys). When in doubt it returns the table's header line, or 1.
+    """
+
+    _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    _KEY = re.compile(r"""^\s*((?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+))*)\s*=""")
+
+    def __init__(self, text: str) -> None:
+        self.entries: list[tuple[tuple[str, ...], int]] = []
+        table: tuple[str, ...] = ()
+        for number, line in enumerate(text.splitlines(), 1):
+            header = self._HEADER.match(line)
+            if header:
+                table = _split_key(header.group(1))
+                self.entries.append((table, number))
+                continue
+            key = self._KEY.match(line)
+            if key:
+                self.entries.append((table + _split_key(key.group(1)), number))
+
+    def find(self, table: tuple[str, ...], key: str) -> int:
+        want = (*table, key)
+        for path, number in self.entries:
+            if path == want:
+                return number
+        for path, number in self.entries:
+            if path[: len(want)] == want:
+                return number
+        return self.find(table[:-1], table[-1]) if table else 1
+
+    def find_property(self, dotted: str) -> int:
+        for path, number in self.entries:
+            if ".".join(path) == dotted:
+                return number
+        return 0
+
+
+def _split_key(key: str) -> tuple[str, ...]:
+    parts = re.findall(r"""\s*("[^"]*"|'[^']*'|[^.\s]+)\s*(?:\.|$)""", key)
+    return tuple(p[1:-1] if p[:1] in "\"'" else p for p in parts)

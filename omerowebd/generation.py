@@ -1,0 +1,311 @@
+"""One gunicorn master on the held sockets: spawn, wait until it serves, retire.
+
+A generation is ready when every worker has loaded the app (each reports
+from gunicorn's ``post_worker_init``) and an HTTP probe through a socket that
+only this generation listens on gets an answer. Until then the previous
+generation keeps serving on the shared sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import log
+from .sockets import HeldSocket
+from .venv import VenvInfo, effective, python_of
+
+CONF = Path(__file__).with_name("gunicorn_conf.py")
+PROBE_TIMEOUT = 10.0
+
+
+class GenerationFailed(Exception):
+    """The new generation did not come up; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class GunicornPlan:
+    """Everything that decides how a generation is started; equal plans need no new generation."""
+
+    venv: Path
+    app: str
+    omeroweb_dir: Path
+    settings: Mapping[str, Any]
+    args: tuple[str, ...]
+    env: Mapping[str, str]
+    health_path: str
+    health_host: str
+
+    @property
+    def workers(self) -> int:
+        return int(self.settings["workers"])
+
+    def command(self, conf: Path) -> list[str]:
+        return [str(python_of(self.venv)), "-m", "gunicorn", "-c", str(conf), *self.args, self.app]
+
+
+def plan_gunicorn(
+    properties: Mapping[str, str], info: VenvInfo, *, app: str, graceful_timeout: float, health_path: str | None
+) -> GunicornPlan:
+    """The gunicorn options ``omero web start`` derives from the same properties."""
+
+    def prop(name: str, fallback: str) -> str:
+        value = effective(properties, info, name, fallback)
+        return fallback if value is None else value
+
+    worker_class = prop("omero.web.wsgi_worker_class", "sync")
+    settings: dict[str, Any] = {
+        "workers": int(prop("omero.web.wsgi_workers", "5")),
+        "worker_class": worker_class,
+        "timeout": int(prop("omero.web.wsgi_timeout", "60")),
+        "max_requests": int(prop("omero.web.application_server.max_requests", "0")),
+        "graceful_timeout": graceful_timeout,
+    }
+    if worker_class == "gevent":
+        settings["worker_connections"] = int(prop("omero.web.wsgi_worker_connections", "1000"))
+    else:
+        settings["threads"] = int(prop("omero.web.wsgi_threads", "1"))
+    prefix = (properties.get("omero.web.prefix") or "").rstrip("/")
+    env = {"SCRIPT_NAME": prefix} if prefix else {}
+    hosts = _json_list(prop("omero.web.allowed_hosts", '["*"]'))
+    host = next((h.lstrip(".") for h in hosts if isinstance(h, str) and "*" not in h), "localhost")
+    return GunicornPlan(
+        venv=info.venv,
+        app=app,
+        omeroweb_dir=info.omeroweb_dir,
+        settings=settings,
+        args=tuple(shlex.split(properties.get("omero.web.wsgi_args") or "")),
+        env=env,
+        health_path=health_path or f"{prefix}/webclient/login/",
+        health_host=host,
+    )
+
+
+def _json_list(text: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+@dataclass
+class Generation:
+    number: int
+    plan: GunicornPlan
+    directory: Path
+    proc: asyncio.subprocess.Process | None = None
+    state: str = "new"  # new, booting, serving, retiring, exited, failed
+    started_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    ready_workers: set[int] = field(default_factory=set)
+    exit_status: int | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _boot_failure: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def probe_path(self) -> Path:
+        return self.directory / "probe.sock"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.exit_status is None
+
+    def worker_pids(self) -> list[int]:
+        """The master's children, read from /proc: exact, whatever gunicorn did since."""
+        if not self.alive:
+            return []
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return sorted(int(p) for p in text.split())
+
+    async def start(self, sockets: list[HeldSocket], events_path: Path, runtime_dir: Path) -> None:
+        """Spawn the master on duplicates of ``sockets`` plus a probe socket of its own."""
+        self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if self.probe_path.exists():
+                self.probe_path.unlink()
+            probe.bind(str(self.probe_path))
+            probe.listen(64)
+            fds = [s.fileno() for s in sockets] + [probe.fileno()]
+            snapshot = {
+                "generation": self.number,
+                "events": str(events_path),
+                "settings": {
+                    **self.plan.settings,
+                    "proc_name": f"omerowebd-gen{self.number}",
+                    # gunicorn >= 25.1 opens a control socket by default; two
+                    # generations must not share it, and /run is read-only to us.
+                    "control_socket": str(self.directory / "gunicorn.ctl"),
+                },
+            }
+            snapshot_path = self.directory / "snapshot.json"
+            snapshot_path.write_text(json.dumps(snapshot))
+            env = _child_env(self.plan.env)
+            env.update(
+                OMEROWEBD_SNAPSHOT=str(snapshot_path),
+                OMEROWEBD_FDS=",".join(map(str, fds)),
+                OMEROWEBD_PID=str(os.getpid()),
+            )
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.plan.command(CONF),
+                cwd=self.plan.omeroweb_dir,
+                env=env,
+                pass_fds=fds,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's ^C reaches the daemon only; it stops gunicorn in order
+            )
+        finally:
+            probe.close()  # the master holds it now
+        self.state = "booting"
+        asyncio.get_running_loop().create_task(self._watch_exit())
+
+    async def _watch_exit(self) -> None:
+        assert self.proc is not None
+        self.exit_status = await self.proc.wait()
+        if self.state == "booting":
+            self._boot_failure = self._boot_failure or f"gunicorn master exited with status {self.exit_status} while booting"
+        if self.state != "failed":
+            self.state = "exited" if self.state != "retiring" else "retired"
+        self._changed.set()
+
+    def on_event(self, message: Mapping[str, Any]) -> None:
+        event = message.get("event")
+        pid = message.get("pid")
+        if event == "worker_ready" and isinstance(pid, int):
+            self.ready_workers.add(pid)
+        elif event == "worker_exit" and isinstance(pid, int):
+            if self.state == "booting" and pid not in self.ready_workers:
+                self._boot_failure = "a worker exited before it had loaded the app (see gunicorn's log above)"
+            self.ready_workers.discard(pid)
+        self._changed.set()
+
+    async def wait_ready(self, timeout: float, on_slow: Any = None) -> None:
+        """Return once every worker has loaded the app and the probe answers; else raise."""
+        deadline = time.monotonic() + timeout
+        while len(self.ready_workers) < self.plan.workers:
+            if self._boot_failure:
+                raise GenerationFailed(self._boot_failure)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GenerationFailed(
+                    f"not ready after {timeout:.0f}s ({len(self.ready_workers)} of {self.plan.workers} workers"
+                    " had loaded the app; raise daemon.ready_timeout if the app is slow to load)"
+                )
+            self._changed.clear()
+            if on_slow is not None:
+                on_slow(remaining)
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 5.0))
+            except asyncio.TimeoutError:
+                pass
+        if self._boot_failure:
+            raise GenerationFailed(self._boot_failure)
+        status = await http_probe(
+            (socket.AF_UNIX, str(self.probe_path)), self.plan.health_path, self.plan.health_host, timeout=PROBE_TIMEOUT
+        )
+        if status is None or status >= 500:
+            what = "no answer" if status is None else f"HTTP {status}"
+            raise GenerationFailed(f"health probe GET {self.plan.health_path} got {what}")
+        self.state = "serving"
+        self.ready_at = time.time()
+
+    async def stop(self, timeout: float, *, state: str = "retiring") -> None:
+        """Graceful stop: TERM lets in-flight requests finish; KILL the group after ``timeout``."""
+        if self.state not in ("failed",):
+            self.state = state
+        if self.alive:
+            assert self.proc is not None
+            _signal_group(self.proc.pid, signal.SIGTERM, group=False)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout)
+            except asyncio.TimeoutError:
+                log.get().warning("gunicorn master did not stop in time; killing it", generation=self.number)
+                _signal_group(self.proc.pid, signal.SIGKILL, group=True)
+                await self.proc.wait()
+        if self.proc is not None:
+            _signal_group(self.proc.pid, signal.SIGKILL, group=True)  # stragglers of the session, if any
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    async def kill(self) -> None:
+        """A generation that failed to boot: nothing in it is worth waiting for."""
+        self.state = "failed"
+        if self.proc is not None:
+            _signal_group(self.proc.pid, signal.SIGKILL, group=True)
+            await self.proc.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "state": self.state,
+            "master_pid": self.pid,
+            "worker_pids": self.worker_pids(),
+            "workers": self.plan.workers,
+            "started_at": self.started_at,
+            "ready_at": self.ready_at,
+        }
+
+
+def _signal_group(pid: int, sig: int, *, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment minus what belongs to it alone."""
+    drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("OMEROWEBD_")}
+    env.pop("SCRIPT_NAME", None)
+    env.update(extra)
+    return env
+
+
+async def http_probe(target: tuple[int, Any], path: str, host: str, *, timeout: float) -> int | None:
+    """GET ``path``; the HTTP status, or None when nothing sensible came back."""
+    family, address = target
+
+    async def ask() -> int | None:
+        if family == socket.AF_UNIX:
+            reader, writer = await asyncio.open_unix_connection(address)
+        else:
+            reader, writer = await asyncio.open_connection(*address[:2])
+        try:
+            writer.write(
+                f"GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: omerowebd-probe\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            line = await reader.readline()
+        finally:
+            writer.close()
+        parts = line.decode("latin-1").split()
+        if len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isdigit():
+            return int(parts[1])
+        return None
+
+    try:
+        return await asyncio.wait_for(ask(), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None

@@ -1,0 +1,80 @@
+"""Logging with structlog: journald fields under systemd, readable text on a
+terminal, JSON lines on request.
+
+Every event is one line (or one journal entry) with its fields; secrets never
+reach a log line because property values are never logged, only names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+try:
+    from systemd import journal as _journal
+except ImportError:  # pragma: no cover - depends on the machine
+    _journal = None
+
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2, "exception": 3}
+
+
+def under_journald() -> bool:
+    """True when stderr is connected to the journal (systemd sets JOURNAL_STREAM)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def pick_format(requested: str) -> str:
+    if requested != "auto":
+        return requested if requested != "journal" or _journal is not None else "console"
+    if _journal is not None and under_journald():
+        return "journal"
+    return "console"
+
+
+def _to_journal(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    message = event.pop("event", "")
+    level = event.pop("level", method)
+    fields = {f"OMEROWEBD_{k.upper()}": str(v) for k, v in event.items() if k != "timestamp"}
+    detail = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("timestamp", "exc_info"))
+    _journal.send(f"{message} {detail}".rstrip(), PRIORITY=str(_PRIORITY.get(level, 6)), SYSLOG_IDENTIFIER="omerowebd", **fields)
+    raise structlog.DropEvent
+
+
+def configure(requested: str = "auto", level: int = logging.INFO) -> str:
+    """Set up structlog once; returns the format chosen."""
+    chosen = pick_format(requested)
+    processors: list[Any] = [structlog.processors.add_log_level]
+    if chosen == "journal":
+        processors.append(_to_journal)
+    elif chosen == "json":
+        processors += [
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ]
+    else:
+        processors += [
+            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
+        ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    return chosen
+
+
+def get(name: str = "omerowebd") -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,210 @@
+"""The ``[omero]`` tree <-> dotted OMERO properties <-> ``etc/grid/config.xml``.
+
+Flattening rule (unambiguous, and it needs no knowledge of OMERO.web):
+
+* a table (``[omero.web]``) or a dotted key (``web.prefix = ...``) is a
+  *namespace*: its keys are joined to the name with dots;
+* a quoted key containing dots (``"application_server.host" = ...``) is
+  joined as it is, which is how a name that is both a value and the prefix of
+  other names is written (``omero.web.application_server`` and
+  ``omero.web.application_server.host``);
+* an inline table (``{...}``) or an array is a *value*: stored as JSON, the
+  way ``omero config set``/``append`` store lists and objects;
+* strings are stored as they are, booleans as ``true``/``false``, numbers as
+  their text.
+
+config.xml is written in the format omero-py's ``ConfigXml`` reads and writes:
+an ``__ACTIVE__`` block naming the profile plus a copy of it, then the
+profile itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import io
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from xml.etree.ElementTree import Comment, Element, ElementTree, SubElement, fromstring
+
+import tomlkit.items
+
+from .files import write_atomic
+
+PROFILE = "default"
+VERSION_KEY = "omero.config.version"
+VERSION = "5.1.0"
+PROFILE_KEY = "omero.config.profile"
+ACTIVE = "__ACTIVE__"
+SESSION_FILE_PATH = "SESSION_FILE_PATH"
+ADDITIONAL_SETTINGS = "omero.web.django_additional_settings"
+
+
+def flatten_omero_tree(tree: Mapping[str, Any], out: dict[str, str]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Fill ``out`` with ``omero.…`` -> text; yield (problem, key path) for what cannot be stored."""
+    yield from _flatten(("omero",), tree, out, {})
+
+
+def _flatten(
+    prefix: tuple[str, ...], tree: Mapping[str, Any], out: dict[str, str], seen: dict[str, tuple[str, ...]]
+) -> Iterator[tuple[str, tuple[str, ...]]]:
+    for key, item in tree.items():
+        path = (*prefix, str(key))
+        if _is_namespace(item):
+            yield from _flatten(path, item, out, seen)
+            continue
+        name = ".".join(path)
+        if name in seen:
+            first = ".".join(seen[name])
+            yield f"{name} is set twice (also as {first}); keep one", path
+            continue
+        try:
+            out[name] = encode_value(_plain(item))
+        except ValueError as e:
+            yield f"{name}: {e}", path
+            continue
+        seen[name] = path
+
+
+def _is_namespace(item: Any) -> bool:
+    if isinstance(item, tomlkit.items.InlineTable):
+        return False
+    return isinstance(item, Mapping)
+
+
+def _plain(item: Any) -> Any:
+    unwrap = getattr(item, "unwrap", None)
+    return unwrap() if unwrap else item
+
+
+def encode_value(value: Any) -> str:
+    """A TOML value as ``omero config set`` would store it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{value} cannot be stored as a property")
+        return str(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=_json_default)
+    raise ValueError(f"unsupported TOML value {value!r}")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    raise TypeError(value)
+
+
+def with_session_path(properties: Mapping[str, str], session_dir: Path) -> dict[str, str]:
+    """Pin Django's file session store to ``session_dir`` unless the site chose a path.
+
+    The default is ``tempfile.gettempdir()``: under a unit with PrivateTmp=
+    every restart would log everyone out, and nothing could sweep it.
+    """
+    props = dict(properties)
+    raw = props.get(ADDITIONAL_SETTINGS, "[]")
+    try:
+        pairs = json.loads(raw)
+    except ValueError:
+        return props  # not ours to fix: the venv check reports the bad JSON
+    if not isinstance(pairs, list):
+        return props
+    if any(isinstance(p, list) and p and p[0] == SESSION_FILE_PATH for p in pairs):
+        return props
+    props[ADDITIONAL_SETTINGS] = json.dumps([*pairs, [SESSION_FILE_PATH, str(session_dir)]])
+    return props
+
+
+def session_file_path(properties: Mapping[str, str]) -> str | None:
+    """The SESSION_FILE_PATH given in ``omero.web.django_additional_settings``, if any."""
+    try:
+        pairs = json.loads(properties.get(ADDITIONAL_SETTINGS, "[]"))
+    except ValueError:
+        return None
+    for pair in pairs if isinstance(pairs, list) else ():
+        if isinstance(pair, list) and len(pair) == 2 and pair[0] == SESSION_FILE_PATH:
+            return str(pair[1])
+    return None
+
+
+def render_config_xml(properties: Mapping[str, str], source: str | None = None) -> bytes:
+    """The bytes omero-py's ConfigXml would save for these properties (profile ``default``)."""
+    icegrid = Element("icegrid")
+    note = "Written by omerowebd" + (f" from {source}" if source else "") + "; edit that file, not this one."
+    icegrid.append(Comment(f" {note} "))
+    active = SubElement(icegrid, "properties", id=ACTIVE)
+    SubElement(active, "property", name=PROFILE_KEY, value=PROFILE)
+    SubElement(active, "property", name=VERSION_KEY, value=VERSION)
+    profile = Element("properties", id=PROFILE)
+    SubElement(profile, "property", name=VERSION_KEY, value=VERSION)
+    for name, value in properties.items():
+        if name in (VERSION_KEY, PROFILE_KEY):
+            continue
+        SubElement(active, "property", name=name, value=value)
+        SubElement(profile, "property", name=name, value=value)
+    icegrid.append(profile)
+    SubElement(icegrid, "include", file="templates.xml")
+    out = io.BytesIO()
+    ElementTree(icegrid).write(out, encoding="UTF-8")
+    return out.getvalue()
+
+
+def write_config_xml(omerodir: Path, properties: Mapping[str, str], source: str | None = None) -> bool:
+    """Write ``OMERODIR/etc/grid/config.xml`` atomically, mode 0600; True if it changed."""
+    return write_config_bytes(config_xml_path(omerodir), render_config_xml(properties, source))
+
+
+def write_config_bytes(path: Path, data: bytes) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # `omero config` holds an flock on config.xml.lock while it edits; take
+    # it too, so an admin's edit and ours never interleave.
+    with open(f"{path}.lock", "a+") as lock:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        try:
+            return write_atomic(path, data, mode=0o600)
+        finally:
+            try:
+                os.unlink(f"{path}.lock")
+            except FileNotFoundError:
+                pass
+
+
+def config_xml_path(omerodir: Path) -> Path:
+    return omerodir / "etc" / "grid" / "config.xml"
+
+
+def read_config_xml(path: Path) -> dict[str, str]:
+    """The active profile's properties, as omero-py's ``ConfigXml.as_map()`` gives them."""
+    root = fromstring(path.read_bytes())
+    blocks = {p.get("id"): p for p in root.findall("./properties")}
+    profile = PROFILE
+    active = blocks.get(ACTIVE)
+    if active is not None:
+        for prop in active.findall("./property"):
+            if prop.get("name") == PROFILE_KEY:
+                profile = prop.get("value") or PROFILE
+    block = blocks.get(profile)
+    if block is None:
+        return {}
+    return {
+        p.get("name"): p.get("value", "")
+        for p in block.findall("./property")
+        if "name" in p.attrib and p.get("name") not in (VERSION_KEY, PROFILE_KEY)
+    }

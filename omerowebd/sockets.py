@@ -1,0 +1,171 @@
+"""The listening sockets, held by the daemon for its whole life.
+
+Either systemd passed them (socket activation: LISTEN_FDS/LISTEN_PID/
+LISTEN_FDNAMES) or the daemon binds ``daemon.bind`` once at start. Every
+gunicorn generation gets duplicates of the same sockets, so replacing a
+master never closes the listening socket: connections wait in its backlog.
+
+The sd_listen_fds protocol is read here by hand: it is three environment
+variables, and the names (LISTEN_FDNAMES) are needed as well as the fds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import UserError
+
+SD_LISTEN_FDS_START = 3
+BACKLOG = 2048
+
+
+@dataclass
+class HeldSocket:
+    sock: socket.socket
+    address: str  # "127.0.0.1:4080", "[::1]:4080" or "unix:/run/omerowebd/web.sock"
+    origin: Literal["systemd", "bound"]
+    name: str = ""  # systemd's FileDescriptorName=, if any
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def probe_target(self) -> tuple[int, str | tuple[str, int]]:
+        """Where a client on this host connects to reach this socket."""
+        family = self.sock.family
+        if family == socket.AF_UNIX:
+            return family, self.sock.getsockname()
+        host, port = self.sock.getsockname()[:2]
+        if family == socket.AF_INET6:
+            return family, ("::1" if host == "::" else host, port)
+        return family, ("127.0.0.1" if host == "0.0.0.0" else host, port)
+
+    def describe(self) -> dict[str, str]:
+        return {"address": self.address, "origin": self.origin, "name": self.name}
+
+
+def from_systemd(environ: dict[str, str] | None = None) -> list[HeldSocket]:
+    """The sockets systemd passed to this process, or [] if none; clears the variables."""
+    env = os.environ if environ is None else environ
+    try:
+        pid = int(env.get("LISTEN_PID", ""))
+        count = int(env.get("LISTEN_FDS", ""))
+    except ValueError:
+        return []
+    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(var, None)
+    if pid != os.getpid() or count <= 0:
+        return []
+    held = []
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise UserError(f"systemd passed fd {fd}, which is not a socket: check the .socket unit")
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        if sock.type != socket.SOCK_STREAM:
+            raise UserError(f"systemd passed a non-stream socket (fd {fd}): use ListenStream= in the .socket unit")
+        held.append(HeldSocket(sock, _address_of(sock), "systemd", names[i] if i < len(names) else ""))
+    return held
+
+
+def _address_of(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return "unix:" + (name if isinstance(name, str) else name.decode(errors="replace"))
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+def bind(addresses: tuple[str, ...]) -> list[HeldSocket]:
+    held: list[HeldSocket] = []
+    try:
+        for address in addresses:
+            held.append(_bind_one(address))
+    except BaseException:
+        release(held)
+        raise
+    return held
+
+
+def _bind_one(address: str) -> HeldSocket:
+    if address.startswith("unix:"):
+        return _bind_unix(Path(address[5:]))
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"cannot bind {address}: {e.strerror}: fix daemon.bind") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise _bind_error(address, e) from None
+    return HeldSocket(sock, _address_of(sock), "bound")
+
+
+def _bind_unix(path: Path) -> HeldSocket:
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise UserError(f"cannot bind unix:{path}: a file that is not a socket is in the way")
+        if _unix_in_use(path):
+            raise _bind_error(f"unix:{path}", OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
+        path.unlink()  # a stale socket left by a crash: nobody answers on it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o660)  # the web server's group reaches it; nobody else
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise _bind_error(f"unix:{path}", e) from None
+    return HeldSocket(sock, f"unix:{path}", "bound")
+
+
+def _unix_in_use(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _bind_error(address: str, e: OSError) -> UserError:
+    if e.errno == errno.EADDRINUSE:
+        return UserError(
+            f"cannot bind {address}: address already in use (is another OMERO.web running?"
+            " stop it, or change daemon.bind)"
+        )
+    if e.errno == errno.EACCES:
+        return UserError(f"cannot bind {address}: permission denied (use a port above 1023, or socket activation)")
+    return UserError(f"cannot bind {address}: {e.strerror}")
+
+
+def release(held: list[HeldSocket]) -> None:
+    """Close sockets; remove the paths of unix sockets this process bound itself."""
+    for h in held:
+        path = h.address[5:] if h.address.startswith("unix:") and h.origin == "bound" else None
+        h.sock.close()
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

@@ -1,0 +1,178 @@
+"""What the site's OMERO.web virtualenv holds, and whether the config suits it."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import ConfigError, ConfigErrors
+
+PROBE = Path(__file__).with_name("venv_probe.py")
+PROBE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class VenvInfo:
+    venv: Path
+    versions: Mapping[str, str]
+    omeroweb_dir: Path
+    # property name -> {"kind", "default", "description", "setting", ...}
+    catalogue: Mapping[str, Mapping[str, Any]]
+    # property name -> why OMERO.web would refuse the value
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def python(self) -> Path:
+        return python_of(self.venv)
+
+    def default(self, name: str) -> str | None:
+        entry = self.catalogue.get(name)
+        if entry is None or entry.get("default") is None:
+            return None
+        return str(entry["default"])
+
+
+def python_of(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def site_packages(venv: Path) -> list[Path]:
+    return sorted(venv.glob("lib/python3*/site-packages"))
+
+
+def layout_problems(venv: Path) -> list[str]:
+    """Cheap checks on the venv's files, each one line with the fix."""
+    python = python_of(venv)
+    if not venv.is_dir():
+        return [f"venv {venv} does not exist: point daemon.venv at the OMERO.web virtualenv"]
+    if not os.access(python, os.X_OK):
+        return [f"venv {venv} has no runnable bin/python: recreate it (python3.10 -m venv {venv})"]
+    sites = site_packages(venv)
+    problems = []
+    for module, dist in (("omeroweb", "omero-web"), ("gunicorn", "gunicorn")):
+        if not any((site / module).is_dir() for site in sites):
+            problems.append(f"venv {venv} has no {dist}: run {venv}/bin/pip install {dist}")
+    return problems
+
+
+def fingerprint(venv: Path) -> str:
+    """Changes whenever a package is installed, upgraded or removed in the venv."""
+    digest = hashlib.sha256()
+    for site in site_packages(venv):
+        try:
+            entries = sorted(e for e in os.listdir(site) if e.endswith((".dist-info", ".egg-info", ".egg-link", ".pth")))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                mtime = os.stat(site / entry).st_mtime_ns
+            except OSError:
+                continue
+            digest.update(f"{entry}\0{mtime}\n".encode())
+    return digest.hexdigest()
+
+
+def _parse_probe(venv: Path, returncode: int, stdout: bytes, stderr: bytes) -> VenvInfo:
+    try:
+        result = json.loads(stdout.decode() or "null")
+    except ValueError:
+        result = None
+    if returncode != 0 or not isinstance(result, dict):
+        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(f"venv {venv}: asking OMERO.web for its settings failed: {last[0]}")
+    if result.get("fatal"):
+        raise ConfigError(f"venv {venv}: {result['fatal']}")
+    return VenvInfo(
+        venv=venv,
+        versions=result["versions"],
+        omeroweb_dir=Path(result["omeroweb_dir"]),
+        catalogue=result["catalogue"],
+        errors=result["errors"],
+    )
+
+
+def _probe_command(venv: Path) -> list[str]:
+    return [str(python_of(venv)), "-I", str(PROBE)]
+
+
+def _probe_input(properties: Mapping[str, str]) -> bytes:
+    return json.dumps({"properties": dict(properties)}).encode()
+
+
+def probe_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "OMERO"))}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+async def probe(venv: Path, properties: Mapping[str, str]) -> VenvInfo:
+    """Run the probe in the venv without blocking the loop."""
+    problems = layout_problems(venv)
+    if problems:
+        raise ConfigErrors(problems)
+    proc = await asyncio.create_subprocess_exec(
+        *_probe_command(venv),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=probe_env(),
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(_probe_input(properties)), PROBE_TIMEOUT)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ConfigError(f"venv {venv}: importing omeroweb.settings took over {PROBE_TIMEOUT:.0f}s") from None
+    return _parse_probe(venv, proc.returncode or 0, stdout, stderr)
+
+
+def probe_sync(venv: Path, properties: Mapping[str, str]) -> VenvInfo:
+    """The same, for the command line."""
+    problems = layout_problems(venv)
+    if problems:
+        raise ConfigErrors(problems)
+    try:
+        done = subprocess.run(
+            _probe_command(venv),
+            input=_probe_input(properties),
+            capture_output=True,
+            env=probe_env(),
+            timeout=PROBE_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"venv {venv}: importing omeroweb.settings took over {PROBE_TIMEOUT:.0f}s") from None
+    return _parse_probe(venv, done.returncode, done.stdout, done.stderr)
+
+
+def property_problems(config: Config, info: VenvInfo) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about the [omero] properties, each one line with the place."""
+    errors = [f"{config.where(name)}: {name}: {message}" for name, message in sorted(info.errors.items())]
+    warnings = []
+    known = list(info.catalogue)
+    for name in sorted(config.properties):
+        if name.startswith("omero.web.") and name not in info.catalogue:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else " (fine if an app defines it)"
+            warnings.append(f"{config.where(name)}: unknown property {name}{hint}")
+        elif info.catalogue.get(name, {}).get("deprecated"):
+            warnings.append(f"{config.where(name)}: {name} is deprecated in this OMERO.web")
+    return errors, warnings
+
+
+def effective(properties: Mapping[str, str], info: VenvInfo, name: str, fallback: str | None = None) -> str | None:
+    """A property's value as OMERO.web will see it: set, else its default."""
+    if name in properties:
+        return properties[name]
+    default = info.default(name)
+    return default if default is not None else fallback
+
+

@@ -1,0 +1,146 @@
+"""Asks the OMERO.web virtualenv what it knows. Run as ``VENV/bin/python venv_probe.py``.
+
+A standalone script: it runs on the venv's Python (3.10 for zeroc-ice), so it
+imports nothing of omerowebd and keeps to syntax that Python understands.
+
+stdin:  {"properties": {name: text}}  -- the candidate OMERO properties
+stdout: {"versions": {...}, "omeroweb_dir": ..., "catalogue": {name: {...}},
+         "errors": {name: message}, "fatal": message-or-null}
+
+The catalogue is ``omeroweb.settings``' own mapping tables (and those of the
+apps in ``omero.web.apps``): the authority on which properties exist, their
+defaults and their parsers. Each candidate value is run through the parser
+OMERO.web itself will use, so what passes here is what OMERO.web accepts.
+"""
+
+import contextlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+
+DISTRIBUTIONS = ("omero-web", "omero-py", "Django", "gunicorn", "zeroc-ice", "gevent", "whitenoise")
+BOOLEAN_TEXT = ("true", "false", "1", "0", "t", "f")
+
+
+def kind_of(parser, default):
+    name = getattr(parser, "__name__", "")
+    if name == "parse_boolean":
+        return "bool"
+    if name in ("int", "leave_none_unset_int"):
+        return "int"
+    if name in ("loads", "parse_paths"):
+        try:
+            value = json.loads(default) if isinstance(default, str) else default
+        except ValueError:
+            return "json"
+        if isinstance(value, dict):
+            return "object"
+        if isinstance(value, (list, tuple)):
+            return "list"
+        return "json"
+    return "str"
+
+
+def versions():
+    out = {"python": "%d.%d.%d" % sys.version_info[:3]}
+    for dist in DISTRIBUTIONS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def check(name, parser, kind, value, leave_unset):
+    if kind == "bool" and value.strip().lower() not in BOOLEAN_TEXT:
+        return "must be true or false, not %r" % value
+    try:
+        parser(value)
+    except leave_unset:
+        pass
+    except Exception as e:  # the parser's own words are the best explanation
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if kind in ("int",):
+            return "must be an integer, not %r" % value
+        if kind in ("list", "object", "json"):
+            return "must be JSON (%s), not %r: %s" % (kind, value, message)
+        return message
+    if kind == "list" or kind == "object":
+        parsed = json.loads(value)
+        want = list if kind == "list" else dict
+        if not isinstance(parsed, want):
+            return "must be a JSON %s, not %r" % (kind, value)
+    return None
+
+
+def main():
+    request = json.load(sys.stdin)
+    properties = request.get("properties", {})
+    result = {"versions": versions(), "catalogue": {}, "errors": {}, "fatal": None}
+
+    with tempfile.TemporaryDirectory() as omerodir, contextlib.redirect_stdout(sys.stderr):
+        # An empty OMERODIR: import the settings module for its tables without
+        # reading (or writing) the site's own files.
+        os.environ["OMERODIR"] = omerodir
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "omeroweb.settings")
+        try:
+            settings = importlib.import_module("omeroweb.settings")
+            from omeroweb.utils import LeaveUnset
+        except Exception as e:
+            result["fatal"] = "cannot import omeroweb.settings: %s: %s" % (type(e).__name__, e)
+            print(json.dumps(result))
+            return
+        result["omeroweb_dir"] = os.path.dirname(settings.__file__)
+
+        tables = []
+        for table in ("INTERNAL_SETTINGS_MAPPING", "CUSTOM_SETTINGS_MAPPINGS", "DEVELOPMENT_SETTINGS_MAPPINGS"):
+            tables.append(getattr(settings, table, {}))
+        apps = []
+        try:
+            apps = json.loads(properties.get("omero.web.apps", "[]"))
+        except ValueError:
+            pass
+        for app in apps if isinstance(apps, list) else []:
+            if not isinstance(app, str):
+                continue
+            spec = None
+            for candidate in ("omeroweb." + app, app):
+                with contextlib.suppress(Exception):
+                    spec = spec or importlib.util.find_spec(candidate)
+            if spec is None:
+                result["errors"]["omero.web.apps"] = (
+                    "app %r cannot be imported from the OMERO.web venv (pip install it there)" % app
+                )
+                continue
+            with contextlib.suppress(Exception):
+                module = importlib.import_module(app + ".settings")
+                tables.append(getattr(module, "CUSTOM_SETTINGS_MAPPINGS", {}))
+
+        deprecated = set(getattr(settings, "DEPRECATED_SETTINGS_MAPPINGS", {}))
+        for table in tables:
+            for name, values in table.items():
+                django_name, default, parser, description = values[:4]
+                kind = kind_of(parser, default)
+                result["catalogue"][name] = {
+                    "setting": django_name,
+                    "default": default if isinstance(default, (str, int, float, bool, type(None))) else str(default),
+                    "kind": kind,
+                    "parser": getattr(parser, "__name__", str(parser)),
+                    "description": description or "",
+                    "deprecated": name in deprecated,
+                }
+                if name in properties and name not in result["errors"]:
+                    problem = check(name, parser, kind, properties[name], LeaveUnset)
+                    if problem:
+                        result["errors"][name] = problem
+        for name in deprecated:
+            result["catalogue"].setdefault(name, {"kind": "str", "deprecated": True, "description": ""})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
