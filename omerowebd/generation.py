@@ -16,7 +16,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,13 @@ class GunicornPlan:
 
 
 def plan_gunicorn(
-    properties: Mapping[str, str], info: VenvInfo, *, app: str, graceful_timeout: float, health_path: str | None
+    properties: Mapping[str, str],
+    info: VenvInfo,
+    *,
+    omerodir: Path,
+    app: str,
+    graceful_timeout: float,
+    health_path: str | None,
 ) -> GunicornPlan:
     """The gunicorn options ``omero web start`` derives from the same properties."""
 
@@ -69,14 +75,16 @@ def plan_gunicorn(
         "worker_class": worker_class,
         "timeout": int(prop("omero.web.wsgi_timeout", "60")),
         "max_requests": int(prop("omero.web.application_server.max_requests", "0")),
-        "graceful_timeout": graceful_timeout,
+        "graceful_timeout": int(graceful_timeout),
     }
     if worker_class == "gevent":
         settings["worker_connections"] = int(prop("omero.web.wsgi_worker_connections", "1000"))
     else:
         settings["threads"] = int(prop("omero.web.wsgi_threads", "1"))
     prefix = (properties.get("omero.web.prefix") or "").rstrip("/")
-    env = {"SCRIPT_NAME": prefix} if prefix else {}
+    env = {"OMERODIR": str(omerodir)}
+    if prefix:
+        env["SCRIPT_NAME"] = prefix
     hosts = _json_list(prop("omero.web.allowed_hosts", '["*"]'))
     host = next((h.lstrip(".") for h in hosts if isinstance(h, str) and "*" not in h), "localhost")
     return GunicornPlan(
@@ -110,6 +118,7 @@ class Generation:
     ready_at: float | None = None
     ready_workers: set[int] = field(default_factory=set)
     exit_status: int | None = None
+    on_exit: Callable[[Generation], None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _boot_failure: str | None = None
 
@@ -135,7 +144,7 @@ class Generation:
             return []
         return sorted(int(p) for p in text.split())
 
-    async def start(self, sockets: list[HeldSocket], events_path: Path, runtime_dir: Path) -> None:
+    async def start(self, sockets: list[HeldSocket], events_path: Path) -> None:
         """Spawn the master on duplicates of ``sockets`` plus a probe socket of its own."""
         self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -182,9 +191,11 @@ class Generation:
         self.exit_status = await self.proc.wait()
         if self.state == "booting":
             self._boot_failure = self._boot_failure or f"gunicorn master exited with status {self.exit_status} while booting"
-        if self.state != "failed":
-            self.state = "exited" if self.state != "retiring" else "retired"
+        if self.state not in ("failed", "retiring", "stopping"):
+            self.state = "exited"
         self._changed.set()
+        if self.on_exit is not None:
+            self.on_exit(self)
 
     def on_event(self, message: Mapping[str, Any]) -> None:
         event = message.get("event")

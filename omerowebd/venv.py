@@ -109,9 +109,8 @@ def _probe_input(properties: Mapping[str, str]) -> bytes:
 
 
 def probe_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "OMERO"))}
-    env.pop("PYTHONPATH", None)
-    return env
+    """The environment gunicorn gets, less what belongs to the daemon (PYTHONPATH stays: the app sees it too)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "OMERO"))}
 
 
 async def probe(venv: Path, properties: Mapping[str, str]) -> VenvInfo:

@@ -1,0 +1,50 @@
+"""omerowebd: the daemon's command line. Always in the foreground, systemd style."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from . import __version__, log
+from . import config as config_module
+from .errors import EXIT_FAILURE, ConfigErrors, UserError
+from .supervisor import Supervisor
+from .systemd import Notifier
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="omerowebd",
+        description="Run OMERO.web under gunicorn, supervised: zero-downtime reloads, systemd notify, "
+        "nginx includes, session sweeping. Runs in the foreground; drive it with systemctl or omerowebctl.",
+        epilog="exit codes: 0 stopped cleanly, 1 failed, 78 the config must be fixed (nothing was started)",
+    )
+    parser.add_argument("--version", action="version", version=f"omerowebd {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="the TOML file (default: $OMEROWEBD_CONFIG, else /etc/omerowebd/omerowebd.toml)")
+    args = parser.parse_args(argv)
+
+    notifier = Notifier()
+    try:
+        config = config_module.load(config_module.config_path(args.config))
+    except UserError as e:
+        return _fail(e, notifier)
+    log.configure(config.daemon.log_format)
+    try:
+        return asyncio.run(Supervisor(config, notifier).run())
+    except UserError as e:
+        return _fail(e, notifier)
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _fail(error: UserError, notifier: Notifier) -> int:
+    problems = error.problems if isinstance(error, ConfigErrors) else [str(error)]
+    for problem in problems:
+        print(f"omerowebd: {problem}", file=sys.stderr, flush=True)
+    notifier.status(f"failed: {problems[0]}")
+    return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

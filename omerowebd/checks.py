@@ -1,0 +1,75 @@
+"""Every check the daemon makes before it starts anything, in one place.
+
+The daemon runs them at start and on reload; ``omerowebctl check`` runs the
+same ones and prints them, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import venv
+from .config import Config
+from .errors import ConfigErrors, UserError
+from .venv import VenvInfo
+
+
+def path_problems(config: Config) -> list[str]:
+    d = config.daemon
+    problems = []
+    for what, path in (("daemon.omerodir", d.omerodir), ("daemon.state_dir", d.state_dir), ("daemon.runtime_dir", d.runtime_dir)):
+        problem = _writable_dir_problem(path)
+        if problem:
+            problems.append(f"{config.path}: {what} {path}: {problem}")
+    return problems
+
+
+def _writable_dir_problem(path: Path) -> str | None:
+    """Can this process write in ``path`` (or create it)?"""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return "cannot be created"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        who = f"uid {os.getuid()}"
+        if probe == path:
+            return f"not writable by {who} (chown it to the service user)"
+        return f"cannot be created: {probe} is not writable by {who}"
+    return None
+
+
+def run_sync(config: Config) -> tuple[list[str], list[str], VenvInfo | None]:
+    """(problems, warnings, venv info): for the command line."""
+    try:
+        info, error = venv.probe_sync(config.daemon.venv, config.properties), None
+    except UserError as e:
+        info, error = None, e
+    return (*_judge(config, info, error), info)
+
+
+async def run(config: Config) -> tuple[VenvInfo, list[str]]:
+    """The daemon's version: raise ConfigErrors listing every problem; return (info, warnings)."""
+    try:
+        info, error = await venv.probe(config.daemon.venv, config.properties), None
+    except UserError as e:
+        info, error = None, e
+    problems, warnings = _judge(config, info, error)
+    if problems:
+        raise ConfigErrors(problems)
+    assert info is not None
+    return info, warnings
+
+
+def _judge(config: Config, info: VenvInfo | None, error: UserError | None) -> tuple[list[str], list[str]]:
+    problems = path_problems(config)
+    if error is not None:
+        problems += error.problems if isinstance(error, ConfigErrors) else [str(error)]
+    warnings: list[str] = []
+    if info is not None:
+        errors, warnings = venv.property_problems(config, info)
+        problems += errors
+    return problems, warnings

@@ -1,0 +1,60 @@
+"""omerowebctl status: what the daemon is doing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from .. import control
+from . import socket_path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show the daemon's state (exit 0 when serving)",
+                       description="Show state, generation, master and worker pids, sockets, uptime.")
+    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    status = control.request(socket_path(args), {"cmd": "status"})
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(render(status))
+    return 0 if status.get("serving") else 1
+
+
+def render(s: dict[str, Any]) -> str:
+    lines = [f"state:       {s['state']} (pid {s['pid']}, up {_duration(s['uptime'])})"]
+    g = s.get("generation")
+    if g:
+        lines.append(f"generation:  {g['number']} ({g['state']}), master {g['master_pid']}, "
+                     f"workers {' '.join(map(str, g['worker_pids'])) or 'none'}")
+    else:
+        lines.append("generation:  none serving")
+    for sock in s.get("sockets", []):
+        name = f" name={sock['name']}" if sock.get("name") else ""
+        lines.append(f"socket:      {sock['address']} (from {sock['origin']}{name})")
+    cfg = s.get("config") or {}
+    lines.append(f"config:      {cfg.get('path')} sha256:{(cfg.get('digest') or '')[:12]}")
+    r = s.get("last_reload")
+    if r:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+        lines.append(f"last reload: {when} {r['outcome']} ({r['source']}, {r['seconds']}s): {r['message']}")
+    if s.get("crashes"):
+        lines.append(f"crashes:     {s['crashes']} gunicorn master exit(s) since start")
+    versions = s.get("versions") or {}
+    if versions:
+        lines.append("versions:    " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"

@@ -1,0 +1,582 @@
+"""The daemon: start, ready, reload, crash restart, watchdog, stop.
+
+One asyncio loop. Signal handlers and the file watcher only post requests;
+what changes state is a handful of methods named after the event they
+handle. A reload is a transaction: the new generation must serve before the
+old one is retired, and anything short of that puts everything back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import checks, log, omero_config, sockets
+from . import config as config_module
+from .config import Config
+from .control import ControlServer
+from .errors import ConfigError, UserError
+from .generation import Generation, GenerationFailed, GunicornPlan, http_probe, plan_gunicorn
+from .sockets import HeldSocket
+from .static import ensure_collected
+from .systemd import Notifier
+from .venv import VenvInfo, fingerprint
+from .watch import ConfigWatcher
+
+# omerowebctl reload's exit codes.
+RELOAD_APPLIED = 0
+RELOAD_REJECTED = 1
+RELOAD_ROLLED_BACK = 2
+RELOAD_RESTART_REQUIRED = 4
+
+# Settings that a running daemon cannot take over: they name its own sockets and files.
+RESTART_KEYS = ("daemon.runtime_dir", "daemon.state_dir")
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+
+Undo = Callable[[], Awaitable[None]]
+
+
+class Output(Protocol):
+    """A file the daemon derives from the config (the nginx includes)."""
+
+    async def apply(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> Undo | None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class Service(Protocol):
+    """Something that runs beside gunicorn on its own schedule (the session sweeper)."""
+
+    def update(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> None: ...
+
+    async def run(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """What is running: the config and everything derived from it."""
+
+    config: Config
+    info: VenvInfo
+    properties: Mapping[str, str]  # as written to config.xml
+    plan: GunicornPlan
+    packages: str  # venv fingerprint
+
+
+class Supervisor:
+    def __init__(self, config: Config, notifier: Notifier) -> None:
+        self.log = log.get()
+        self.notifier = notifier
+        self.config_path = config.path
+        self.initial = config
+        self.applied: Applied | None = None
+        self.state = "starting"
+        self.started_at = time.time()
+        self.sockets: list[HeldSocket] = []
+        self.current: Generation | None = None
+        self.generations: dict[int, Generation] = {}
+        self.next_number = 1
+        self.last_reload: dict[str, Any] | None = None
+        self.crashes = 0
+        self.outputs: dict[str, Output] = {}
+        self.services: dict[str, Service] = {}
+        self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._pending_reload: asyncio.Task[dict[str, Any]] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._events_transport: asyncio.DatagramTransport | None = None
+        self._control: ControlServer | None = None
+        self._watcher: ConfigWatcher | None = None
+        self._startup: asyncio.Task[None] | None = None
+
+    # -- paths -------------------------------------------------------------
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.initial.daemon.runtime_dir
+
+    @property
+    def state_dir(self) -> Path:
+        return self.initial.daemon.state_dir
+
+    @property
+    def session_dir(self) -> Path:
+        return self.state_dir / "sessions"
+
+    # -- life cycle --------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.handle_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.handle_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
+        self._startup = asyncio.create_task(self._start())
+        try:
+            await self._startup
+        except asyncio.CancelledError:
+            if not self._stopping.is_set():
+                raise
+        except BaseException:
+            await self._shutdown()
+            raise
+        await self._stopping.wait()
+        await self._shutdown()
+        return 0
+
+    async def _start(self) -> None:
+        config = self.initial
+        for directory, mode in ((self.runtime_dir, 0o750), (self.state_dir, 0o750), (self.session_dir, 0o700)):
+            directory.mkdir(mode=mode, parents=True, exist_ok=True)
+        self.sockets = self._acquire_sockets(config)
+        await self._open_event_socket()
+        self._control = ControlServer(self.runtime_dir / "control.sock", self.handle_request)
+        await self._control.start()
+        self.notifier.status("checking the config and the OMERO.web venv")
+        info, warnings = await checks.run(config)
+        for warning in warnings:
+            self.log.warning(warning)
+        target = self._target(config, info)
+        for name, output in self.outputs.items():
+            await output.apply(config, target.properties, info)
+        self.notifier.status("starting gunicorn")
+        await self._write_config_xml(target)
+        await ensure_collected(info, target.properties, config.daemon.omerodir, self.state_dir)
+        generation = await self._spawn(target.plan)
+        try:
+            await generation.wait_ready(config.daemon.ready_timeout, self._extend_timeout)
+        except GenerationFailed as e:
+            await generation.kill()
+            raise UserError(f"OMERO.web did not start: {e}", exit_code=1) from None
+        self.applied = target
+        self.current = generation
+        self.state = "serving"
+        for service in self.services.values():
+            service.update(config, target.properties, info)
+            self._spawn_task(service.run())
+        self._watcher = ConfigWatcher(self.config_path, self.handle_config_changed)
+        self._watcher.seen(config.digest)
+        self._watcher.start()
+        if self.notifier.watchdog_usec:
+            self._spawn_task(self._watchdog_loop(self.notifier.watchdog_usec / 1e6))
+        self.notifier.ready(self._status_line())
+        self.log.info("serving", generation=generation.number, workers=generation.plan.workers,
+                      sockets=[s.address for s in self.sockets])
+
+    def _acquire_sockets(self, config: Config) -> list[HeldSocket]:
+        held = sockets.from_systemd()
+        if held:
+            self.log.info("using sockets from systemd", sockets=[s.address for s in held])
+            return held
+        return sockets.bind(self._bind_addresses(config))
+
+    @staticmethod
+    def _bind_addresses(config: Config) -> tuple[str, ...]:
+        if config.daemon.bind:
+            return config.daemon.bind
+        host = config.properties.get("omero.web.application_server.host", "127.0.0.1")
+        port = config.properties.get("omero.web.application_server.port", "4080")
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}",)
+
+    async def _open_event_socket(self) -> None:
+        path = self.runtime_dir / "events.sock"
+        if path.is_socket():
+            path.unlink()
+        supervisor = self
+
+        class Protocol_(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                supervisor.handle_generation_event(data)
+
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            Protocol_, local_addr=str(path), family=socket.AF_UNIX
+        )
+        os.chmod(path, 0o600)
+        self._events_transport = transport  # type: ignore[assignment]
+
+    async def _shutdown(self) -> None:
+        self.state = "stopping"
+        self.notifier.stopping("stopping gunicorn")
+        self.log.info("stopping")
+        if self._watcher:
+            self._watcher.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        grace = (self.applied.config if self.applied else self.initial).daemon.graceful_timeout
+        await asyncio.gather(*(g.stop(grace + 5, state="stopping") for g in list(self.generations.values())),
+                             return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._control:
+            await self._control.close()
+        if self._events_transport:
+            self._events_transport.close()
+            try:
+                (self.runtime_dir / "events.sock").unlink()
+            except FileNotFoundError:
+                pass
+        sockets.release(self.sockets)
+        self.sockets = []
+        self.log.info("stopped")
+
+    # -- events ------------------------------------------------------------
+
+    def handle_stop(self, why: str) -> None:
+        if self._stopping.is_set():
+            return
+        self.log.info("stop requested", by=why)
+        self._stopping.set()
+        if self._startup and not self._startup.done():
+            self._startup.cancel()
+        if self._pending_reload and not self._pending_reload.done():
+            self._pending_reload.cancel()
+
+    def handle_hup(self) -> None:
+        self._spawn_task(self.reload("SIGHUP"))
+
+    def handle_config_changed(self) -> None:
+        self._spawn_task(self.reload("file change"))
+
+    def handle_generation_event(self, data: bytes) -> None:
+        try:
+            message = json.loads(data)
+            generation = self.generations.get(int(message["gen"]))
+        except (ValueError, KeyError, TypeError):
+            return
+        if generation is not None:
+            generation.on_event(message)
+
+    def handle_generation_exit(self, generation: Generation) -> None:
+        self.generations.pop(generation.number, None)
+        if generation is not self.current or self._stopping.is_set() or generation.state != "exited":
+            return
+        # The serving master died (killed, OOM, a bug). Its workers may live on
+        # as orphans; they finish what they are doing and go.
+        self.crashes += 1
+        self.log.error("gunicorn master exited", generation=generation.number, status=generation.exit_status)
+        _signal_group(generation.pid, signal.SIGTERM)
+        self.current = None
+        self.state = "restarting"
+        self._spawn_task(self._restart_after_crash(generation))
+
+    async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "reload":
+            if request.get("dry_run"):
+                return await self.dry_run()
+            task = self._spawn_task(self.reload("omerowebctl"))
+            if not request.get("wait", True):
+                return {"ok": True, "exit_code": RELOAD_APPLIED, "outcome": "accepted", "message": "reload accepted"}
+            return await asyncio.shield(task)
+        handler = getattr(self, f"request_{cmd}", None) if isinstance(cmd, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {cmd!r}"}
+        return await handler(request)
+
+    # -- reload ------------------------------------------------------------
+
+    async def reload(self, source: str) -> dict[str, Any]:
+        """Serialized; requests that arrive while one waits to run share it."""
+        if self._pending_reload is not None and not self._pending_reload.done():
+            return await asyncio.shield(self._pending_reload)
+        task = asyncio.create_task(self._reload_when_free(source))
+        self._pending_reload = task
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            return _result(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
+
+    async def _reload_when_free(self, source: str) -> dict[str, Any]:
+        async with self._reload_lock:
+            self._pending_reload = None  # from here on, a new change needs a new reload
+            if self._stopping.is_set() or self.applied is None:
+                return _result(RELOAD_REJECTED, "not ready", "the daemon is not serving yet")
+            started = time.monotonic()
+            self.state = "reloading"
+            self.notifier.reloading(f"reloading ({source})")
+            try:
+                result = await self._reload(source)
+            finally:
+                self.state = "serving" if self.current else "restarting"
+            result["source"] = source
+            result["seconds"] = round(time.monotonic() - started, 3)
+            result["at"] = time.time()
+            self.last_reload = result
+            log_method = self.log.info if result["exit_code"] == RELOAD_APPLIED else self.log.error
+            log_method("reload", **{k: v for k, v in result.items() if k not in ("ok", "at")})
+            self.notifier.ready(f"{self._status_line()}; last reload: {result['outcome']}")
+            return result
+
+    def _load_new_config(self) -> Config:
+        config = config_module.load(self.config_path)
+        if self._watcher:
+            self._watcher.seen(config.digest)
+        return config
+
+    async def dry_run(self) -> dict[str, Any]:
+        try:
+            config = config_module.load(self.config_path)
+        except ConfigError as e:
+            return _result(RELOAD_REJECTED, "rejected", str(e))
+        assert self.applied is not None
+        changes = _changes(self.applied.config, config)
+        restart = [c for c in changes if c in RESTART_KEYS]
+        if restart:
+            return _result(RELOAD_RESTART_REQUIRED, "restart required", ", ".join(restart), changes=changes)
+        packages_changed = fingerprint(config.daemon.venv) != self.applied.packages
+        if not changes and not packages_changed:
+            return _result(RELOAD_APPLIED, "nothing to do", "the config is unchanged", changes=[])
+        generation = packages_changed or any(c.startswith(("omero.", "daemon.")) for c in changes)
+        action = "start a new gunicorn generation" if generation else "rewrite outputs only"
+        return _result(RELOAD_APPLIED, "dry run", f"would {action}", changes=changes,
+                       packages_changed=packages_changed)
+
+    async def _reload(self, source: str) -> dict[str, Any]:
+        assert self.applied is not None
+        old = self.applied
+        try:
+            config = self._load_new_config()
+        except ConfigError as e:
+            return _result(RELOAD_REJECTED, "rejected", str(e))
+        changes = _changes(old.config, config)
+        restart = [c for c in changes if c in RESTART_KEYS]
+        if restart:
+            return _result(RELOAD_RESTART_REQUIRED, "restart required",
+                           f"{', '.join(restart)} changed: run systemctl restart omerowebd", changes=changes)
+        packages = fingerprint(config.daemon.venv)
+        if not changes and packages == old.packages:
+            return _result(RELOAD_APPLIED, "nothing to do", "the config is unchanged", changes=[])
+        try:
+            info, warnings = await checks.run(config)
+        except ConfigError as e:
+            return _result(RELOAD_REJECTED, "rejected", str(e), changes=changes)
+        for warning in warnings:
+            self.log.warning(warning)
+        target = self._target(config, info)
+
+        undo: list[Undo] = []
+        try:
+            for output in self.outputs.values():
+                step = await output.apply(config, target.properties, info)
+                if step:
+                    undo.append(step)
+        except UserError as e:
+            await _run_undo(undo)
+            return _result(RELOAD_REJECTED, "rejected", str(e), changes=changes)
+
+        new_sockets: list[HeldSocket] | None = None
+        needs_generation = (
+            target.plan != old.plan or target.properties != old.properties or packages != old.packages
+            or config.daemon.omerodir != old.config.daemon.omerodir
+        )
+        if self._owns_sockets() and self._bind_addresses(config) != self._bind_addresses(old.config):
+            try:
+                new_sockets = sockets.bind(self._bind_addresses(config))
+            except UserError as e:
+                await _run_undo(undo)
+                return _result(RELOAD_REJECTED, "rejected", str(e), changes=changes)
+            needs_generation = True
+
+        if needs_generation:
+            failure = await self._replace_generation(old, target, new_sockets)
+            if failure:
+                await _run_undo(undo)
+                if new_sockets:
+                    sockets.release(new_sockets)
+                return _result(RELOAD_ROLLED_BACK, "rolled back", failure, changes=changes)
+        self.applied = target
+        for service in self.services.values():
+            service.update(config, target.properties, info)
+        what = "new generation serving" if needs_generation else "outputs rewritten"
+        return _result(RELOAD_APPLIED, "applied", what, changes=changes,
+                       generation=self.current.number if self.current else None)
+
+    async def _replace_generation(self, old: Applied, target: Applied, new_sockets: list[HeldSocket] | None) -> str | None:
+        """Bring up a generation for ``target``; retire the current one only once it serves.
+
+        Returns None on success, else why it failed (everything put back)."""
+        config_xml = omero_config.config_xml_path(target.config.daemon.omerodir)
+        previous_xml = config_xml.read_bytes() if config_xml.exists() else None
+        generation: Generation | None = None
+        try:
+            await self._write_config_xml(target)
+            await ensure_collected(target.info, target.properties, target.config.daemon.omerodir, self.state_dir)
+            generation = await self._spawn(target.plan, new_sockets)
+            await generation.wait_ready(target.config.daemon.ready_timeout, self._extend_timeout)
+        except (GenerationFailed, UserError, OSError) as e:
+            if generation is not None:
+                await generation.kill()
+            if previous_xml is not None:
+                omero_config.write_config_bytes(config_xml, previous_xml)
+            self.log.error("new generation failed; the running one keeps serving", reason=str(e))
+            return str(e)
+        retiring = self.current
+        self.current = generation
+        if new_sockets is not None:
+            replaced, self.sockets = self.sockets, new_sockets
+        else:
+            replaced = None
+        if retiring is not None:
+            self._spawn_task(self._retire(retiring, old.config.daemon.graceful_timeout, replaced))
+        elif replaced:
+            sockets.release(replaced)
+        return None
+
+    async def _retire(self, generation: Generation, grace: float, replaced_sockets: list[HeldSocket] | None) -> None:
+        await generation.stop(grace + 5)
+        if replaced_sockets:
+            sockets.release(replaced_sockets)
+        self.log.info("generation retired", generation=generation.number)
+
+    async def _restart_after_crash(self, dead: Generation) -> None:
+        delay = 0.0
+        async with self._reload_lock:
+            while not self._stopping.is_set():
+                if delay:
+                    self.notifier.status(f"gunicorn master exited with status {dead.exit_status}; restarting in {delay:.0f}s")
+                    await asyncio.sleep(delay)
+                assert self.applied is not None
+                self.notifier.status(f"gunicorn master exited with status {dead.exit_status}; restarting")
+                generation = await self._spawn(self.applied.plan)
+                try:
+                    await generation.wait_ready(self.applied.config.daemon.ready_timeout)
+                except GenerationFailed as e:
+                    await generation.kill()
+                    delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_FIRST)
+                    self.log.error("restart failed", reason=str(e), retry_in=delay)
+                    continue
+                self.current = generation
+                self.state = "serving"
+                self.notifier.status(f"{self._status_line()}; restarted after gunicorn exited with status {dead.exit_status}")
+                self.log.info("serving again", generation=generation.number)
+                return
+
+    # -- helpers -----------------------------------------------------------
+
+    def _target(self, config: Config, info: VenvInfo) -> Applied:
+        properties = omero_config.with_session_path(config.properties, self.session_dir)
+        plan = plan_gunicorn(
+            properties, info,
+            omerodir=config.daemon.omerodir, app=config.daemon.app,
+            graceful_timeout=config.daemon.graceful_timeout, health_path=config.daemon.health_path,
+        )
+        return Applied(config=config, info=info, properties=properties, plan=plan, packages=fingerprint(config.daemon.venv))
+
+    async def _write_config_xml(self, target: Applied) -> None:
+        changed = await asyncio.to_thread(
+            omero_config.write_config_xml, target.config.daemon.omerodir, target.properties, str(target.config.path)
+        )
+        if changed:
+            self.log.info("config.xml written", path=str(omero_config.config_xml_path(target.config.daemon.omerodir)))
+
+    async def _spawn(self, plan: GunicornPlan, held: list[HeldSocket] | None = None) -> Generation:
+        number = self.next_number
+        self.next_number += 1
+        generation = Generation(number=number, plan=plan, directory=self.runtime_dir / f"gen-{number}",
+                                on_exit=self.handle_generation_exit)
+        self.generations[number] = generation
+        await generation.start(held or self.sockets, self.runtime_dir / "events.sock")
+        self.log.info("gunicorn started", generation=number, pid=generation.pid, workers=plan.workers)
+        return generation
+
+    def _extend_timeout(self, remaining: float) -> None:
+        # Tell systemd we are still at it, so a slow app does not time the start or reload out.
+        self.notifier.extend_timeout(min(remaining, 5.0) + 10.0)
+
+    def _owns_sockets(self) -> bool:
+        return all(s.origin == "bound" for s in self.sockets)
+
+    def _spawn_task(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("background task failed", error=repr(task.exception()))
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        """WATCHDOG=1 only while the serving master lives and answers over the held socket."""
+        period = interval / 3
+        while True:
+            await asyncio.sleep(period)
+            generation = self.current
+            if generation is None or not generation.alive or self.applied is None or not self.sockets:
+                continue
+            status = await http_probe(self.sockets[0].probe_target(), generation.plan.health_path,
+                                      generation.plan.health_host, timeout=period)
+            if status is not None and status < 500:
+                self.notifier.watchdog()
+            else:
+                self.log.warning("health probe failed", status=status)
+
+    def _status_line(self) -> str:
+        g = self.current
+        if g is None:
+            return self.state
+        addresses = ", ".join(s.address for s in self.sockets)
+        return f"serving on {addresses}: generation {g.number}, {g.plan.workers} workers, master {g.pid}"
+
+    def status(self) -> dict[str, Any]:
+        applied = self.applied
+        return {
+            "state": self.state,
+            "serving": self.current is not None and self.current.state == "serving",
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime": round(time.time() - self.started_at, 1),
+            "generation": self.current.describe() if self.current else None,
+            "generations": [g.describe() for g in self.generations.values()],
+            "sockets": [s.describe() for s in self.sockets],
+            "config": {"path": str(self.config_path), "digest": applied.config.digest if applied else None},
+            "last_reload": self.last_reload,
+            "crashes": self.crashes,
+            "versions": dict(applied.info.versions) if applied else {},
+            **{name: output.status() for name, output in self.outputs.items()},
+            **{name: service.status() for name, service in self.services.items()},
+        }
+
+
+def _changes(old: Config, new: Config) -> list[str]:
+    """Dotted names of what differs: daemon.x, nginx.x, sessions.x, omero.… properties."""
+    changed = []
+    for table in config_module.TABLES:
+        a, b = dataclasses.asdict(getattr(old, table)), dataclasses.asdict(getattr(new, table))
+        changed += [f"{table}.{k}" for k in a if a[k] != b[k]]
+    names = set(old.properties) | set(new.properties)
+    changed += sorted(n for n in names if old.properties.get(n) != new.properties.get(n))
+    return changed
+
+
+def _result(exit_code: int, outcome: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"ok": exit_code == RELOAD_APPLIED, "exit_code": exit_code, "outcome": outcome, "message": message, **extra}
+
+
+async def _run_undo(steps: list[Undo]) -> None:
+    for step in reversed(steps):
+        try:
+            await step()
+        except Exception as e:  # keep undoing the rest
+            log.get().error("could not undo a step of a failed reload", error=str(e))
+
+
+def _signal_group(pid: int | None, sig: int) -> None:
+    if pid:
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -1,0 +1,81 @@
+"""Watch the config file: its directory, because editors save by writing a new
+file and renaming it over the old one (or deleting and recreating it).
+
+Bursts of events are debounced; a save that leaves the bytes as they were
+(or as they were at the last reload) triggers nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from . import log
+
+DEBOUNCE = 0.3  # seconds of quiet after the last event before the file is read
+
+
+class ConfigWatcher:
+    def __init__(self, path: Path, on_change: Callable[[], None], debounce: float = DEBOUNCE) -> None:
+        self.path = path
+        self.on_change = on_change
+        self.debounce = debounce
+        self.digest: str | None = None  # of the content last handed to a reload
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._observer: Observer | None = None
+
+    def seen(self, digest: str) -> None:
+        """The supervisor loaded this content; saving it again is not a change."""
+        self.digest = digest
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        watcher = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: object) -> None:  # runs in watchdog's thread
+                names = {os.fsdecode(getattr(event, "src_path", "")), os.fsdecode(getattr(event, "dest_path", "") or "")}
+                if any(n and os.path.basename(n) == watcher.path.name for n in names):
+                    assert watcher._loop is not None
+                    watcher._loop.call_soon_threadsafe(watcher._poke)
+
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.schedule(Handler(), str(self.path.parent), recursive=False)
+        self._observer.start()
+
+    def stop(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+
+    def _poke(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer = self._loop.call_later(self.debounce, self._settled)
+
+    def _settled(self) -> None:
+        self._timer = None
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            log.get().warning("config file removed; keeping the running config until it is back", path=str(self.path))
+            return
+        except OSError as e:
+            log.get().warning("config file unreadable; keeping the running config", path=str(self.path), error=e.strerror)
+            return
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self.digest:
+            return
+        self.digest = digest
+        self.on_change()
