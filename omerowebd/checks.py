@@ -45,7 +45,7 @@ def _writable_dir_problem(path: Path) -> str | None:
 def run_sync(config: Config) -> tuple[list[str], list[str], VenvInfo | None]:
     """(problems, warnings, venv info): for the command line."""
     try:
-        info, error = venv.probe_sync(config.daemon.venv, config.properties), None
+        info, error = venv.probe_sync(config.daemon.venv, config.properties, config.daemon.omerodir), None
     except UserError as e:
         info, error = None, e
     return (*_judge(config, info, error), info)
@@ -54,7 +54,7 @@ def run_sync(config: Config) -> tuple[list[str], list[str], VenvInfo | None]:
 async def run(config: Config) -> tuple[VenvInfo, list[str]]:
     """The daemon's version: raise ConfigErrors listing every problem; return (info, warnings)."""
     try:
-        info, error = await venv.probe(config.daemon.venv, config.properties), None
+        info, error = await venv.probe(config.daemon.venv, config.properties, config.daemon.omerodir), None
     except UserError as e:
         info, error = None, e
     problems, warnings = _judge(config, info, error)

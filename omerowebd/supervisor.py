@@ -90,6 +90,7 @@ class Supervisor:
         self.next_number = 1
         self.last_reload: dict[str, Any] | None = None
         self.crashes = 0
+        self.reloads = 0  # reloads that ran (requests that shared one count once)
         self.outputs: dict[str, Output] = {}
         self.services: dict[str, Service] = {}
         self._stopping = asyncio.Event()
@@ -304,6 +305,7 @@ class Supervisor:
             if self._stopping.is_set() or self.applied is None:
                 return _result(RELOAD_REJECTED, "not ready", "the daemon is not serving yet")
             started = time.monotonic()
+            self.reloads += 1
             self.state = "reloading"
             self.notifier.reloading(f"reloading ({source})")
             try:
@@ -545,6 +547,7 @@ class Supervisor:
             "config": {"path": str(self.config_path), "digest": applied.config.digest if applied else None},
             "last_reload": self.last_reload,
             "crashes": self.crashes,
+            "reloads": self.reloads,
             "versions": dict(applied.info.versions) if applied else {},
             **{name: output.status() for name, output in self.outputs.items()},
             **{name: service.status() for name, service in self.services.items()},

@@ -104,8 +104,8 @@ def _probe_command(venv: Path) -> list[str]:
     return [str(python_of(venv)), "-I", str(PROBE)]
 
 
-def _probe_input(properties: Mapping[str, str]) -> bytes:
-    return json.dumps({"properties": dict(properties)}).encode()
+def _probe_input(properties: Mapping[str, str], omerodir: Path | None) -> bytes:
+    return json.dumps({"properties": dict(properties), "omerodir": str(omerodir) if omerodir else None}).encode()
 
 
 def probe_env() -> dict[str, str]:
@@ -113,7 +113,7 @@ def probe_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "OMERO"))}
 
 
-async def probe(venv: Path, properties: Mapping[str, str]) -> VenvInfo:
+async def probe(venv: Path, properties: Mapping[str, str], omerodir: Path | None = None) -> VenvInfo:
     """Run the probe in the venv without blocking the loop."""
     problems = layout_problems(venv)
     if problems:
@@ -126,7 +126,7 @@ async def probe(venv: Path, properties: Mapping[str, str]) -> VenvInfo:
         env=probe_env(),
     )
     try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(_probe_input(properties)), PROBE_TIMEOUT)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(_probe_input(properties, omerodir)), PROBE_TIMEOUT)
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
@@ -134,7 +134,7 @@ async def probe(venv: Path, properties: Mapping[str, str]) -> VenvInfo:
     return _parse_probe(venv, proc.returncode or 0, stdout, stderr)
 
 
-def probe_sync(venv: Path, properties: Mapping[str, str]) -> VenvInfo:
+def probe_sync(venv: Path, properties: Mapping[str, str], omerodir: Path | None = None) -> VenvInfo:
     """The same, for the command line."""
     problems = layout_problems(venv)
     if problems:
@@ -142,7 +142,7 @@ def probe_sync(venv: Path, properties: Mapping[str, str]) -> VenvInfo:
     try:
         done = subprocess.run(
             _probe_command(venv),
-            input=_probe_input(properties),
+            input=_probe_input(properties, omerodir),
             capture_output=True,
             env=probe_env(),
             timeout=PROBE_TIMEOUT,

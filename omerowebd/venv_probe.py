@@ -3,7 +3,7 @@
 A standalone script: it runs on the venv's Python (3.10 for zeroc-ice), so it
 imports nothing of omerowebd and keeps to syntax that Python understands.
 
-stdin:  {"properties": {name: text}}  -- the candidate OMERO properties
+stdin:  {"properties": {name: text}, "omerodir": path}  -- the candidate OMERO properties
 stdout: {"versions": {...}, "omeroweb_dir": ..., "catalogue": {name: {...}},
          "errors": {name: message}, "fatal": message-or-null}
 
@@ -80,6 +80,7 @@ def check(name, parser, kind, value, leave_unset):
 def main():
     request = json.load(sys.stdin)
     properties = request.get("properties", {})
+    site_omerodir = request.get("omerodir")
     result = {"versions": versions(), "catalogue": {}, "errors": {}, "fatal": None}
 
     with tempfile.TemporaryDirectory() as omerodir, contextlib.redirect_stdout(sys.stderr):
@@ -125,6 +126,9 @@ def main():
             for name, values in table.items():
                 django_name, default, parser, description = values[:4]
                 kind = kind_of(parser, default)
+                if isinstance(default, str) and site_omerodir:
+                    # Defaults derived from OMERODIR (static_root, logdir) name the site's, not ours.
+                    default = default.replace(omerodir, site_omerodir)
                 result["catalogue"][name] = {
                     "setting": django_name,
                     "default": default if isinstance(default, (str, int, float, bool, type(None))) else str(default),

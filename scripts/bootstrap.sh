@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything the demo and the tests need on a fresh Debian 12 machine (as root):
+# Debian packages, the daemon's venvs, and the OMERO.web venv. Idempotent and
+# quick when everything is already there.
+#   .venv         the daemon on the newest PyPI releases of its libraries, plus pytest
+#   .venv-debian  the daemon on Debian 12's own python3-systemd/-watchdog/-tomlkit/-structlog
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    python3-venv python3-dev gcc pkg-config libsystemd-dev patchelf curl
+    python3-systemd python3-watchdog python3-tomlkit python3-structlog
+    nginx-light redis-server
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}" ${EXTRA_APT_PACKAGES:-}; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    # Installing a daemon must not start it as a service on this machine.
+    [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+stamp() { sha256sum pyproject.toml | cut -d' ' -f1; }
+if [ ! -x .venv/bin/pytest ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$(stamp)" ]; then
+    /usr/bin/python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    stamp > .venv/.stamp
+fi
+if [ ! -x .venv-debian/bin/pytest ] || [ "$(cat .venv-debian/.stamp 2>/dev/null)" != "$(stamp)" ]; then
+    /usr/bin/python3 -m venv --system-site-packages .venv-debian
+    .venv-debian/bin/pip install -q --disable-pip-version-check --no-deps -e .
+    .venv-debian/bin/pip install -q --disable-pip-version-check pytest
+    stamp > .venv-debian/.stamp
+fi
+
+scripts/setup-omero-web.sh "${OMEROWEBD_TEST_VENV:-/opt/omero/web/venv3}"
