@@ -130,7 +130,7 @@ def parse(data: bytes, path: Path) -> Config:
     try:
         doc = tomlkit.parse(text)
     except tomlkit.exceptions.ParseError as e:
-        raise ConfigError(f"{path}:{e.line}:{e.col}: TOML syntax error: {_parse_message(e)}") from None
+        raise ConfigError(f"{path}:{e.line}:{e.col + 1}: TOML syntax error: {_parse_message(e)}") from None  # tomlkit counts columns from 0
 
     lines = _KeyLines(text)
     problems: list[str] = []
