@@ -5,12 +5,11 @@ is what the daemon really uses and parses when uncommented."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
 
-from conftest import REPO, check
+from .helpers import REPO, check
 
 pytestmark = pytest.mark.system
 
@@ -75,7 +74,7 @@ def table_keys(text: str) -> dict[str, set[str]]:
 
 
 def uncommented(text: str) -> str:
-    return re.sub(r'^#(("[^"]+"|[A-Za-z0-9_.-]+) = )', r"\1", text, flags=re.M)
+    return re.sub(r'^#(("[^"]+"|[A-Za-z0-9_.-]+) = )', r"\1", text, flags=re.MULTILINE)
 
 
 @pytest.fixture(scope="module")

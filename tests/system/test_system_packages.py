@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, check
+from .helpers import REPO, check
 
 pytestmark = pytest.mark.system
 
@@ -54,6 +54,16 @@ def test_deb_holds_daemon_units_config_users_and_manuals(built_deb):
         assert f"/usr/lib/python3/dist-packages/{source}" in files, source
 
 
+def test_every_manual_the_units_name_is_shipped(built_deb):
+    files = deb_files(built_deb.deb)
+    named = set()
+    for unit in (REPO / "units").iterdir():
+        named |= set(re.findall(r"man:([\w.-]+)\((\d)\)", unit.read_text()))
+    assert named
+    for page, section in named:
+        assert f"/usr/share/man/man{section}/{page}.{section}.gz" in files, f"{page}({section})"
+
+
 def test_deb_depends_on_debians_python_packages(built_deb):
     fields = check(["dpkg-deb", "--field", str(built_deb.deb), "Depends"], "dpkg-deb --field").stdout
     depends = {d.strip().split()[0] for d in fields.split(",")}
@@ -78,7 +88,7 @@ def test_deb_config_is_a_conffile_and_scripts_manage_users_units_and_purge(built
     assert "deb-systemd-invoke stop" in prerm and "omerowebd.service" in prerm
     # purge: state and the units' enablement go.
     assert "deb-systemd-helper purge" in postrm
-    assert re.search(r'"\$1" = purge.*rm -rf /var/lib/omerowebd', postrm, re.S)
+    assert re.search(r'"\$1" = purge.*rm -rf /var/lib/omerowebd', postrm, re.DOTALL)
 
 
 def test_lintian_finds_no_error_or_warning(built_deb):
@@ -121,7 +131,7 @@ def test_rpm_files(built_rpm):
 def test_rpm_scriptlets_create_the_user_and_manage_the_units(built_rpm):
     scripts = rpm_query(built_rpm.rpm, "--scripts")
     print(scripts)
-    parts = dict(re.findall(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", scripts, re.S | re.M))
+    parts = dict(re.findall(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", scripts, re.DOTALL | re.MULTILINE))
     assert "systemd-sysusers" in parts["preinstall"] and "u omero-web" in parts["preinstall"]
     assert re.search(r"\$1 -eq 1 .*systemctl --no-reload preset omerowebd.service omerowebd.socket omerowebd-nginx.path", parts["postinstall"])
     assert "systemd-tmpfiles --create omerowebd.conf" in parts["postinstall"]

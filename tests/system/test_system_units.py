@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import configparser
 import re
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, check, run
+from .helpers import REPO, check, run
 
 pytestmark = pytest.mark.system
 
