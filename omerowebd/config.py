@@ -73,9 +73,14 @@ class NginxSettings:
     listen: str = _doc("port (or address:port) nginx listens on", default="80")
     server_name: str = _doc("nginx server_name", default="$hostname")
     max_body_size: str = _doc("nginx client_max_body_size", default="0")
-    redirects: dict[str, str] = _doc("path -> target, answered with 307", default_factory=dict)
+    redirects: dict[str, str] = _doc(
+        "exact path -> target, answered with 307 (location = PATH { return 307 TARGET; })", default_factory=dict
+    )
     upstreams: tuple[str, ...] = _doc("extra backend addresses (HOST:PORT or unix:/path)", default=())
-    maintenance_template: Path | None = _doc("HTML template of the maintenance page", default=None)
+    maintenance_template: Path | None = _doc(
+        "HTML template of the maintenance page ($prefix, $webclient_url); written to STATE_DIR/maintenance/",
+        default=None,
+    )
     validate_command: tuple[str, ...] | None = _doc("run with the new files in place, e.g. nginx -t", default=None)
     reload_command: tuple[str, ...] | None = _doc("run after a change, e.g. systemctl reload nginx", default=None)
 
@@ -287,6 +292,11 @@ def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: li
             bad("nice", "must be between 0 and 19")
         if settings.timeout <= 0:
             bad("timeout", "must be more than 0")
+    if isinstance(settings, NginxSettings):
+        from .nginx import settings_problems  # one checker for what goes into nginx text
+
+        for key, message in settings_problems(settings):
+            bad(key, message)
     return settings
 
 

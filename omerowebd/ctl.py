@@ -16,6 +16,7 @@ COMMANDS = [
     "status",
     "check",
     "reload",
+    "nginx",
 ]
 
 EPILOG = """\

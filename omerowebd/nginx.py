@@ -1,0 +1,691 @@
+"""Who writes the nginx files: render, layer the daemon's additions, write on
+change, validate, reload.
+
+The text comes from omero-web's own templates (``omeroweb/templates/
+*.conf.template`` in the site's venv), filled exactly as ``omero web config
+nginx|nginx-location|nginx-development`` fills them, so that for the same
+settings ``omerowebctl nginx`` prints the same bytes, and an upgrade of
+omero-web brings its template fixes with it. The templates are omero-web's
+files: they are read at run time, never copied into this project.
+
+What the daemon writes is that text plus its own additions, each marked with
+a comment:
+
+* a header naming the template and the TOML file to edit;
+* the maintenance location's ``root`` points at STATE_DIR/maintenance, where
+  the daemon writes the page the template's ``try_files`` names (omero-web
+  ships none, so without this a stopped OMERO.web is a bare 502);
+* ``nginx.upstreams``: one more ``server`` line each in the upstream block;
+* ``nginx.redirects``: ``location = PATH { return 307 TARGET; }``. An exact
+  match, not a prefix: a publication link is one URL, an exact location wins
+  over every prefix location whatever its length, and ``"/" = "/webclient/"``
+  then redirects the bare site root without shadowing the rest of the site
+  (a prefix ``location /`` would clash with the template's own).
+
+Every value that lands in nginx text is checked first: nothing in it may end
+a directive or a block. The admin's ``omero.web.nginx_server_extra_config``
+lines are raw nginx by design; each must be one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import html
+import json
+import os
+import re
+import string
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config, NginxSettings
+from .errors import EXIT_FAILURE, UserError
+from .files import write_atomic
+from .venv import VenvInfo, effective, probe_env
+
+# omerowebctl's names -> omero-web's template names (`omero web config TYPE`).
+KINDS = {"server": "nginx", "location": "nginx-location", "development": "nginx-development"}
+# `omero web config`: --http, else 8080 for nginx-development, else 80.
+DEFAULT_HTTP = {"server": 80, "location": 80, "development": 8080}
+
+MAINTENANCE_TEMPLATE = Path(__file__).with_name("maintenance.html")
+MAINTENANCE_PAGE = "maintenance.html"  # used only when the template names none
+COMMAND_TIMEOUT = 60.0
+REDIRECT_STATUS = 307
+
+Where = Callable[[str], str]
+
+
+def _nowhere(name: str) -> str:
+    return ""
+
+
+class NginxValueError(UserError):
+    """A value would break the nginx text, or OMERO.web could not serve it through nginx."""
+
+
+class PortConflict(UserError):
+    """nginx would listen where gunicorn does (`omero web config` refuses it too)."""
+
+    exit_code = EXIT_FAILURE
+
+
+# -- what `omero web config` reads ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The OMERO.web settings the templates use, parsed as ``omeroweb.settings`` parses them."""
+
+    root: str  # OMERODIR, as given
+    application_server: str
+    host: str
+    port: int
+    prefix: str | None  # FORCE_SCRIPT_NAME; None when unset
+    prefix_property: str  # where the prefix came from, for messages
+    static_url: str  # STATIC_URL (str_slash applied)
+    static_root: str  # STATIC_ROOT (normpath applied)
+    extra_config: tuple[str, ...]  # NGINX_SERVER_EXTRA_CONFIG
+
+    @property
+    def backend(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def web_settings(properties: Mapping[str, str], info: VenvInfo, omerodir: Path | str,
+                 where: Where = _nowhere) -> WebSettings:
+    """Read the settings from the OMERO properties, with OMERO.web's defaults and parsers."""
+
+    def prop(name: str, fallback: str | None) -> str | None:
+        return effective(properties, info, name, fallback)
+
+    def bad(name: str, message: str) -> NginxValueError:
+        return NginxValueError(f"{_place(where, name)}{name} {message}")
+
+    root = str(omerodir)
+    port_text = prop("omero.web.application_server.port", "4080") or ""
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise bad("omero.web.application_server.port", f"must be an integer, not {port_text!r}") from None
+    # omero.web.prefix, else its deprecated name (omeroweb.settings' DEPRECATED_SETTINGS_MAPPINGS).
+    prefix = properties.get("omero.web.prefix", properties.get("omero.web.force_script_name"))
+    # str_slash: a non-empty value gets a trailing slash.
+    static_url = prop("omero.web.static_url", "/static/") or ""
+    if static_url and not static_url.endswith("/"):
+        static_url += "/"
+    # The default depends on OMERODIR, so it is worked out here, not taken from the catalogue.
+    static_root = os.path.normpath(properties.get("omero.web.static_root", os.path.join(root, "var", "static")))
+    extra_text = prop("omero.web.nginx_server_extra_config", "[]") or "[]"
+    try:
+        extra = json.loads(extra_text)
+    except ValueError:
+        raise bad("omero.web.nginx_server_extra_config", f"must be a JSON list of lines, not {extra_text!r}") from None
+    if not isinstance(extra, list) or not all(isinstance(line, str) for line in extra):
+        raise bad("omero.web.nginx_server_extra_config", "must be a list of strings, one nginx line each")
+    return WebSettings(
+        root=root,
+        application_server=prop("omero.web.application_server", "wsgi-tcp") or "",
+        host=prop("omero.web.application_server.host", "127.0.0.1") or "",
+        port=port,
+        prefix=prefix,
+        prefix_property="omero.web.prefix" if "omero.web.prefix" in properties else "omero.web.force_script_name",
+        static_url=static_url,
+        static_root=static_root,
+        extra_config=tuple(extra),
+    )
+
+
+def check_web_settings(web: WebSettings, kind: str, where: Where = _nowhere) -> None:
+    """Refuse what would break the nginx text, naming the property."""
+
+    def check(name: str, value: str) -> None:
+        problem = value_problem(value)
+        if problem:
+            raise NginxValueError(f"{_place(where, name)}{name} {value!r} {problem}")
+
+    if web.prefix is not None:
+        name = web.prefix_property
+        check(name, web.prefix)
+        if not web.prefix.rstrip("/").startswith("/"):
+            raise NginxValueError(f"{_place(where, name)}{name} {web.prefix!r} must start with '/' and name a path"
+                                  " such as '/omero'; leave it unset to serve OMERO.web at /")
+    check("omero.web.static_url", web.static_url)
+    if not web.static_url.rstrip("/"):
+        raise NginxValueError(f"{_place(where, 'omero.web.static_url')}omero.web.static_url {web.static_url!r}"
+                              " gives an empty nginx location: use a path such as '/static/'")
+    check("omero.web.static_root", web.static_root)
+    check("omero.web.application_server.host", web.host)
+    for line in web.extra_config:
+        if "\n" in line or "\r" in line:
+            raise NginxValueError(f"{_place(where, 'omero.web.nginx_server_extra_config')}"
+                                  "omero.web.nginx_server_extra_config: one line per list item, no line breaks")
+    if kind == "development":
+        check("daemon.omerodir", web.root)
+
+
+def _place(where: Where, name: str) -> str:
+    place = where(name)
+    return place + ": " if place else ""
+
+
+# -- checks on values that go into nginx text --------------------------------------
+
+_ENDS = {
+    ";": "which ends an nginx directive",
+    "{": "which opens an nginx block",
+    "}": "which closes an nginx block",
+    '"': "which nginx reads as a quote",
+    "'": "which nginx reads as a quote",
+}
+
+
+def value_problem(value: str, *, words: bool = False, backslash: bool = False) -> str | None:
+    """Why ``value`` cannot stand unquoted in an nginx directive, or None.
+
+    ``words``: several words are fine (``listen 443 ssl``, ``server_name a b``).
+    ``backslash``: a backslash is fine inside a word (regex server names).
+    """
+    if not value.strip():
+        return "is empty"
+    for ch in value:
+        if ch in "\r\n":
+            return "contains a line break"
+        if ch in _ENDS:
+            return f"contains {ch!r}, {_ENDS[ch]}"
+        if (ord(ch) < 32 and ch != " ") or ord(ch) == 127:
+            return f"contains the control character {ch!r}"
+    if not words and any(c.isspace() for c in value):
+        return "contains a space: nginx would read two values"
+    if any(word.startswith("#") for word in value.split()):
+        return "has a word starting with '#', which nginx reads as a comment"
+    if "\\" in value:
+        if not backslash:
+            return "contains a backslash, which nginx reads as an escape"
+        if re.search(r"\\(\s|$)", value):
+            return "ends a word with a backslash, which would escape what follows"
+    return None
+
+
+_SIZE = re.compile(r"^\d+[kKmMgG]?$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
+    """(key, message) for every [nginx] value that cannot go into nginx text; config.py reports them."""
+    out: list[tuple[str, str]] = []
+
+    def check(key: str, value: str, **how: bool) -> None:
+        problem = value_problem(value, **how)
+        if problem:
+            out.append((key, f"{value!r} {problem}"))
+
+    check("listen", nginx.listen, words=True)
+    check("server_name", nginx.server_name, words=True, backslash=True)
+    if not _SIZE.match(nginx.max_body_size):
+        out.append(("max_body_size", f"must be an nginx size such as '0', '512k', '100m' or '2g', not {nginx.max_body_size!r}"))
+    for key in ("server_file", "location_file"):
+        name = getattr(nginx, key)
+        if not _FILE_NAME.match(name) or name in (".", ".."):
+            out.append((key, f"must be a plain file name (letters, digits, '._+-'), not {name!r}"))
+    if nginx.server_file == nginx.location_file:
+        out.append(("location_file", "must differ from nginx.server_file"))
+    if nginx.output_dir is not None:
+        check("output_dir", str(nginx.output_dir))
+    for path, target in nginx.redirects.items():
+        problem = value_problem(path) or value_problem(target)
+        if problem:
+            out.append(("redirects", f"{path!r} = {target!r}: {problem}"))
+        elif not path.startswith("/"):
+            out.append(("redirects", f"{path!r}: a path must start with '/'"))
+        elif not target.startswith(("/", "http://", "https://")):
+            out.append(("redirects", f"{path!r} = {target!r}: the target must start with '/', http:// or https://"))
+    for address in nginx.upstreams:
+        if not _ADDRESS.match(address) or value_problem(address):
+            out.append(("upstreams", f"has {address!r}: use HOST:PORT, [IPV6]:PORT or unix:/absolute/path"))
+    for key in ("validate_command", "reload_command"):
+        command = getattr(nginx, key)
+        if command is not None and (not command or not command[0]):
+            out.append((key, "must name a program, e.g. [\"nginx\", \"-t\"]; leave it out for none"))
+    return out
+
+
+_ADDRESS = re.compile(r"^(unix:/[^\s;{}]+|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5})$")
+
+
+# -- render exactly as `omero web config` does -----------------------------------
+
+
+def template_path(info: VenvInfo, kind: str) -> Path:
+    return info.omeroweb_dir / "templates" / f"{KINDS[kind]}.conf.template"
+
+
+def read_template(info: VenvInfo, kind: str) -> str:
+    path = template_path(info, kind)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read omero-web's nginx template {path}: {e.strerror}"
+                        f" (reinstall omero-web in {info.venv})") from None
+
+
+def http_port(kind: str, http: int | None) -> int:
+    """--http, else the template's default (a 0 means the default, as in `omero web config`)."""
+    return http if http else DEFAULT_HTTP[kind]
+
+
+def check_server_type(web: WebSettings, kind: str) -> None:
+    """`omero web config` renders only for omero.web.application_server = wsgi-tcp."""
+    if web.application_server != "wsgi-tcp":
+        raise UserError(
+            f"omero.web.application_server={web.application_server} cannot be used with nginx"
+            f" ('omero web config {KINDS[kind]}' refuses it too): use wsgi-tcp (the default)",
+            exit_code=EXIT_FAILURE,
+        )
+
+
+def check_port_conflict(web: WebSettings, port: int) -> None:
+    if web.port == port:
+        raise PortConflict(f"Port conflict: HTTP({port}) and wsgi({web.port}). Pick another port with --http")
+
+
+def template_values(web: WebSettings, *, listen: str, servername: str, max_body_size: str,
+                    omeroweb_dir: Path) -> dict[str, Any]:
+    """The names the templates use, with the values `omero web config` gives them."""
+    values: dict[str, Any] = {
+        "ROOT": web.root,
+        "OMEROWEBROOT": str(omeroweb_dir),
+        "STATIC_ROOT": web.static_root,
+        "STATIC_URL": web.static_url.rstrip("/"),
+        "NOW": str(datetime.datetime.now()),
+        "NGINX_SERVER_EXTRA_CONFIG": "",
+        "HTTPPORT": listen,
+        "MAX_BODY_SIZE": max_body_size,
+        "SERVERNAME": servername,
+        "FASTCGI_EXTERNAL": web.backend,
+    }
+    if web.extra_config:
+        values["NGINX_SERVER_EXTRA_CONFIG"] = "\n".join(
+            ["# <<<<< omero.web.nginx_server_extra_config", *web.extra_config,
+             "# omero.web.nginx_server_extra_config >>>>>"]
+        )
+    # FORCE_SCRIPT_NAME starts with / and has no trailing / (except for no prefix: /).
+    if web.prefix is not None:
+        values["FORCE_SCRIPT_NAME"] = web.prefix.rstrip("/")
+        values["PREFIX_NAME"] = "_" + re.sub(r"\W+", "", values["FORCE_SCRIPT_NAME"])
+    else:
+        values["FORCE_SCRIPT_NAME"] = "/"
+        values["PREFIX_NAME"] = ""
+    return values
+
+
+def fill(template: str, values: Mapping[str, Any], name: str) -> str:
+    """The template with Python %-substitution, as `omero web config` does, plus its newline.
+
+    The port is ``%(HTTPPORT)d`` in the templates; here it is a string so that
+    ``listen`` can say "443 ssl". For a number the bytes are the same.
+    """
+    try:
+        return (template.replace("%(HTTPPORT)d", "%(HTTPPORT)s") % values) + "\n"
+    except KeyError as e:
+        raise UserError(f"omero-web's {name} uses %({e.args[0]})s, which this omerowebd does not know:"
+                        " upgrade omerowebd") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"omero-web's {name} cannot be filled in: {e}") from None
+
+
+def render(kind: str, web: WebSettings, info: VenvInfo, *, http: int | None = None,
+           servername: str = "$hostname", max_body_size: str = "0") -> str:
+    """Exactly what `omero web config KIND` prints for these settings."""
+    check_server_type(web, kind)
+    port = http_port(kind, http)
+    check_port_conflict(web, port)
+    return fill(read_template(info, kind),
+                template_values(web, listen=str(port), servername=servername, max_body_size=max_body_size,
+                                omeroweb_dir=info.omeroweb_dir),
+                template_path(info, kind).name)
+
+
+# -- what the daemon writes: the same text plus its additions ----------------------
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The files of one apply: path -> bytes, in the order they are written."""
+
+    files: dict[Path, bytes]
+    server: Path
+    location: Path
+    maintenance: Path
+    warnings: tuple[str, ...] = ()
+
+
+def backends_of(config: Config) -> list[str]:
+    """Where gunicorn listens, as nginx addresses: daemon.bind, else application_server.host:port."""
+    if config.daemon.bind:
+        return list(config.daemon.bind)
+    host = config.properties.get("omero.web.application_server.host", "127.0.0.1")
+    port = config.properties.get("omero.web.application_server.port", "4080")
+    return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+
+
+def output_dir(config: Config) -> Path:
+    return config.nginx.output_dir or config.daemon.state_dir / "nginx"
+
+
+def maintenance_dir(config: Config) -> Path:
+    return config.daemon.state_dir / "maintenance"
+
+
+def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo,
+                   backends: Sequence[str]) -> Rendered:
+    """The server file, the location include and the maintenance page, as the daemon writes them."""
+    nginx = config.nginx
+    web = web_settings(properties, info, config.daemon.omerodir, config.where)
+    check_web_settings(web, "server", config.where)
+    check_server_type(web, "server")
+    backends = [*backends, *(u for u in nginx.upstreams if u not in backends)]
+    for address in backends:
+        problem = value_problem(address)
+        if problem:
+            raise NginxValueError(f"{config.path}: backend address {address!r} {problem}")
+    check_listen_conflict(nginx.listen, backends, config)
+    page_dir = maintenance_dir(config)
+    problem = value_problem(str(page_dir))
+    if problem:
+        raise NginxValueError(f"{config.path}: daemon.state_dir {str(config.daemon.state_dir)!r} {problem}")
+
+    warnings: list[str] = []
+    common = {"servername": nginx.server_name, "max_body_size": nginx.max_body_size, "omeroweb_dir": info.omeroweb_dir}
+    texts = {}
+    page_name = MAINTENANCE_PAGE
+    for kind in ("server", "location"):
+        values = template_values(web, listen=nginx.listen, **common)
+        values["FASTCGI_EXTERNAL"] = backends[0]
+        name = template_path(info, kind).name
+        text = fill(read_template(info, kind), values, name)
+        text, found = _point_maintenance_at(text, page_dir)
+        page_name = found or page_name
+        if not found:
+            warnings.append(f"omero-web's {name} has no maintenance location; no maintenance page for it")
+        if kind == "server":
+            text = _add_upstream_servers(text, backends, name)
+            text = _insert_before_last_brace(text, _redirect_block(nginx.redirects, "    "), name)
+        else:
+            if len(backends) > 1:
+                warnings.append(f"{nginx.location_file} proxies to {backends[0]} only: nginx.upstreams and"
+                                " several daemon.bind addresses apply to the server file's upstream block")
+            text += _redirect_block(nginx.redirects, "")
+        texts[kind] = _header(name, config) + text
+
+    directory = output_dir(config)
+    server = directory / nginx.server_file
+    location = directory / nginx.location_file
+    page = page_dir / page_name
+    files = {
+        page: maintenance_page(config, web).encode(),
+        location: texts["location"].encode(),
+        server: texts["server"].encode(),
+    }
+    return Rendered(files=files, server=server, location=location, maintenance=page, warnings=tuple(warnings))
+
+
+def check_listen_conflict(listen: str, backends: Sequence[str], config: Config) -> None:
+    """nginx must not listen on an address gunicorn holds (the daemon's version of the port check)."""
+    first = listen.split()[0]
+    host, _, port = first.rpartition(":")
+    if not port.isdigit():
+        return
+    for backend in backends:
+        b_host, _, b_port = backend.rpartition(":")
+        if backend.startswith("unix:") or b_port != port:
+            continue
+        wildcard = ("", "*", "0.0.0.0", "[::]")
+        if host in wildcard or b_host in wildcard or host == b_host:
+            raise PortConflict(f"{config.path}: nginx.listen {listen!r} is where gunicorn listens ({backend}):"
+                               " pick another port for nginx")
+
+
+def _header(template_name: str, config: Config) -> str:
+    return (f"# Written by omerowebd from omero-web's {template_name}; edit {os.path.abspath(config.path)}, not this file.\n"
+            "# The daemon's additions are marked \"omerowebd:\".\n")
+
+
+_MAINTENANCE_BLOCK = re.compile(r"(location\s+@maintenance\S*\s*\{)([^}]*)(\})")
+
+
+def _point_maintenance_at(text: str, directory: Path) -> tuple[str, str | None]:
+    """Point the maintenance location's root at the daemon's page; return (text, page name)."""
+    match = _MAINTENANCE_BLOCK.search(text)
+    if not match:
+        return text, None
+    body = match.group(2)
+    body, count = re.subn(r"(?m)^([ \t]*)root\s+[^;]*;",
+                          lambda m: f"{m.group(1)}# omerowebd: the page the daemon writes\n{m.group(1)}root {directory};",
+                          body, count=1)
+    tries = re.search(r"try_files\s+([^;]*);", body)
+    names = [w for w in (tries.group(1).split() if tries else ()) if w.startswith("/")]
+    if not count or not names:
+        return text, None
+    name = names[-1].lstrip("/")
+    if value_problem(name) or "/" in name:
+        return text, None
+    return text[: match.start(2)] + body + text[match.end(2):], name
+
+
+def _add_upstream_servers(text: str, backends: Sequence[str], template_name: str) -> str:
+    if len(backends) < 2:
+        return text
+    line = re.compile(r"(?m)^(\s*)server\s+" + re.escape(backends[0]) + r"(\s[^;\n]*)?;[ \t]*$")
+    match = line.search(text)
+    if not match:
+        raise UserError(f"omero-web's {template_name} has no upstream server line to add more backends to:"
+                        " remove nginx.upstreams or extra daemon.bind addresses")
+    indent, rest = match.group(1), match.group(2) or ""
+    extra = f"\n{indent}# omerowebd: nginx.upstreams and further daemon.bind addresses"
+    extra += "".join(f"\n{indent}server {address}{rest};" for address in backends[1:])
+    return text[: match.end()] + extra + text[match.end():]
+
+
+def _redirect_block(redirects: Mapping[str, str], indent: str) -> str:
+    if not redirects:
+        return ""
+    lines = [f"{indent}# omerowebd: nginx.redirects (exact paths)"]
+    lines += [f"{indent}location = {path} {{ return {REDIRECT_STATUS} {target}; }}"
+              for path, target in sorted(redirects.items())]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def _insert_before_last_brace(text: str, addition: str, template_name: str) -> str:
+    if not addition:
+        return text
+    end = text.rfind("\n}")
+    if end < 0:
+        raise UserError(f"omero-web's {template_name} has no server block to add nginx.redirects to")
+    return text[:end] + addition + text[end:]
+
+
+def maintenance_page(config: Config, web: WebSettings) -> str:
+    """The page nginx shows while OMERO.web does not answer, from the (customizable) template.
+
+    The template is HTML with ``$name`` placeholders (``string.Template``):
+    ``$prefix`` (the site's path, "" for none) and ``$webclient_url``.
+    Anything else with a ``$`` is left as it is.
+    """
+    path = config.nginx.maintenance_template or MAINTENANCE_TEMPLATE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise UserError(f"{config.path}: nginx.maintenance_template {path}: cannot read it: {why}") from None
+    prefix = (web.prefix or "").rstrip("/")
+    return string.Template(text).safe_substitute(
+        prefix=html.escape(prefix), webclient_url=html.escape(f"{prefix}/webclient/"),
+    )
+
+
+# -- write, validate, reload --------------------------------------------------------
+
+Undo = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    ok: bool
+    message: str
+    at: float
+
+    def describe(self) -> dict[str, Any]:
+        return {"ok": self.ok, "message": self.message, "at": self.at}
+
+
+async def run_command(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> CommandResult:
+    """Run a command without blocking the loop; ok, and its most telling line."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=probe_env(), start_new_session=True,
+        )
+    except OSError as e:
+        return CommandResult(False, f"cannot run {argv[0]}: {e.strerror}", time.time())
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return CommandResult(False, f"{argv[0]} did not finish within {timeout:.0f}s", time.time())
+    except asyncio.CancelledError:
+        proc.kill()
+        raise
+    lines = [line.strip() for line in out.decode(errors="replace").splitlines() if line.strip()]
+    if proc.returncode == 0:
+        return CommandResult(True, lines[-1] if lines else "ok", time.time())
+    return CommandResult(False, first_error(lines) or f"{argv[0]} exited with status {proc.returncode}", time.time())
+
+
+def first_error(lines: Sequence[str]) -> str | None:
+    """nginx's first real complaint: an [emerg] line beats the [alert]/[warn] noise of a non-root nginx -t."""
+    for level in ("[emerg]", "[crit]", "[error]"):
+        for line in lines:
+            if level in line:
+                return re.sub(r"^nginx: ", "", line)
+    return re.sub(r"^nginx: ", "", lines[0]) if lines else None
+
+
+class NginxOutput:
+    """The daemon's nginx files: written at start and on every reload that changes them."""
+
+    def __init__(self, log: Any, addresses: Callable[[Config], Sequence[str]] | None = None) -> None:
+        self.log = log
+        # Where gunicorn listens; the supervisor may pass the sockets it holds.
+        self.addresses = addresses or backends_of
+        self.paths: dict[str, str] = {}
+        self.enabled: bool | None = None
+        self.written_at: float | None = None
+        self.checked_at: float | None = None
+        self.validation: CommandResult | None = None
+        self.reload: CommandResult | None = None
+        self.warnings: tuple[str, ...] = ()
+
+    async def apply(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> Undo | None:
+        """Render; write what changed; validate; reload nginx. Return how to put the old files back."""
+        self.enabled = config.nginx.enabled
+        if not config.nginx.enabled:
+            return None
+        rendered = render_outputs(config, properties, info, self.addresses(config))
+        self.paths = {"server": str(rendered.server), "location": str(rendered.location),
+                      "maintenance": str(rendered.maintenance)}
+        self.checked_at = time.time()
+        for warning in rendered.warnings:
+            if warning not in self.warnings:
+                self.log.warning(warning)
+        self.warnings = rendered.warnings
+        previous = await asyncio.to_thread(_write_changed, rendered.files)
+        if not previous:
+            return None
+        self.written_at = time.time()
+        self.log.info("nginx files written", files=[str(p) for p in previous])
+        nginx = config.nginx
+        if nginx.validate_command:
+            self.validation = await run_command(nginx.validate_command)
+            if not self.validation.ok:
+                await asyncio.to_thread(_restore, previous)
+                self.log.error("nginx rejected the new config; previous files restored",
+                               message=self.validation.message)
+                raise UserError(f"nginx rejected the new config: {self.validation.message}", exit_code=EXIT_FAILURE)
+        await self._reload_nginx(nginx)
+
+        async def undo() -> None:
+            await asyncio.to_thread(_restore, previous)
+            self.written_at = time.time()
+            self.log.info("nginx files restored", files=[str(p) for p in previous])
+            await self._reload_nginx(nginx)
+
+        return undo
+
+    async def _reload_nginx(self, nginx: NginxSettings) -> None:
+        if not nginx.reload_command:
+            return
+        self.reload = await run_command(nginx.reload_command)
+        if self.reload.ok:
+            self.log.info("nginx reloaded", command=list(nginx.reload_command))
+        else:
+            # The files passed validation; a reload that fails (nginx not running,
+            # no permission) is nginx's problem, not a reason to refuse the config.
+            self.log.error("nginx reload command failed", command=list(nginx.reload_command),
+                           message=self.reload.message)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "files": dict(self.paths),
+            "checked_at": self.checked_at,
+            "written_at": self.written_at,
+            "validation": self.validation.describe() if self.validation else None,
+            "reload": self.reload.describe() if self.reload else None,
+            "warnings": list(self.warnings),
+        }
+
+
+def _write_changed(files: Mapping[Path, bytes]) -> dict[Path, bytes | None]:
+    """Write each file that differs; return the previous content of those (None: it did not exist)."""
+    previous: dict[Path, bytes | None] = {}
+    try:
+        for path, data in files.items():
+            try:
+                old: bytes | None = path.read_bytes()
+            except FileNotFoundError:
+                old = None
+            if old == data and (path.stat().st_mode & 0o777) == 0o644:
+                continue
+            _make_dir(path.parent)
+            previous[path] = old
+            write_atomic(path, data, mode=0o644)
+    except OSError as e:
+        _restore(previous)
+        raise UserError(f"cannot write the nginx file {e.filename}: {e.strerror}"
+                        " (the daemon's user must own nginx.output_dir and STATE_DIR/maintenance)") from None
+    return previous
+
+
+def _restore(previous: Mapping[Path, bytes | None]) -> None:
+    for path, data in previous.items():
+        if data is None:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        else:
+            write_atomic(path, data, mode=0o644)
+
+
+def _make_dir(path: Path) -> None:
+    """Create a directory nginx's workers can read (the unit's UMask would make it 0750)."""
+    if path.is_dir():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o755)
