@@ -172,11 +172,11 @@ class Container:
         script = r"""
 import os, pwd
 for pid in os.listdir('/proc'):
-    if not pid.isdigit():
+    if not pid.isdigit() or int(pid) == os.getpid():
         continue
     try:
         uid = os.stat(f'/proc/{pid}').st_uid
-        cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\0', b' ').decode(errors='replace').strip()
+        cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\0', b' ').replace(b'\n', b' ').decode(errors='replace').strip()
     except OSError:
         continue
     try:

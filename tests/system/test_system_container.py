@@ -262,7 +262,7 @@ def test_watchdog_restarts_a_hung_daemon(serving):
     c.systemctl("restart", "omerowebd.service", timeout=400)
     before = serving.state()
     assert before["ActiveState"] == "active"
-    c.run(["kill", "-STOP", before["MainPID"]])
+    c.run(["sh", "-c", "kill -STOP \"$1\"", "sh", before["MainPID"]])
     def restarted():
         now = serving.state()
         fresh = now["MainPID"] not in ("0", before["MainPID"]) and int(now["NRestarts"]) > int(before["NRestarts"])
@@ -287,7 +287,8 @@ def test_socket_activation_first_request_starts_the_service(serving):
     # the service; it is answered, not refused.
     status, body = serving.get(timeout=300)
     assert status == 200, body[-2000:]
-    assert serving.active() == "active"
+    # The request may be answered a moment before the daemon reports READY=1.
+    wait_for("the socket-activated service to be active", lambda: serving.active() == "active", 60)
 
 
 def test_stop_leaves_no_process(serving):
