@@ -60,6 +60,7 @@ class DaemonSettings:
     )
     ready_timeout: float = _doc("seconds a new generation may take to serve", default=120.0)
     graceful_timeout: float = _doc("seconds gunicorn lets in-flight requests finish", default=30.0)
+    watch_config: bool = _doc("reload when the config file changes on disk", default=True)
     health_path: str | None = _doc("path probed for health; default PREFIX/webclient/login/", default=None)
     log_format: Literal["auto", "console", "json", "journal"] = _doc("log output", default="auto")
 

@@ -166,9 +166,7 @@ class Supervisor:
         for service in self.services.values():
             service.update(config, target.properties, info)
             self._spawn_task(service.run())
-        self._watcher = ConfigWatcher(self.config_path, self.handle_config_changed)
-        self._watcher.seen(config.digest)
-        self._watcher.start()
+        self._follow_config_file(config)
         if self.notifier.watchdog_usec:
             self._spawn_task(self._watchdog_loop(self.notifier.watchdog_usec / 1e6))
         self.notifier.ready(self._status_line())
@@ -401,6 +399,9 @@ class Supervisor:
         self.applied = target
         for service in self.services.values():
             service.update(config, target.properties, info)
+        self._follow_config_file(config)
+        if config.daemon.log_format != old.config.daemon.log_format:
+            log.configure(config.daemon.log_format)
         what = "new generation serving" if needs_generation else "outputs rewritten"
         return _result(RELOAD_APPLIED, "applied", what, changes=changes,
                        generation=self.current.number if self.current else None)
@@ -466,6 +467,17 @@ class Supervisor:
                 return
 
     # -- helpers -----------------------------------------------------------
+
+    def _follow_config_file(self, config: Config) -> None:
+        """Start or stop watching the file, as daemon.watch_config says."""
+        if config.daemon.watch_config and self._watcher is None:
+            self._watcher = ConfigWatcher(self.config_path, self.handle_config_changed)
+            self._watcher.start()
+        elif not config.daemon.watch_config and self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+        if self._watcher is not None:
+            self._watcher.seen(config.digest)
 
     def _target(self, config: Config, info: VenvInfo) -> Applied:
         properties = omero_config.with_session_path(config.properties, self.session_dir)

@@ -101,7 +101,10 @@ def _parse_probe(venv: Path, returncode: int, stdout: bytes, stderr: bytes) -> V
 
 
 def _probe_command(venv: Path) -> list[str]:
-    return [str(python_of(venv)), "-I", str(PROBE)]
+    # Not `python PROBE`: that would put this package's directory first on
+    # sys.path, where venv.py would shadow the standard library's venv. Not -I
+    # either: the app must be found where gunicorn finds it (PYTHONPATH).
+    return [str(python_of(venv)), "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')", str(PROBE)]
 
 
 def _probe_input(properties: Mapping[str, str], omerodir: Path | None) -> bytes:
@@ -124,6 +127,7 @@ async def probe(venv: Path, properties: Mapping[str, str], omerodir: Path | None
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=probe_env(),
+        cwd="/",
     )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(_probe_input(properties, omerodir)), PROBE_TIMEOUT)
@@ -145,6 +149,7 @@ def probe_sync(venv: Path, properties: Mapping[str, str], omerodir: Path | None 
             input=_probe_input(properties, omerodir),
             capture_output=True,
             env=probe_env(),
+            cwd="/",
             timeout=PROBE_TIMEOUT,
         )
     except subprocess.TimeoutExpired:
