@@ -12,6 +12,7 @@ socket listens on a loopback port picked now, and only loopback is used.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import socket
 import threading
@@ -38,12 +39,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config(logo: str) -> str:
+# nginx in front of the service, from the daemon's own files (picked at import,
+# written into the daemon's config).
+NGINX_PORT = free_port()
+
+
+def config(logo: str, nginx: str = "") -> str:
     return f"""\
 [daemon]
 omerodir = "{OMERODIR}"
 venv = "/opt/omero/web/venv3"
 
+[nginx]
+listen = "127.0.0.1:{NGINX_PORT}"
+{nginx}
 [omero.web]
 login_logo = "{logo}"
 wsgi_workers = 2
@@ -53,10 +62,10 @@ wsgi_workers = 2
 class Box:
     """The container, and what the tests learn about it as they go."""
 
-    def __init__(self, container: Container, port: int, nginx_port: int):
+    def __init__(self, container: Container, port: int, probe_port: int):
         self.c = container
         self.port = port
-        self.nginx_port = nginx_port
+        self.probe_port = probe_port  # nginx for the path unit test, on its own include
         self.install_output = ""
         self.serving = False
 
@@ -97,10 +106,10 @@ class Box:
 
 @pytest.fixture(scope="module")
 def box(built_deb, rootfs):
-    port, nginx_port = free_port(), free_port()
+    port, probe_port = free_port(), free_port()
     container = Container(rootfs, binds_ro=[(str(OMERO_ROOT), HOST_OPT_OMERO), (str(built_deb.deb.parent), "/srv/debs")])
     with container:
-        b = Box(container, port, nginx_port)
+        b = Box(container, port, probe_port)
         # Before the package arrives, as an admin would: the socket on a port of ours.
         container.write(
             "/etc/systemd/system/omerowebd.socket.d/test-port.conf",
@@ -291,6 +300,60 @@ def test_socket_activation_first_request_starts_the_service(serving):
     wait_for("the socket-activated service to be active", lambda: serving.active() == "active", 60)
 
 
+def test_nginx_in_front_serves_from_the_daemons_files(serving):
+    """nginx includes what the unprivileged daemon writes; a change the daemon
+    makes reaches nginx through the path unit; with OMERO.web down, nginx
+    shows the daemon's maintenance page."""
+    c = serving.c
+    conf = "/var/lib/omerowebd/nginx/omero-web.conf"
+    wait_for(f"the daemon to write {conf}", lambda: c.run(["test", "-s", conf], check=False).returncode == 0, 60)
+    c.write("/etc/nginx/conf.d/omero-web.conf", f"include {conf};\n")
+    started = c.systemctl("start", "nginx.service", check=False)
+    assert started.returncode == 0, started.stderr + c.journal("-u", "nginx.service", "-n", "20")
+    try:
+        status, body = serving.get(port=NGINX_PORT)
+        assert status == 200 and "omerowebd-logo-2.png" in body, body[-2000:]
+        # Static files: collectstatic's output under OMERODIR, read by nginx's workers.
+        statics = re.findall(r'(?:src|href)="(/static/[^"?]+\.(?:js|css|png))"', body)
+        assert statics, "no static file linked from the login page"
+        for path in statics[:3]:
+            assert serving.get(path, port=NGINX_PORT)[0] == 200, path
+
+        # A change of an nginx setting: the daemon rewrites its file, the path
+        # unit checks and reloads nginx as root.
+        redirect = '"/omerowebd-test-redirect" = "/webclient/"'
+        c.write("/etc/omerowebd/omerowebd.toml", config("/static/omerowebd-logo-2.png", f"[nginx.redirects]\n{redirect}\n"), mode=0o640)
+        assert c.systemctl("reload", "omerowebd.service", check=False, timeout=400).returncode == 0
+
+        def redirected():
+            request = urllib.request.Request(serving.url("/omerowebd-test-redirect", NGINX_PORT), method="GET")
+            opener = urllib.request.build_opener(NoRedirect)
+            try:
+                opener.open(request, timeout=10)
+            except urllib.error.HTTPError as e:
+                return e.code == 307 and e.headers.get("Location", "").endswith("/webclient/")
+            return False
+
+        wait_for("nginx to answer the new redirect", redirected, 30)
+        assert serving.state("omerowebd-nginx.service")["Result"] == "success"
+
+        # OMERO.web down (socket too, so nothing answers): the maintenance page.
+        c.systemctl("stop", "omerowebd.service", "omerowebd.socket", timeout=120)
+        status, body = serving.get(port=NGINX_PORT)
+        assert status >= 500 and "<html" in body.lower(), (status, body[-1000:])
+        assert "502 Bad Gateway" not in body, "nginx's bare error page instead of the maintenance page"
+    finally:
+        c.systemctl("start", "omerowebd.socket", "omerowebd.service", check=False, timeout=400)
+        c.systemctl("stop", "nginx.service", check=False)
+        c.run(["rm", "-f", "/etc/nginx/conf.d/omero-web.conf"], check=False)
+        c.write("/etc/omerowebd/omerowebd.toml", config("/static/omerowebd-logo-2.png"), mode=0o640)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
 def test_stop_leaves_no_process(serving):
     c = serving.c
     assert serving.active() == "active"
@@ -317,15 +380,15 @@ def test_nginx_is_checked_and_reloaded_when_the_daemons_files_change(box):
     put('return 200 "one\\n";\n')
     c.write(
         "/etc/nginx/conf.d/omerowebd-test.conf",
-        f"server {{\n    listen 127.0.0.1:{box.nginx_port};\n    location = /probe {{\n        include {include};\n    }}\n}}\n",
+        f"server {{\n    listen 127.0.0.1:{box.probe_port};\n    location = /probe {{\n        include {include};\n    }}\n}}\n",
     )
     c.systemctl("start", "nginx.service")
     try:
-        assert box.get("/probe", port=box.nginx_port) == (200, "one\n")
+        assert box.get("/probe", port=box.probe_port) == (200, "one\n")
         runs = int(box.c.show("omerowebd-nginx.service", "NRestarts", "ExecMainStartTimestampMonotonic")["ExecMainStartTimestampMonotonic"] or 0)
 
         put('return 200 "two\\n";\n')
-        wait_for("nginx to serve the changed include", lambda: box.get("/probe", port=box.nginx_port) == (200, "two\n"), 30)
+        wait_for("nginx to serve the changed include", lambda: box.get("/probe", port=box.probe_port) == (200, "two\n"), 30)
         after = int(box.c.show("omerowebd-nginx.service", "ExecMainStartTimestampMonotonic")["ExecMainStartTimestampMonotonic"] or 0)
         assert after > runs, "omerowebd-nginx.service did not run"
 
@@ -333,11 +396,11 @@ def test_nginx_is_checked_and_reloaded_when_the_daemons_files_change(box):
         put("retrun 200 broken;\n")
         wait_for("omerowebd-nginx.service to refuse the broken file", lambda: box.state("omerowebd-nginx.service")["Result"] == "exit-code", 30)
         assert "nginx" in box.c.journal("-u", "omerowebd-nginx.service", "-n", "20")
-        assert box.get("/probe", port=box.nginx_port) == (200, "two\n")
+        assert box.get("/probe", port=box.probe_port) == (200, "two\n")
         assert box.active("nginx.service") == "active"
 
         put('return 200 "three\\n";\n')
-        wait_for("nginx to serve the repaired include", lambda: box.get("/probe", port=box.nginx_port) == (200, "three\n"), 30)
+        wait_for("nginx to serve the repaired include", lambda: box.get("/probe", port=box.probe_port) == (200, "three\n"), 30)
     finally:
         c.systemctl("stop", "nginx.service", check=False)
         c.run(["rm", "-f", include, "/etc/nginx/conf.d/omerowebd-test.conf"], check=False)
