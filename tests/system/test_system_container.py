@@ -300,6 +300,25 @@ def test_socket_activation_first_request_starts_the_service(serving):
     wait_for("the socket-activated service to be active", lambda: serving.active() == "active", 60)
 
 
+def test_upgrade_restarts_the_daemon_behind_a_listening_socket(serving, built_deb):
+    c = serving.c
+    wait_for("the service to be active", lambda: serving.active() == "active", 60)
+    before = serving.state()
+    socket_before = serving.c.show("omerowebd.socket", "InvocationID")["InvocationID"]
+    # Reinstalling runs the upgrade path of the maintainer scripts.
+    with Load(serving) as load:
+        result = c.run(["apt-get", "install", "-y", "--reinstall", f"/srv/debs/{built_deb.deb.name}"], check=False, timeout=400)
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_for("the restarted service to be active", lambda: serving.active() == "active", 300)
+        serving.get(timeout=60)
+    after = serving.state()
+    assert after["MainPID"] != before["MainPID"], "the upgrade did not restart the daemon"
+    assert serving.c.show("omerowebd.socket", "InvocationID")["InvocationID"] == socket_before, "the upgrade restarted the socket"
+    # Connections waited in the socket's backlog: none refused, none failed.
+    assert not load.failures, load.failures[:10]
+    assert load.ok > 0
+
+
 def test_nginx_in_front_serves_from_the_daemons_files(serving):
     """nginx includes what the unprivileged daemon writes; a change the daemon
     makes reaches nginx through the path unit; with OMERO.web down, nginx
