@@ -30,11 +30,12 @@ import os
 import re
 import shlex
 import time
+import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import tomlkit
 import tomlkit.exceptions
@@ -44,7 +45,7 @@ from tomlkit.container import Container
 from . import config as config_module
 from . import venv as venv_module
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigErrors, UserError
-from .files import write_atomic
+from .files import fsync_dir, write_atomic
 from .omero_config import encode_value, flatten_omero_tree
 from .venv import VenvInfo
 
@@ -199,7 +200,7 @@ def _layout(item: Any) -> Any:
     return item
 
 
-def _label(item: Any) -> str:
+def written_as(item: Any) -> str:
     names = {
         tomlkit.items.Bool: "boolean", tomlkit.items.Integer: "integer", tomlkit.items.Float: "number",
         tomlkit.items.Array: "list", tomlkit.items.InlineTable: "table", tomlkit.items.Table: "table",
@@ -251,7 +252,7 @@ def setting_item(key: Key, text: str) -> Any:
     """A daemon setting's value from command-line text, typed by its field in config.py."""
     hint = key.hint()
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
         origin = typing.get_origin(hint)
     if hint is bool:
@@ -362,7 +363,7 @@ class Document:
                 return container, key, item
         return None
 
-    def set_property(self, name: str, item: Any, value_names: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def set_property(self, name: str, item: Any, value_names: Collection[str] = ()) -> None:
         """Set ``name`` to ``item``: in place if it is set, else where :mod:`edit` says it goes."""
         found = self.find(name)
         if found:
@@ -377,8 +378,9 @@ class Document:
             depth += 1
         if depth == len(parts):
             raise EditRefused(
-                f"{name} is a table in {self.path} (its keys are other properties): to set it too, write those "
-                f"keys as quoted names in the table above, e.g. \"{parts[-1]}.{'host'}\" = ..., then set {name} again"
+                f"{name} is a table in {self.path} (its keys are other properties): to set it too, write them "
+                f"as quoted keys one level up, e.g. \"{parts[-1]}.NAME\" = ... instead of {parts[-1]}.NAME, "
+                f"then set {name} again"
             )
         if depth < 2 and len(parts) > 2:
             container = self._section(parts[:2], container, depth)
@@ -397,11 +399,9 @@ class Document:
     def _section(self, head: list[str], container: Any, depth: int) -> Any:
         """The [omero.X] table for a new name, created at the end of the file."""
         if depth == 0:
-            omero = tomlkit.table(is_super_table=True)
-            self.doc.append("omero", omero)
+            self.doc.append("omero", tomlkit.table(is_super_table=True))
             container = self.doc["omero"]
-        table = tomlkit.table()
-        container.append(head[1], table)
+        container[head[1]] = tomlkit.table()
         return container[head[1]]
 
     def unset_property(self, name: str) -> Any:
@@ -477,9 +477,6 @@ def _insert(container: Any, key: Any, item: Any) -> None:
     if body is None:
         container[key] = item
         return
-    if isinstance(key, tomlkit.items.DottedKey) and key.as_string().split(".")[0] in container:
-        container[key] = item
-        return
     entries = body.body
     end = next((i for i, (_, it) in enumerate(entries) if _is_section(it)), len(entries))
     written = key.as_string().strip()
@@ -552,7 +549,8 @@ def edit(
         if new_data == data:
             return outcome
         new_config, new_problems = _parse(new_data, path)
-        fresh = [p for p in new_problems if _unplaced(p) not in {_unplaced(q) for q in old_problems}]
+        # Lines of the refused text exist nowhere: the problems name the key, not the line.
+        fresh = [_unplaced(p) for p in new_problems if _unplaced(p) not in {_unplaced(q) for q in old_problems}]
         if fresh:
             raise EditRefused(f"refused, {path} is unchanged: {fresh[0]}", fresh)
         if new_problems:
@@ -623,7 +621,7 @@ def _venv_problems(config: config_module.Config, knowledge: Knowledge, probe: Ca
             raise EditRefused(f"refused, {config.path} is unchanged: {e}") from None
         return [f"OMERO.web was not asked about the values ({e})"]
     before = knowledge.info.errors if knowledge.info else {}
-    fresh = [f"{config.where(n)}: {n}: {m}" for n, m in sorted(info.errors.items()) if before.get(n) != m]
+    fresh = [f"{config.path}: {n}: {m}" for n, m in sorted(info.errors.items()) if before.get(n) != m]
     if fresh:
         raise EditRefused(f"refused, {config.path} is unchanged: {fresh[0]}", fresh)
     return [f"still to fix: {config.where(n)}: {n}: {m}" for n, m in sorted(info.errors.items())]
@@ -690,11 +688,7 @@ def _replace(path: Path, data: bytes, st: os.stat_result) -> None:
     except BaseException:
         _cleanup(staging)
         raise
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _cleanup(path: Path) -> None:
@@ -713,15 +707,15 @@ def set_key(doc: Document, key: Key, text: str, knowledge: Knowledge, *, as_text
         before = doc.setting(key)
         item = tomlkit.item(text) if as_text else setting_item(key, text)
         doc.set_setting(key, item)
-        return Change(key.name, _setting_text(before), _setting_text(item), _label(item))
+        return Change(key.name, _setting_text(before), _setting_text(item), written_as(item))
     found = doc.find(key.name)
     before_text = encode_value(found[2].unwrap()) if found else None
     kind = None if as_text else (knowledge.kind(key.name) or (_kind_of_item(found[2]) if found else None))
     item = property_item(key.name, text, kind, exact=False)
     doc.set_property(key.name, item, knowledge.value_names())
     after = encode_value(item.unwrap())
-    note = "" if after == text else f"stored as {after!r}, the way omero config stores it"
-    return Change(key.name, before_text, after, _label(item), note)
+    note = "" if after == text else f"given as {text!r}"
+    return Change(key.name, before_text, after, written_as(item), note)
 
 
 def append_key(doc: Document, key: Key, text: str, knowledge: Knowledge, *, unique: bool = False) -> Change:
@@ -729,14 +723,14 @@ def append_key(doc: Document, key: Key, text: str, knowledge: Knowledge, *, uniq
     value = json_argument(text)
     if not key.is_property:
         if typing.get_origin(key.hint()) is not tuple and not _optional_tuple(key.hint()):
-            raise EditRefused(f"{key.name} is not a list: use config set", )
+            raise EditRefused(f"{key.name} is not a list: use config set")
         current_item = doc.setting(key)
         current = list(current_item.unwrap()) if current_item is not None else list(_default_list(key))
         if not (unique and value in current):
             current.append(value)
         item = _layout(toml_item(current) or tomlkit.item(json.dumps(current)))
         doc.set_setting(key, item)
-        return Change(key.name, _setting_text(current_item), _setting_text(item), _label(item))
+        return Change(key.name, _setting_text(current_item), _setting_text(item), written_as(item))
     found = doc.find(key.name)
     before = encode_value(found[2].unwrap()) if found else None
     if before is not None:
@@ -766,7 +760,7 @@ def append_key(doc: Document, key: Key, text: str, knowledge: Knowledge, *, uniq
     item = property_item(key.name, after, "list", exact=True)
     doc.set_property(key.name, item, knowledge.value_names())
     note = "" if found else f"started from {start}"
-    return Change(key.name, before, after, _label(item), note)
+    return Change(key.name, before, after, written_as(item), note)
 
 
 def unset_key(doc: Document, key: Key) -> Change:
@@ -806,6 +800,3 @@ def render_setting(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
-
-
-Kind = Literal["bool", "int", "list", "object", "json", "str"]

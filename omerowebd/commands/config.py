@@ -1,0 +1,323 @@
+"""omerowebctl config: get, set, append, unset, import, export -- `omero config`'s verbs, on the TOML file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import config as config_module
+from .. import control, edit, migrate, venv
+from ..errors import EXIT_FAILURE, EXIT_USAGE, UserError
+from ..files import write_atomic
+from . import socket_path
+
+EXIT_NOT_SET = 1
+
+EPILOG = """\
+KEY is an OMERO property (omero.web.prefix, as with `omero config`) or a
+daemon setting (daemon.venv, nginx.listen, sessions.schedule). A value gets
+the TOML type OMERO.web parses it as (asked from the venv): booleans,
+integers, lists and tables; text otherwise. Comments and layout of the file
+stay as they are. Every edit is checked (the daemon's parser, and OMERO.web's
+in the venv) before it is written: a refused edit changes nothing. The
+running daemon applies a saved file by itself; --reload waits for it and
+reports the outcome.
+
+examples:
+  omerowebctl config get
+  omerowebctl config get omero.web.prefix
+  omerowebctl config set omero.web.prefix /omero --reload
+  omerowebctl config set omero.web.public.enabled true
+  omerowebctl config append omero.web.apps '"omero_iviewer"'
+  omerowebctl config append omero.web.ui.top_links '["Figure", "figure_index"]'
+  omerowebctl config unset omero.web.prefix
+  omerowebctl config set nginx.listen 8080
+  omero config get --show-password > backup.txt   # on the old site
+  omerowebctl config import backup.txt
+  omerowebctl config import /opt/omero/web/omero-web/etc/grid/config.xml --dry-run
+  omerowebctl config export --show-password > backup.txt; omero config load backup.txt
+
+exit codes:
+  0  done (get: the key is set)
+  1  edit refused, nothing written; get: the key is not set; import: the source cannot be imported
+  2  usage error (unknown key, bad arguments)
+  3  --reload: written, but the daemon is not reachable
+  78 the config file is missing or not TOML (a person must fix it)
+  with --reload, a reload that fails exits as `omerowebctl reload` does (1 rejected, 2 rolled back, 4 restart required)
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config", help="get, set, append, unset, import or export settings (as `omero config` does)",
+        description="Read and edit the config file; import an existing OMERO.web site; export for `omero config load`.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    get = verbs.add_parser("get", help="print all properties, one, a group (omero.web.public) or a table (daemon)",
+                           description="Print OMERO properties as KEY=VALUE, like `omero config get`; one KEY "
+                           "prints its value alone. A daemon table name (daemon, nginx, sessions) prints its "
+                           "settings with their effective values. Exit 1 if KEY is not set.")
+    get.add_argument("key", nargs="?", metavar="KEY")
+    get.add_argument("--show-password", action="store_true", help="show secrets (passwords, keys, tokens)")
+    get.add_argument("--json", action="store_true", help="print one JSON object")
+    get.set_defaults(func=run_get)
+
+    set_ = verbs.add_parser("set", help="set KEY to VALUE", description="Set KEY to VALUE, typed as OMERO.web parses it.")
+    set_.add_argument("key", metavar="KEY")
+    set_.add_argument("value", nargs="?", metavar="VALUE")
+    set_.add_argument("--file", metavar="FILE", help="read the value from FILE ('-': standard input), as "
+                      "`omero config set --file` does; keeps secrets off the command line")
+    set_.add_argument("--text", action="store_true", help="store VALUE as text, whatever the property's type")
+    _edit_options(set_)
+    set_.set_defaults(func=run_set)
+
+    append = verbs.add_parser("append", help="append a JSON VALUE to a list property",
+                              description="Append VALUE (JSON, as with `omero config append`) to a list. An "
+                              "unset omero.web list starts from OMERO.web's default, as `omero config append` does.")
+    append.add_argument("key", metavar="KEY")
+    append.add_argument("value", metavar="VALUE")
+    append.add_argument("--set", action="store_true", dest="unique", help="append only if not already in the list")
+    _edit_options(append)
+    append.set_defaults(func=run_append)
+
+    unset = verbs.add_parser("unset", help="remove KEY (a setting falls back to its default)")
+    unset.add_argument("key", metavar="KEY")
+    _edit_options(unset)
+    unset.set_defaults(func=run_unset)
+
+    imp = verbs.add_parser(
+        "import", help="take over an existing site's properties",
+        description="Write the [omero] tree from FILE: the output of `omero config get --show-password` or "
+        "an etc/grid/config.xml (its active profile). The tree ends up holding exactly those properties "
+        "(--merge keeps the ones only the TOML has). Values are typed only where the TOML gives back the "
+        "very same text, so the config.xml the daemon writes is what omero-py read from the original.")
+    imp.add_argument("file", metavar="FILE", type=Path)
+    imp.add_argument("--merge", action="store_true", help="keep properties the TOML has and FILE has not")
+    imp.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                     help="leave out properties matching PATTERN (shell-style, e.g. 'omero.db.*'); repeatable")
+    imp.add_argument("--dry-run", action="store_true", help="report what would be written; write nothing")
+    _edit_options(imp)
+    imp.set_defaults(func=run_import)
+
+    exp = verbs.add_parser("export", help="print the properties for `omero config load`",
+                           description="Print the [omero] properties as KEY=VALUE lines, the format "
+                           "`omero config load` reads. Secrets are left out (as comments) unless --show-password.")
+    exp.add_argument("--show-password", action="store_true", help="include secrets (passwords, keys, tokens)")
+    exp.add_argument("-o", "--output", metavar="FILE", type=Path, help="write to FILE (mode 0600) instead of stdout")
+    exp.set_defaults(func=run_export)
+
+
+def _edit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reload", action="store_true", help="then ask the daemon to apply the file; report the outcome")
+    p.add_argument("--skip-venv-check", action="store_true",
+                   help="do not refuse values OMERO.web would refuse (e.g. an app not installed yet)")
+    p.add_argument("--show-password", action="store_true", help="show secrets in the report")
+
+
+def _path(args: argparse.Namespace) -> Path:
+    return config_module.config_path(args.config)
+
+
+# -- get -----------------------------------------------------------------------
+
+
+def run_get(args: argparse.Namespace) -> int:
+    config = config_module.load(_path(args))
+    key = args.key
+    if key in config_module.TABLES:
+        values = {f"{key}.{f.name}": edit.render_setting(getattr(getattr(config, key), f.name))
+                  for f in dataclasses.fields(config_module.TABLES[key])}
+        return _print(values, args)
+    if key is None:
+        return _print(dict(config.properties), args)
+    parsed = edit.parse_key(key)
+    if not parsed.is_property:
+        value = getattr(getattr(config, parsed.table), parsed.field)  # type: ignore[arg-type]
+        if value is None:
+            print(f"{key} is not set and has no fixed default (see `omerowebctl config get {parsed.table}`)",
+                  file=sys.stderr)
+            return EXIT_NOT_SET
+        return _print({key: edit.render_setting(value)}, args, single=True)
+    if key in config.properties:
+        return _print({key: config.properties[key]}, args, single=True)
+    group = {n: v for n, v in config.properties.items() if n.startswith(key + ".")}
+    if group:
+        return _print(group, args)
+    print(f"{key} is not set{_default_note(config, key)}", file=sys.stderr)
+    return EXIT_NOT_SET
+
+
+def _default_note(config: config_module.Config, name: str) -> str:
+    try:
+        info = venv.probe_sync(config.daemon.venv, config.properties, config.daemon.omerodir)
+    except UserError:
+        return ""
+    if name not in info.catalogue:
+        return " (OMERO.web does not know it)" if name.startswith("omero.web.") else ""
+    default = info.default(name)
+    return f" (OMERO.web's default: {edit.shown(name, default, False)})" if default is not None else ""
+
+
+def _print(values: dict[str, str], args: argparse.Namespace, *, single: bool = False) -> int:
+    shown = {n: edit.shown(n, v, args.show_password) for n, v in sorted(values.items())}
+    if args.json:
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
+    elif single:
+        print(next(iter(shown.values())))
+    else:
+        for name, value in shown.items():
+            print(f"{name}={value}")
+    return 0
+
+
+# -- edits ------------------------------------------------------------------------
+
+
+def run_set(args: argparse.Namespace) -> int:
+    key = edit.parse_key(args.key)
+    if (args.value is None) == (args.file is None):
+        raise UserError("give VALUE or --file FILE (to remove a key: config unset KEY)", exit_code=EXIT_USAGE)
+    text = args.value if args.file is None else _read_value(args.file)
+    return _edit(args, lambda doc, k: [edit.set_key(doc, key, text, k, as_text=args.text)])
+
+
+def _read_value(name: str) -> str:
+    try:
+        raw = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{name}: cannot read the value: {e.strerror}", exit_code=EXIT_USAGE) from None
+    return raw.rstrip()  # as `omero config set --file`
+
+
+def run_append(args: argparse.Namespace) -> int:
+    key = edit.parse_key(args.key)
+    return _edit(args, lambda doc, k: [edit.append_key(doc, key, args.value, k, unique=args.unique)])
+
+
+def run_unset(args: argparse.Namespace) -> int:
+    key = edit.parse_key(args.key)
+    return _edit(args, lambda doc, k: [edit.unset_key(doc, key)])
+
+
+def _edit(args: argparse.Namespace, mutate: edit.Mutation, *, dry_run: bool = False,
+          describe: Callable[[edit.Change, edit.Outcome, bool], str] | None = None) -> int:
+    try:
+        outcome = edit.edit(_path(args), mutate, venv_check=not args.skip_venv_check, dry_run=dry_run)
+    except edit.EditRefused as e:
+        print(f"omerowebctl: {e}", file=sys.stderr)
+        for problem in e.problems[1:]:
+            print(f"omerowebctl:   and: {problem}", file=sys.stderr)
+        return e.exit_code
+    for change in outcome.changes:
+        print((describe or _describe)(change, outcome, args.show_password))
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if dry_run:
+        print(f"dry run: {outcome.path} is unchanged")
+    elif not outcome.written:
+        print(f"{outcome.path} is unchanged")
+    if args.reload and not dry_run:
+        return _reload(args, outcome.path)
+    return 0
+
+
+def _describe(change: edit.Change, outcome: edit.Outcome, show: bool) -> str:
+    before, after = (edit.shown(change.key, v, show) for v in (change.before, change.after))
+    if change.after is None:
+        if change.before is None:
+            return f"{change.key}: was not set"
+        return f"{change.key}: removed (was {before})"
+    if not change.changed:
+        return f"{change.key}: unchanged ({after})"
+    where = outcome.line(change.key) if change.key.startswith("omero.") else str(outcome.path)
+    note = f"; {change.note}" if change.note else ""
+    return f"{change.key}: {before} -> {after} ({change.written_as}, {where}{note})"
+
+
+def _reload(args: argparse.Namespace, path: Path) -> int:
+    try:
+        reply = control.request(socket_path(args), {"cmd": "reload", "wait": True}, timeout=None)
+    except control.DaemonUnreachable as e:
+        print(f"not applied: {e}", file=sys.stderr)
+        return e.exit_code
+    if "exit_code" not in reply:
+        print(f"reload: {reply.get('error', 'unexpected reply')}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"reload: {reply['outcome']}: {reply['message']}")
+    code = int(reply["exit_code"])
+    if code == 0:
+        live = _live_digest(args)
+        mine = hashlib.sha256(path.read_bytes()).hexdigest()
+        if live == mine:
+            print(f"the daemon runs {path} (sha256:{mine[:12]})")
+        elif live is not None:
+            print(f"warning: the daemon runs sha256:{live[:12]}, the file is sha256:{mine[:12]} "
+                  "(changed again meanwhile?)", file=sys.stderr)
+    return code
+
+
+def _live_digest(args: argparse.Namespace) -> str | None:
+    try:
+        status: dict[str, Any] = control.request(socket_path(args), {"cmd": "status"})
+    except control.DaemonUnreachable:
+        return None
+    return (status.get("config") or {}).get("digest")
+
+
+# -- import / export ----------------------------------------------------------------
+
+
+def run_import(args: argparse.Namespace) -> int:
+    source = migrate.read_source(args.file)
+    report: list[migrate.Imported] = []
+
+    def mutate(doc: edit.Document, knowledge: edit.Knowledge) -> list[edit.Change]:
+        if knowledge.info is None:
+            print(f"warning: every value is written as text: OMERO.web could not be asked for the types "
+                  f"({knowledge.why_not})", file=sys.stderr)
+        result = migrate.import_properties(doc, source, knowledge, merge=args.merge, skip=args.skip)
+        report.append(result)
+        return result.changes
+
+    where = f" (profile {source.profile})" if source.profile else ""
+    print(f"importing {len(source.properties)} properties from {source.path}, {source.format}{where}")
+    code = _edit(args, mutate, dry_run=args.dry_run, describe=_describe_import)
+    if report:
+        result = report[0]
+        typed = sum(1 for c in result.changes if c.after is not None and c.written_as != "text")
+        kept = sum(1 for c in result.changes if c.after is not None) - typed
+        print(f"took {kept + typed} properties ({typed} typed, {kept} as text), removed {len(result.removed)}, "
+              f"skipped {len(result.skipped)}" + (f": {', '.join(result.skipped)}" if result.skipped else ""))
+    return code
+
+
+def _describe_import(change: edit.Change, outcome: edit.Outcome, show: bool) -> str:
+    if change.after is None:
+        return f"  removed  {change.key}"
+    verb = "kept" if not change.changed else "set"
+    return f"  {verb:<7}  {change.key} ({change.written_as})"
+
+
+def run_export(args: argparse.Namespace) -> int:
+    config = config_module.load(_path(args))
+    text, warnings = migrate.export_text(dict(config.properties), show_secrets=args.show_password,
+                                         source=str(config.path))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        write_atomic(args.output, text.encode("utf-8"), mode=0o600)  # secrets: for the admin only
+    except OSError as e:
+        raise UserError(f"{args.output}: cannot write it: {e.strerror}", exit_code=EXIT_FAILURE) from None
+    print(f"wrote {len(config.properties)} properties to {args.output}", file=sys.stderr)
+    return 0

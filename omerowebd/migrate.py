@@ -1,0 +1,201 @@
+"""Moving a site's OMERO properties in and out: ``omerowebctl config import|export``.
+
+In: the backup the OMERO upgrade guide tells admins to make
+(``omero config get --show-password > backup.txt``), or an existing
+``etc/grid/config.xml`` (its active profile). Nothing may be lost: after the
+import, the config.xml the daemon writes holds exactly the property map
+omero-py reads from the original. A value is typed in the TOML (boolean,
+integer, list, table) only when the venv says what it is and the file gives
+back the very same text; everything else stays text.
+
+Out: the ``omero config load`` format (``KEY=VALUE`` lines), for going back.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from xml.etree.ElementTree import ParseError, fromstring
+
+from . import omero_config
+from .edit import HIDDEN, Change, Document, Knowledge, is_secret, property_item, written_as
+from .omero_config import encode_value
+from .errors import EXIT_FAILURE, UserError
+
+# A line of `omero config get` that starts a property (names as omero-py allows them).
+_ENTRY = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)+)=(.*)$", re.S)
+
+
+class MigrationError(UserError):
+    """The source cannot be imported as it is; nothing was written."""
+
+    exit_code = EXIT_FAILURE
+
+
+@dataclass
+class Source:
+    path: Path
+    format: str  # "config.xml" or "omero config get"
+    properties: dict[str, str]
+    profile: str | None = None
+
+
+@dataclass
+class Imported:
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def read_source(path: Path) -> Source:
+    """The properties in ``path``, whichever of the two formats it is."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MigrationError(f"{path}: cannot read it: {e.strerror}") from None
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+        return _read_config_xml(path, data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MigrationError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return Source(path, "omero config get", parse_config_get(text, path))
+
+
+def _read_config_xml(path: Path, data: bytes) -> Source:
+    try:
+        root = fromstring(data)
+    except ParseError as e:
+        raise MigrationError(f"{path}: not a config.xml omero-py can read: {e}") from None
+    if root.tag != "icegrid":
+        raise MigrationError(f"{path}: not an OMERO config.xml (the root element is <{root.tag}>, not <icegrid>)")
+    profile = omero_config.PROFILE
+    blocks = {p.get("id"): p for p in root.findall("./properties")}
+    active = blocks.get(omero_config.ACTIVE)
+    for prop in active.findall("./property") if active is not None else ():
+        if prop.get("name") == omero_config.PROFILE_KEY:
+            profile = prop.get("value") or profile
+    block = blocks.get(profile)
+    if block is None:
+        raise MigrationError(f"{path}: the active profile {profile!r} has no <properties id={profile!r}> block")
+    version = next((p.get("value") for p in block.findall("./property") if p.get("name") == omero_config.VERSION_KEY), None)
+    if version and not version.startswith("5."):
+        raise MigrationError(
+            f"{path}: written by OMERO {version}, which omero-py upgrades when it opens it: import the output of "
+            "`omero config get --show-password` from the installed OMERO instead")
+    return Source(path, "config.xml", omero_config.read_config_xml(path), profile)
+
+
+def parse_config_get(text: str, path: Path) -> dict[str, str]:
+    """``omero config get --show-password`` output: ``KEY=VALUE`` lines, sorted by key.
+
+    A value with line breaks spans several lines: a line that does not start
+    a new property (a name, then ``=``, sorting after the one before) goes on
+    the value above. Comment and blank lines before the first property are
+    skipped (so a file in ``omero config load`` format works too).
+    """
+    properties: dict[str, str] = {}
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    name: str | None = None
+    for number, line in enumerate(lines, 1):
+        entry = _ENTRY.match(line)
+        starts = entry is not None and (name is None or entry.group(1) > name)
+        if starts:
+            assert entry is not None
+            name = entry.group(1)
+            if name in properties:
+                raise MigrationError(f"{path}:{number}: {name} appears twice")
+            value = entry.group(2)
+            properties[name] = value
+            if is_secret(name) and properties[name] == HIDDEN:
+                raise MigrationError(
+                    f"{path}:{number}: the value of {name} is hidden ({HIDDEN}): make the backup with "
+                    "`omero config get --show-password`")
+        elif name is not None:
+            properties[name] += "\n" + line
+        elif line.strip() and not line.lstrip().startswith("#"):
+            raise MigrationError(
+                f"{path}:{number}: not a KEY=VALUE line: give the output of `omero config get --show-password` "
+                "or an etc/grid/config.xml")
+    for ignored in (omero_config.VERSION_KEY, omero_config.PROFILE_KEY):
+        properties.pop(ignored, None)
+    return properties
+
+
+def import_properties(
+    doc: Document, source: Source, knowledge: Knowledge, *, merge: bool = False, skip: Sequence[str] = ()
+) -> Imported:
+    """Write ``source``'s properties into the [omero] tree of ``doc``.
+
+    Without ``merge`` the tree ends up holding exactly the imported
+    properties: the ones only the TOML had are removed (their comments stay).
+    """
+    result = Imported()
+    wanted: dict[str, str] = {}
+    for name, value in source.properties.items():
+        if any(fnmatchcase(name, pattern) for pattern in skip):
+            result.skipped.append(name)
+        else:
+            wanted[name] = value
+    foreign = sorted(n for n in wanted if not n.startswith("omero."))
+    if foreign:
+        raise MigrationError(
+            f"{source.path}: {', '.join(foreign)}: not OMERO properties (only omero.* reach OMERO.web's "
+            "config.xml); leave them out with --skip 'NAME'")
+    if not merge:
+        for name, value in sorted(doc.properties().items()):
+            if name not in wanted:
+                doc.unset_property(name)
+                result.removed.append(name)
+                result.changes.append(Change(name, value, None, "removed"))
+    names = set(wanted) | knowledge.value_names()
+    for name in sorted(wanted):
+        value = wanted[name]
+        found = doc.find(name)
+        before = encode_value(found[2].unwrap()) if found else None
+        item = property_item(name, value, knowledge.kind(name), exact=True)
+        doc.set_property(name, item, names)
+        result.changes.append(Change(name, before, value, written_as(item)))
+    return result
+
+
+# -- export ----------------------------------------------------------------------
+
+
+def export_text(properties: dict[str, str], *, show_secrets: bool, source: str) -> tuple[str, list[str]]:
+    """The properties in the ``omero config load`` format, and warnings for what it cannot carry."""
+    warnings: list[str] = []
+    out = [
+        f"# OMERO properties exported by omerowebctl from {source} at {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
+        "# Load them with: omero config load FILE",
+    ]
+    for name in sorted(properties):
+        value = properties[name]
+        if is_secret(name) and value and not show_secrets:
+            out.append(f"# {name}={HIDDEN} (hidden: export with --show-password to carry it)")
+            warnings.append(f"{name} is hidden: export with --show-password to carry it")
+            continue
+        problem = load_problem(value)
+        if problem:
+            out.append(f"# {name}: left out, {problem}; set it with: omero config set {name} VALUE")
+            warnings.append(f"{name} left out: {problem}")
+            continue
+        out.append(f"{name}={value}")
+    return "\n".join(out) + "\n", warnings
+
+
+def load_problem(value: str) -> str | None:
+    """Why ``omero config load`` would not read ``value`` back as it is (it strips lines, joins on '\\')."""
+    if "\n" in value or "\r" in value:
+        return "the value has line breaks, which `omero config load` cannot read"
+    if value != value.strip():
+        return "`omero config load` would strip the spaces around the value"
+    if value.endswith("\\"):
+        return "`omero config load` would read the trailing '\\' as a line continuation"
+    return None
