@@ -17,6 +17,8 @@ COMMANDS = [
     "check",
     "reload",
     "nginx",
+    "config",
+    "diagnostics",
 ]
 
 EPILOG = """\
