@@ -14,7 +14,9 @@ a comment:
 * a header naming the template and the TOML file to edit;
 * the maintenance location's ``root`` points at STATE_DIR/maintenance, where
   the daemon writes the page the template's ``try_files`` names (omero-web
-  ships none, so without this a stopped OMERO.web is a bare 502);
+  ships none, so without this a stopped OMERO.web is a bare 502), and the
+  ``@proxy_to_app`` location sends its 502 there (the template's own
+  ``error_page`` never sees it: see _route_proxy_errors_to_maintenance);
 * ``nginx.upstreams``: one more ``server`` line each in the upstream block;
 * ``nginx.redirects``: ``location = PATH { return 307 TARGET; }``. An exact
   match, not a prefix: a publication link is one URL, an exact location wins
@@ -410,7 +412,9 @@ def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo
         text = fill(read_template(info, kind), values, name)
         text, found = _point_maintenance_at(text, page_dir)
         page_name = found or page_name
-        if not found:
+        if found:
+            text = _route_proxy_errors_to_maintenance(text)
+        else:
             warnings.append(f"omero-web's {name} has no maintenance location; no maintenance page for it")
         if kind == "server":
             text = _add_upstream_servers(text, backends, name)
@@ -475,6 +479,32 @@ def _point_maintenance_at(text: str, directory: Path) -> tuple[str, str | None]:
     if value_problem(name) or "/" in name:
         return text, None
     return text[: match.start(2)] + body + text[match.end(2):], name
+
+
+_PROXY_LOCATION = re.compile(r"(?m)^([ \t]*)location\s+@proxy_to_app\S*\s*\{[ \t]*\n")
+
+
+def _route_proxy_errors_to_maintenance(text: str) -> str:
+    """Send the proxy's 502 to the maintenance page.
+
+    The templates set ``error_page 502 @maintenance`` in the prefix location,
+    but its ``try_files`` hands the request to the named ``@proxy_to_app``
+    location, which inherits error pages only from the server level: the
+    upstream's 502 never reaches the maintenance page, and nginx shows its bare
+    502 even when the page exists. The same directive inside ``@proxy_to_app``
+    makes it work, without touching the admin's other locations.
+    """
+    name = re.search(r"location\s+(@maintenance\S*)\s*\{", text)
+    proxy = _PROXY_LOCATION.search(text)
+    if not name or not proxy:
+        return text
+    body_end = text.find("}", proxy.end())
+    if re.search(r"\berror_page\s", text[proxy.end():body_end]):
+        return text  # omero-web fixed it in its template
+    indent = proxy.group(1) + "    "
+    addition = (f"{indent}# omerowebd: the upstream's 502 goes to the maintenance page from here too\n"
+                f"{indent}error_page 502 {name.group(1)};\n")
+    return text[: proxy.end()] + addition + text[proxy.end():]
 
 
 def _add_upstream_servers(text: str, backends: Sequence[str], template_name: str) -> str:

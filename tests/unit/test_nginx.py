@@ -41,9 +41,13 @@ server {
         alias %(STATIC_ROOT)s;
     }
 
+    location @proxy_to_app%(PREFIX_NAME)s {
+        proxy_pass http://web%(PREFIX_NAME)s;
+    }
+
     location %(FORCE_SCRIPT_NAME)s {
         error_page 502 @maintenance%(PREFIX_NAME)s;
-        proxy_pass http://web%(PREFIX_NAME)s;
+        try_files $uri @proxy_to_app%(PREFIX_NAME)s;
     }
 
 }
@@ -58,9 +62,13 @@ location %(STATIC_URL)s {
     alias %(STATIC_ROOT)s;
 }
 
+location @proxy_to_app%(PREFIX_NAME)s {
+    proxy_pass http://%(FASTCGI_EXTERNAL)s;
+}
+
 location %(FORCE_SCRIPT_NAME)s {
     error_page 502 @maintenance%(PREFIX_NAME)s;
-    proxy_pass http://%(FASTCGI_EXTERNAL)s;
+    try_files $uri @proxy_to_app%(PREFIX_NAME)s;
 }
 """
 DEVELOPMENT = "pid %(ROOT)s/var/pid;\nlisten %(HTTPPORT)d;\n"
@@ -322,6 +330,12 @@ def test_written_files_are_the_rendered_text_plus_marked_additions(tmp_path: Pat
     assert ("    location = /pub/schleicher-et-al-2017 { return 307 /webclient/?show=project-27936; }\n"
             "\n}\n") in server  # inside the server block, before its closing brace
     assert f"        root {page_dir};\n" in server
+    assert ("    location @proxy_to_app_omero {\n"
+            "        # omerowebd: the upstream's 502 goes to the maintenance page from here too\n"
+            "        error_page 502 @maintenance_omero;\n"
+            "        proxy_pass") in server
+    assert "location @proxy_to_app_omero {\n    # omerowebd:" in location
+    assert "    error_page 502 @maintenance_omero;\n    proxy_pass http://127.0.0.1:4090;" in location
     assert "etc/templates/error" not in server
     assert "location = / { return 307 /webclient/; }\n" in location
     assert "proxy_pass http://127.0.0.1:4090;" in location
@@ -334,15 +348,27 @@ def _strip_additions(text: str, config: config_module.Config, page_dir: Path) ->
     skip_block = False
     for line in lines:
         if "# omerowebd:" in line:
-            skip_block = "redirects" in line or "upstreams" in line
+            skip_block = "redirects" in line or "upstreams" in line or "502" in line
             if kept and kept[-1] == "\n" and "redirects" in line:
                 kept.pop()
             continue
-        if skip_block and (line.strip().startswith(("server ", "location = "))):
+        if skip_block and (line.strip().startswith(("server ", "location = ", "error_page 502 "))):
             continue
         skip_block = False
         kept.append(line.replace(f"root {page_dir};", f"root {config.daemon.omerodir}/etc/templates/error;"))
     return "".join(kept)
+
+
+def test_proxy_errors_are_routed_once(tmp_path: Path, info: VenvInfo) -> None:
+    """A template that already routes the named location's 502 is left as it is."""
+    fixed = SERVER.replace("        proxy_pass http://web", "        error_page 502 @maintenance%(PREFIX_NAME)s;\n"
+                           "        proxy_pass http://web")
+    (info.omeroweb_dir / "templates" / "nginx.conf.template").write_text(fixed)
+    config = make_config(tmp_path)
+    out = nginx.render_outputs(config, config.properties, info, ["127.0.0.1:4080"])
+    server = out.files[out.server].decode()
+    assert server.count("error_page 502 @maintenance;") == 2
+    assert "goes to the maintenance page" not in server
 
 
 def test_listen_on_the_gunicorn_address_is_a_port_conflict(tmp_path: Path, info: VenvInfo) -> None:
