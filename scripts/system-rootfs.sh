@@ -16,11 +16,12 @@ set -euo pipefail
 
 # What the container needs beyond minbase: systemd as PID 1, and the
 # runtime dependencies of the omerowebd .deb, so that installing the .deb
-# inside the container needs no network. nginx for the nginx reload units.
+# inside the container needs no network. nginx for the nginx reload units,
+# rpm to run the RPM's scriptlets under real systemd.
 PACKAGES=(
     systemd systemd-sysv dbus
     python3 python3-systemd python3-watchdog python3-tomlkit python3-structlog
-    nginx-light
+    nginx-light rpm
 )
 SUITE=bookworm
 

@@ -145,3 +145,24 @@ def test_rpm_requires_the_daemons_python_packages(built_rpm):
     requires = rpm_query(built_rpm.rpm, "--requires").split("\n")
     for package in DEBIAN_DEPENDS:  # the same names in Fedora
         assert package in [r.strip() for r in requires], requires
+
+
+def test_rpm_scriptlets_work_under_systemd(built_rpm, rootfs):
+    """Install and erase the RPM in a container with systemd as PID 1 (rpm on
+    Debian, so --nodeps): the user, the presets and tmpfiles on install, the
+    units disabled and gone on erase."""
+    from .nspawn import Container
+
+    with Container(rootfs, binds_ro=[(str(built_rpm.rpm.parent), "/srv/rpms")]) as c:
+        c.run(["rpm", "--initdb"])
+        c.run(["rpm", "-i", "--nodeps", "--force-debian", f"/srv/rpms/{built_rpm.rpm.name}"])
+        assert c.run(["getent", "passwd", "omero-web"]).stdout.strip().endswith(":/var/lib/omerowebd:/usr/sbin/nologin")
+        c.systemctl("daemon-reload")
+        for unit in ("omerowebd.service", "omerowebd.socket", "omerowebd-nginx.path"):
+            assert c.systemctl("is-enabled", unit, check=False).stdout.strip() == "enabled", unit
+        assert c.run(["stat", "-c", "%a %U", "/var/lib/omerowebd/sessions"]).stdout.split() == ["700", "omero-web"]
+        assert c.run(["stat", "-c", "%a %U:%G", "/etc/omerowebd/omerowebd.toml"]).stdout.split() == ["640", "root:omero-web"]
+        assert "omerowebd" in c.run(["omerowebd", "--version"]).stdout
+        c.run(["rpm", "-e", "--nodeps", "omerowebd"])
+        left = c.sh("ls /usr/lib/systemd/system/omerowebd* /etc/systemd/system/*/omerowebd* /usr/bin/omerowebd 2>/dev/null", check=False).stdout
+        assert left.strip() == "", left
