@@ -42,12 +42,51 @@ def wait_for(what: str, probe: Callable[[], T], timeout: float, interval: float 
         time.sleep(interval)
 
 
+WORK_PREFIX = "omerowebd-nspawn-"
+WORK_PARENT = Path("/var/tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale() -> None:
+    """Clean up after a test run that was killed before it could: its
+    container, its overlay mount, its directory. Another run's live
+    container (its owner still running) is left alone."""
+    for workdir in WORK_PARENT.glob(WORK_PREFIX + "*"):
+        try:
+            owner, nspawn, pid1 = (int(x) for x in (workdir / "pids").read_text().split())
+        except (OSError, ValueError):
+            owner = nspawn = pid1 = 0
+        if owner and _alive(owner):
+            continue
+        for pid in (pid1, nspawn):
+            if pid and _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        root = workdir / "root"
+        if os.path.ismount(root):
+            subprocess.run(["umount", "--lazy", str(root)], capture_output=True, check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(workdir)], capture_output=True, check=False)
+
+
 class Container:
     def __init__(self, rootfs: Path, binds: Sequence[tuple[str, str]] = (), binds_ro: Sequence[tuple[str, str]] = ()):
         self.rootfs = rootfs
         self.binds = list(binds)
         self.binds_ro = list(binds_ro)
-        self.workdir = Path(tempfile.mkdtemp(prefix="omerowebd-nspawn-", dir="/var/tmp"))
+        reap_stale()
+        self.workdir = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=WORK_PARENT))
+        (self.workdir / "pids").write_text(f"{os.getpid()} 0 0\n")
         self.root = self.workdir / "root"
         self.log_path = self.workdir / "console.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,6 +111,7 @@ class Container:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid1 = wait_for("the container's init", self._find_pid1, timeout)
+        (self.workdir / "pids").write_text(f"{os.getpid()} {self.proc.pid} {self.pid1}\n")
         # is-system-running --wait returns once boot is over: running or degraded.
         wait_for("systemd in the container to answer", lambda: self.sh("systemctl is-system-running --wait", check=False, timeout=timeout).stdout.strip() in ("running", "degraded"), timeout)
 
