@@ -142,7 +142,7 @@ def web_settings(properties: Mapping[str, str], info: VenvInfo, omerodir: Path |
     )
 
 
-def check_web_settings(web: WebSettings, kind: str, where: Where = _nowhere) -> None:
+def check_web_settings(web: WebSettings, where: Where = _nowhere) -> None:
     """Refuse what would break the nginx text, naming the property."""
 
     def check(name: str, value: str) -> None:
@@ -150,6 +150,7 @@ def check_web_settings(web: WebSettings, kind: str, where: Where = _nowhere) -> 
         if problem:
             raise NginxValueError(f"{_place(where, name)}{name} {value!r} {problem}")
 
+    check("daemon.omerodir", web.root)  # every template has it (the maintenance root, development's paths)
     if web.prefix is not None:
         name = web.prefix_property
         check(name, web.prefix)
@@ -166,8 +167,6 @@ def check_web_settings(web: WebSettings, kind: str, where: Where = _nowhere) -> 
         if "\n" in line or "\r" in line:
             raise NginxValueError(f"{_place(where, 'omero.web.nginx_server_extra_config')}"
                                   "omero.web.nginx_server_extra_config: one line per list item, no line breaks")
-    if kind == "development":
-        check("daemon.omerodir", web.root)
 
 
 def _place(where: Where, name: str) -> str:
@@ -229,7 +228,8 @@ def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
     check("listen", nginx.listen, words=True)
     check("server_name", nginx.server_name, words=True, backslash=True)
     if not _SIZE.match(nginx.max_body_size):
-        out.append(("max_body_size", f"must be an nginx size such as '0', '512k', '100m' or '2g', not {nginx.max_body_size!r}"))
+        out.append(("max_body_size",
+                    f"must be an nginx size such as '0', '512k', '100m' or '2g', not {nginx.max_body_size!r}"))
     for key in ("server_file", "location_file"):
         name = getattr(nginx, key)
         if not _FILE_NAME.match(name) or name in (".", ".."):
@@ -388,7 +388,7 @@ def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo
     """The server file, the location include and the maintenance page, as the daemon writes them."""
     nginx = config.nginx
     web = web_settings(properties, info, config.daemon.omerodir, config.where)
-    check_web_settings(web, "server", config.where)
+    check_web_settings(web, config.where)
     check_server_type(web, "server")
     backends = [*backends, *(u for u in nginx.upstreams if u not in backends)]
     for address in backends:
@@ -402,12 +402,12 @@ def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo
         raise NginxValueError(f"{config.path}: daemon.state_dir {str(config.daemon.state_dir)!r} {problem}")
 
     warnings: list[str] = []
-    common = {"servername": nginx.server_name, "max_body_size": nginx.max_body_size, "omeroweb_dir": info.omeroweb_dir}
+    values = template_values(web, listen=nginx.listen, servername=nginx.server_name,
+                             max_body_size=nginx.max_body_size, omeroweb_dir=info.omeroweb_dir)
+    values["FASTCGI_EXTERNAL"] = backends[0]
     texts = {}
     page_name = MAINTENANCE_PAGE
     for kind in ("server", "location"):
-        values = template_values(web, listen=nginx.listen, **common)
-        values["FASTCGI_EXTERNAL"] = backends[0]
         name = template_path(info, kind).name
         text = fill(read_template(info, kind), values, name)
         text, found = _point_maintenance_at(text, page_dir)
@@ -455,7 +455,8 @@ def check_listen_conflict(listen: str, backends: Sequence[str], config: Config) 
 
 
 def _header(template_name: str, config: Config) -> str:
-    return (f"# Written by omerowebd from omero-web's {template_name}; edit {os.path.abspath(config.path)}, not this file.\n"
+    source = os.path.abspath(config.path)
+    return (f"# Written by omerowebd from omero-web's {template_name}; edit {source}, not this file.\n"
             "# The daemon's additions are marked \"omerowebd:\".\n")
 
 
@@ -468,9 +469,10 @@ def _point_maintenance_at(text: str, directory: Path) -> tuple[str, str | None]:
     if not match:
         return text, None
     body = match.group(2)
-    body, count = re.subn(r"(?m)^([ \t]*)root\s+[^;]*;",
-                          lambda m: f"{m.group(1)}# omerowebd: the page the daemon writes\n{m.group(1)}root {directory};",
-                          body, count=1)
+    def point(m: re.Match[str]) -> str:
+        return f"{m.group(1)}# omerowebd: the page the daemon writes\n{m.group(1)}root {directory};"
+
+    body, count = re.subn(r"(?m)^([ \t]*)root\s+[^;]*;", point, body, count=1)
     tries = re.search(r"try_files\s+([^;]*);", body)
     names = [w for w in (tries.group(1).split() if tries else ()) if w.startswith("/")]
     if not count or not names:
@@ -705,10 +707,7 @@ def _write_changed(files: Mapping[Path, bytes]) -> dict[Path, bytes | None]:
 def _restore(previous: Mapping[Path, bytes | None]) -> None:
     for path, data in previous.items():
         if data is None:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            path.unlink(missing_ok=True)
         else:
             write_atomic(path, data, mode=0o644)
 

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.written:
         return _print_written(args, config, info)
     web = nginx.web_settings(config.properties, info, config.daemon.omerodir, config.where)
-    nginx.check_web_settings(web, args.type, config.where)
+    nginx.check_web_settings(web, config.where)
     if args.type != "location":
         for option, value, how in (("--servername", args.servername, {"words": True, "backslash": True}),
                                    ("--max-body-size", args.max_body_size, {})):

@@ -125,10 +125,10 @@ def info(omero_venv: Path) -> VenvInfo:
 
 def ours(info: VenvInfo, omerodir: Path, properties: dict[str, str], kind: str, args: list[str]) -> str:
     options = {"http": None, "servername": "$hostname", "max_body_size": "0"}
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in zip(args[::2], args[1::2], strict=True):
         options[flag.lstrip("-").replace("-", "_")] = int(value) if flag == "--http" else value
     web = nginx.web_settings(properties, info, omerodir)
-    nginx.check_web_settings(web, kind)
+    nginx.check_web_settings(web)
     return nginx.render(kind, web, info, **options)  # type: ignore[arg-type]
 
 

@@ -84,7 +84,8 @@ class Nginx:
         # As root the workers would run as nobody, who cannot enter pytest's
         # private tmp dir; the files' own modes (0644/0755) are asserted in the unit tests.
         user = "user root;" if os.geteuid() == 0 else ""
-        temp = "".join(f"    {kind}_temp_path {root}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        temp = "".join(f"    {kind}_temp_path {root}/{kind};\n" for kind in kinds)
         mime = "    include /etc/nginx/mime.types;\n" if Path("/etc/nginx/mime.types").exists() else ""
         self.conf.write_text(
             f"{user}\nworker_processes 1;\npid {root}/nginx.pid;\nerror_log {self.error_log};\n"

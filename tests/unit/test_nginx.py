@@ -6,9 +6,7 @@ real `omero web config` in tests/integration/test_nginx_render.py)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import stat
-import sys
 import textwrap
 from pathlib import Path
 
@@ -501,7 +499,8 @@ def test_a_file_that_did_not_exist_is_removed_by_undo(tmp_path: Path, info: Venv
 
 def test_failed_reload_command_is_reported_not_fatal(tmp_path: Path, info: VenvInfo) -> None:
     log = Log()
-    config = make_config(tmp_path, f"reload_command = {script(tmp_path, 'reload', 'echo nginx is not running >&2; exit 3')}")
+    reload = script(tmp_path, "reload", "echo nginx is not running >&2; exit 3")
+    config = make_config(tmp_path, f"reload_command = {reload}")
     output = nginx.NginxOutput(log)
     assert run(output.apply(config, config.properties, info)) is not None
     assert output.status()["reload"] == {"ok": False, "message": "nginx is not running",
@@ -535,9 +534,16 @@ def test_unwritable_output_dir_is_one_line(tmp_path: Path, info: VenvInfo) -> No
 
 
 @pytest.mark.parametrize("lines, expected", [
-    (["nginx: [alert] could not open error log", "nginx: [emerg] bad thing in f:1", "test failed"], "[emerg] bad thing in f:1"),
+    (["nginx: [alert] could not open error log", "nginx: [emerg] bad thing in f:1", "test failed"],
+     "[emerg] bad thing in f:1"),
     (["something odd"], "something odd"),
     ([], None),
 ])
 def test_first_error_prefers_emerg(lines: list[str], expected: str | None) -> None:
     assert nginx.first_error(lines) == expected
+
+
+def test_omerodir_that_would_break_the_maintenance_root_is_refused(tmp_path: Path, info: VenvInfo) -> None:
+    web = nginx.web_settings({}, info, "/srv/omero web")
+    with pytest.raises(UserError, match=r"^daemon.omerodir '/srv/omero web' contains a space"):
+        nginx.check_web_settings(web)
