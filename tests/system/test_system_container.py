@@ -96,6 +96,13 @@ class Box:
                 lines.append(entry["MESSAGE"])
         return lines
 
+    def cursor(self) -> str:
+        out = self.c.run(["journalctl", "--no-pager", "-n", "0", "--show-cursor"], check=False).stdout
+        return out.strip().rsplit("cursor: ", 1)[-1]
+
+    def journal_since(self, cursor: str, unit: str = "omerowebd.service") -> str:
+        return self.c.journal("-u", unit, f"--after-cursor={cursor}")
+
     def diagnostics(self) -> str:
         return self.c.sh(
             "systemctl status --no-pager omerowebd.service omerowebd.socket 2>&1 | tail -40;"
@@ -251,9 +258,13 @@ def test_reload_makes_a_changed_setting_live(serving):
 def test_broken_config_fails_reload_and_keeps_serving(serving):
     c = serving.c
     c.write("/etc/omerowebd/omerowebd.toml", config("/static/omerowebd-logo-3.png") + "\n[daemon\nbroken = \n", mode=0o640)
+    cursor = serving.cursor()
     with Load(serving) as load:
         reloaded = c.systemctl("reload", "omerowebd.service", check=False, timeout=400)
     assert reloaded.returncode != 0, "systemctl reload must report a rejected config"
+    # Rejected by the daemon (omerowebctl reload exit 1), not "daemon unreachable" (3).
+    journal = serving.journal_since(cursor)
+    assert "Control process exited, code=exited, status=1/FAILURE" in journal, journal
     assert serving.active() == "active"
     status, body = serving.get()
     assert status == 200 and "omerowebd-logo-2.png" in body
