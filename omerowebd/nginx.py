@@ -438,6 +438,17 @@ def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo
     return Rendered(files=files, server=server, location=location, maintenance=page, warnings=tuple(warnings))
 
 
+def config_problems(config: Config, info: VenvInfo) -> list[str]:
+    """What ``omerowebctl check`` reports about the nginx files: what apply() would refuse."""
+    if not config.nginx.enabled:
+        return []
+    try:
+        render_outputs(config, config.properties, info, backends_of(config))
+    except UserError as e:
+        return [str(e)]
+    return []
+
+
 def check_listen_conflict(listen: str, backends: Sequence[str], config: Config) -> None:
     """nginx must not listen on an address gunicorn holds (the daemon's version of the port check)."""
     first = listen.split()[0]

@@ -547,3 +547,12 @@ def test_omerodir_that_would_break_the_maintenance_root_is_refused(tmp_path: Pat
     web = nginx.web_settings({}, info, "/srv/omero web")
     with pytest.raises(UserError, match=r"^daemon.omerodir '/srv/omero web' contains a space"):
         nginx.check_web_settings(web)
+
+
+def test_config_problems_for_omerowebctl_check(tmp_path: Path, info: VenvInfo) -> None:
+    assert nginx.config_problems(make_config(tmp_path), info) == []
+    bad = make_config(tmp_path, omero='prefix = "/a b"\n')
+    assert nginx.config_problems(bad, info) == [f"{bad.path}:9: omero.web.prefix '/a b' contains a space:"
+                                                " nginx would read two values"]
+    disabled = make_config(tmp_path, "enabled = false", omero='prefix = "/a b"\n')
+    assert nginx.config_problems(disabled, info) == []
