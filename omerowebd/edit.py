@@ -188,7 +188,7 @@ def _stores_as(build: Callable[[], Any], text: str) -> bool:
         return False
     try:
         back = tomlkit.parse(tomlkit.dumps({"v": item}))["v"]
-        return encode_value(back.unwrap() if hasattr(back, "unwrap") else back) == text
+        return encode_value(plain_value(back)) == text
     except (ValueError, tomlkit.exceptions.TOMLKitError):
         return False
 
@@ -237,15 +237,22 @@ def property_item(name: str, text: str, kind: str | None, *, exact: bool) -> Any
 
 def _kind_of_item(item: Any) -> str | None:
     """The kind an existing value in the file suggests, when the venv cannot say."""
-    if isinstance(item, tomlkit.items.Bool):
+    value = plain_value(item)
+    if isinstance(value, bool):
         return "bool"
-    if isinstance(item, tomlkit.items.Integer):
+    if isinstance(value, int):
         return "int"
-    if isinstance(item, tomlkit.items.Array):
+    if isinstance(value, list):
         return "list"
-    if isinstance(item, tomlkit.items.InlineTable):
+    if isinstance(value, dict):
         return "object"
     return None
+
+
+def plain_value(item: Any) -> Any:
+    """A plain Python value (tables hand out booleans unwrapped already)."""
+    unwrap = getattr(item, "unwrap", None)
+    return unwrap() if unwrap else item
 
 
 def setting_item(key: Key, text: str) -> Any:
@@ -401,7 +408,8 @@ class Document:
         if depth == 0:
             self.doc.append("omero", tomlkit.table(is_super_table=True))
             container = self.doc["omero"]
-        container[head[1]] = tomlkit.table()
+        # Not left to tomlkit: 0.11 writes no [header] for a table whose first key is dotted.
+        container[head[1]] = tomlkit.table(is_super_table=False)
         return container[head[1]]
 
     def unset_property(self, name: str) -> Any:
@@ -634,9 +642,9 @@ class _locked:
     inode while the second still holds the old one.
     """
 
-    def __init__(self, path: Path, timeout: float = LOCK_TIMEOUT) -> None:
+    def __init__(self, path: Path, timeout: float | None = None) -> None:
         self.path = path.with_name(path.name + ".lock")
-        self.timeout = timeout
+        self.timeout = LOCK_TIMEOUT if timeout is None else timeout
         self.fd = -1
 
     def __enter__(self) -> None:
@@ -709,11 +717,11 @@ def set_key(doc: Document, key: Key, text: str, knowledge: Knowledge, *, as_text
         doc.set_setting(key, item)
         return Change(key.name, _setting_text(before), _setting_text(item), written_as(item))
     found = doc.find(key.name)
-    before_text = encode_value(found[2].unwrap()) if found else None
+    before_text = encode_value(plain_value(found[2])) if found else None
     kind = None if as_text else (knowledge.kind(key.name) or (_kind_of_item(found[2]) if found else None))
     item = property_item(key.name, text, kind, exact=False)
     doc.set_property(key.name, item, knowledge.value_names())
-    after = encode_value(item.unwrap())
+    after = encode_value(plain_value(item))
     note = "" if after == text else f"given as {text!r}"
     return Change(key.name, before_text, after, written_as(item), note)
 
@@ -725,14 +733,14 @@ def append_key(doc: Document, key: Key, text: str, knowledge: Knowledge, *, uniq
         if typing.get_origin(key.hint()) is not tuple and not _optional_tuple(key.hint()):
             raise EditRefused(f"{key.name} is not a list: use config set")
         current_item = doc.setting(key)
-        current = list(current_item.unwrap()) if current_item is not None else list(_default_list(key))
+        current = list(plain_value(current_item)) if current_item is not None else list(_default_list(key))
         if not (unique and value in current):
             current.append(value)
         item = _layout(toml_item(current) or tomlkit.item(json.dumps(current)))
         doc.set_setting(key, item)
         return Change(key.name, _setting_text(current_item), _setting_text(item), written_as(item))
     found = doc.find(key.name)
-    before = encode_value(found[2].unwrap()) if found else None
+    before = encode_value(plain_value(found[2])) if found else None
     if before is not None:
         try:
             current = json.loads(before)
@@ -767,7 +775,7 @@ def unset_key(doc: Document, key: Key) -> Change:
     """``config unset KEY``: the property goes away; a setting falls back to its default."""
     if key.is_property:
         item = doc.unset_property(key.name)
-        return Change(key.name, encode_value(item.unwrap()) if item is not None else None, None, "removed")
+        return Change(key.name, encode_value(plain_value(item)) if item is not None else None, None, "removed")
     item = doc.unset_setting(key)
     return Change(key.name, _setting_text(item), None, "removed")
 
@@ -786,7 +794,7 @@ def _default_list(key: Key) -> tuple[str, ...]:
 def _setting_text(item: Any) -> str | None:
     if item is None:
         return None
-    return render_setting(item.unwrap() if hasattr(item, "unwrap") else item)
+    return render_setting(plain_value(item))
 
 
 def render_setting(value: Any) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from xml.etree.ElementTree import ParseError, fromstring
 
 from . import omero_config
-from .edit import HIDDEN, Change, Document, Knowledge, is_secret, property_item, written_as
+from .edit import HIDDEN, Change, Document, Knowledge, plain_value, is_secret, property_item, written_as
 from .omero_config import encode_value
 from .errors import EXIT_FAILURE, UserError
 
@@ -158,7 +158,7 @@ def import_properties(
     for name in sorted(wanted):
         value = wanted[name]
         found = doc.find(name)
-        before = encode_value(found[2].unwrap()) if found else None
+        before = encode_value(plain_value(found[2])) if found else None
         item = property_item(name, value, knowledge.kind(name), exact=True)
         doc.set_property(name, item, names)
         result.changes.append(Change(name, before, value, written_as(item)))
