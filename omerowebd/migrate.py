@@ -169,25 +169,31 @@ def import_properties(
 
 
 def export_text(properties: dict[str, str], *, show_secrets: bool, source: str) -> tuple[str, list[str]]:
-    """The properties in the ``omero config load`` format, and warnings for what it cannot carry."""
+    """The properties in the ``omero config load`` format, and warnings for what it cannot carry.
+
+    What is left out is said in comments at the top, so that the rest is
+    plain ``KEY=VALUE`` lines (``config import`` reads the file back too).
+    """
     warnings: list[str] = []
-    out = [
-        f"# OMERO properties exported by omerowebctl from {source} at {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
-        "# Load them with: omero config load FILE",
-    ]
+    notes: list[str] = []
+    entries: list[str] = []
     for name in sorted(properties):
         value = properties[name]
         if is_secret(name) and value and not show_secrets:
-            out.append(f"# {name}={HIDDEN} (hidden: export with --show-password to carry it)")
+            notes.append(f"# {name}={HIDDEN} (hidden: export with --show-password to carry it)")
             warnings.append(f"{name} is hidden: export with --show-password to carry it")
             continue
         problem = load_problem(value)
         if problem:
-            out.append(f"# {name}: left out, {problem}; set it with: omero config set {name} VALUE")
+            notes.append(f"# {name}: left out, {problem}; set it with: omero config set {name} VALUE")
             warnings.append(f"{name} left out: {problem}")
             continue
-        out.append(f"{name}={value}")
-    return "\n".join(out) + "\n", warnings
+        entries.append(f"{name}={value}")
+    head = [
+        f"# OMERO properties exported by omerowebctl from {source} at {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
+        "# Load them with: omero config load FILE",
+    ]
+    return "\n".join([*head, *notes, *entries]) + "\n", warnings
 
 
 def load_problem(value: str) -> str | None:
