@@ -25,6 +25,7 @@ from .config import Config
 from .control import ControlServer
 from .errors import ConfigError, UserError
 from .generation import Generation, GenerationFailed, GunicornPlan, http_probe, plan_gunicorn
+from .nginx import NginxOutput
 from .sockets import HeldSocket
 from .static import ensure_collected
 from .systemd import Notifier
@@ -91,7 +92,7 @@ class Supervisor:
         self.last_reload: dict[str, Any] | None = None
         self.crashes = 0
         self.reloads = 0  # reloads that ran (requests that shared one count once)
-        self.outputs: dict[str, Output] = {}
+        self.outputs: dict[str, Output] = {"nginx": NginxOutput(self.log, addresses=self._upstream_addresses)}
         self.services: dict[str, Service] = {}
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -508,6 +509,12 @@ class Supervisor:
     def _extend_timeout(self, remaining: float) -> None:
         # Tell systemd we are still at it, so a slow app does not time the start or reload out.
         self.notifier.extend_timeout(min(remaining, 5.0) + 10.0)
+
+    def _upstream_addresses(self, config: Config) -> list[str]:
+        """Where nginx reaches gunicorn: the sockets systemd passed, else what the config binds."""
+        if self.sockets and not self._owns_sockets():
+            return [s.address for s in self.sockets]
+        return list(self._bind_addresses(config))
 
     def _owns_sockets(self) -> bool:
         return all(s.origin == "bound" for s in self.sockets)

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,21 +29,6 @@ pytestmark = pytest.mark.omeroweb
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 STATIC_FILE = "webgateway/css/ome.body.css"
-
-# Runs omerowebd with the nginx output registered, as the supervisor will do
-# itself once it registers it (then the setdefault changes nothing).
-LAUNCHER = """\
-import sys
-from omerowebd import __main__, supervisor
-from omerowebd.nginx import NginxOutput
-init = supervisor.Supervisor.__init__
-def register_nginx(self, *args, **kwargs):
-    init(self, *args, **kwargs)
-    self.outputs.setdefault("nginx", NginxOutput(self.log))
-supervisor.Supervisor.__init__ = register_nginx
-sys.exit(__main__.main(sys.argv[1:]))
-"""
-
 
 @dataclass
 class Response:
@@ -168,10 +152,6 @@ def _toml_list(argv: list[str]) -> str:
     return "[" + ", ".join(f'"{a}"' for a in argv) + "]"
 
 
-def start_daemon(daemon: Daemon) -> None:
-    daemon.start(command=[sys.executable, "-c", LAUNCHER, "--config", str(daemon.config_path)])
-
-
 # -- nginx -t ------------------------------------------------------------------------
 
 
@@ -218,7 +198,7 @@ def test_site_redirect_and_maintenance_page_through_nginx(daemon: Daemon, front:
         "/pub/schleicher-et-al-2017" = "/webclient/?show=project-27936"
         """)))
     front.start()  # before the daemon: its reload after writing the files brings the site in
-    start_daemon(daemon)
+    daemon.start()
     status = daemon.status()["nginx"]
     assert status["validation"]["ok"] is True and status["reload"]["ok"] is True, status
 
@@ -245,7 +225,7 @@ def test_prefix_change_is_followed_and_a_rejected_change_keeps_the_old_site(daem
     omero = 'prefix = "/omero"\nstatic_url = "/omero/static/"\n'
     daemon.save(site_config(daemon, front, omero))
     front.start()
-    start_daemon(daemon)
+    daemon.start()
     wait_for(lambda: answers(front.port, "/omero/webclient/login/"), 30, "the login page under /omero")
     assert get(front.port, f"/omero/static/{STATIC_FILE}").status == 200
     location = daemon.root / "state" / "nginx" / "omero-web-location.include"
