@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import venv
+from . import nginx, venv
 from .config import Config
 from .errors import ConfigErrors, UserError
 from .venv import VenvInfo
@@ -51,10 +51,10 @@ def run_sync(config: Config) -> tuple[list[str], list[str], VenvInfo | None]:
     return (*_judge(config, info, error), info)
 
 
-async def run(config: Config) -> tuple[VenvInfo, list[str]]:
+async def run(config: Config, prober: venv.Prober) -> tuple[VenvInfo, list[str]]:
     """The daemon's version: raise ConfigErrors listing every problem; return (info, warnings)."""
     try:
-        info, error = await venv.probe(config.daemon.venv, config.properties, config.daemon.omerodir), None
+        info, error = await prober.probe(config.daemon.venv, config.properties, config.daemon.omerodir), None
     except UserError as e:
         info, error = None, e
     problems, warnings = _judge(config, info, error)
@@ -72,4 +72,5 @@ def _judge(config: Config, info: VenvInfo | None, error: UserError | None) -> tu
     if info is not None:
         errors, warnings = venv.property_problems(config, info)
         problems += errors
+        problems += nginx.config_problems(config, info)
     return problems, warnings

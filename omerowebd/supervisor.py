@@ -29,7 +29,7 @@ from .nginx import NginxOutput
 from .sockets import HeldSocket
 from .static import ensure_collected
 from .systemd import Notifier
-from .venv import VenvInfo, fingerprint
+from .venv import Prober, VenvInfo, fingerprint
 from .watch import ConfigWatcher
 
 # omerowebctl reload's exit codes.
@@ -94,6 +94,7 @@ class Supervisor:
         self.reloads = 0  # reloads that ran (requests that shared one count once)
         self.outputs: dict[str, Output] = {"nginx": NginxOutput(self.log, addresses=self._upstream_addresses)}
         self.services: dict[str, Service] = {}
+        self.prober = Prober()
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._pending_reload: asyncio.Task[dict[str, Any]] | None = None
@@ -146,7 +147,7 @@ class Supervisor:
         self._control = ControlServer(self.runtime_dir / "control.sock", self.handle_request)
         await self._control.start()
         self.notifier.status("checking the config and the OMERO.web venv")
-        info, warnings = await checks.run(config)
+        info, warnings = await checks.run(config, self.prober)
         for warning in warnings:
             self.log.warning(warning)
         target = self._target(config, info)
@@ -227,6 +228,7 @@ class Supervisor:
                 pass
         sockets.release(self.sockets)
         self.sockets = []
+        await self.prober.close()
         self.log.info("stopped")
 
     # -- events ------------------------------------------------------------
@@ -359,10 +361,12 @@ class Supervisor:
         packages = fingerprint(config.daemon.venv)
         if not changes and packages == old.packages:
             return _result(RELOAD_APPLIED, "nothing to do", "the config is unchanged", changes=[])
+        t0 = time.monotonic()
         try:
-            info, warnings = await checks.run(config)
+            info, warnings = await checks.run(config, self.prober)
         except ConfigError as e:
             return _result(RELOAD_REJECTED, "rejected", str(e), changes=changes)
+        self.log.debug("reload checked", seconds=round(time.monotonic() - t0, 3))
         for warning in warnings:
             self.log.warning(warning)
         target = self._target(config, info)

@@ -116,26 +116,57 @@ def probe_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "OMERO"))}
 
 
-async def probe(venv: Path, properties: Mapping[str, str], omerodir: Path | None = None) -> VenvInfo:
-    """Run the probe in the venv without blocking the loop."""
-    problems = layout_problems(venv)
-    if problems:
-        raise ConfigErrors(problems)
-    proc = await asyncio.create_subprocess_exec(
-        *_probe_command(venv),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=probe_env(),
-        cwd="/",
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(_probe_input(properties, omerodir)), PROBE_TIMEOUT)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise ConfigError(f"venv {venv}: importing omeroweb.settings took over {PROBE_TIMEOUT:.0f}s") from None
-    return _parse_probe(venv, proc.returncode or 0, stdout, stderr)
+class Prober:
+    """A probe process kept warm in the venv (``venv_probe.py --serve``).
+
+    Importing omeroweb.settings costs about a second (Ice, Django); a reload
+    should not pay it again. The process is replaced when the venv's packages
+    change, and exits by itself when the daemon goes (its stdin closes).
+    """
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._key: tuple[Path, str] | None = None
+        self._lock = asyncio.Lock()
+
+    async def probe(self, venv: Path, properties: Mapping[str, str], omerodir: Path | None = None) -> VenvInfo:
+        problems = layout_problems(venv)
+        if problems:
+            raise ConfigErrors(problems)
+        key = (venv, fingerprint(venv))
+        async with self._lock:
+            if self._proc is None or self._proc.returncode is not None or self._key != key:
+                await self.close()
+                self._proc = await asyncio.create_subprocess_exec(
+                    *_probe_command(venv), "--serve",
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                    env=probe_env(), cwd="/", limit=16 << 20,
+                )
+                self._key = key
+            proc = self._proc
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(_probe_input(properties, omerodir) + b"\n")
+                await proc.stdin.drain()
+                line = await asyncio.wait_for(proc.stdout.readline(), PROBE_TIMEOUT)
+            except (OSError, asyncio.TimeoutError, ValueError) as e:
+                await self.close()
+                raise ConfigError(f"venv {venv}: asking OMERO.web for its settings failed: {e!r}") from None
+            if not line:  # it died: say why, from a one-shot run that shows stderr
+                await self.close()
+                return await asyncio.to_thread(probe_sync, venv, properties, omerodir)
+            return _parse_probe(venv, 0, line, b"")
+
+    async def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 def probe_sync(venv: Path, properties: Mapping[str, str], omerodir: Path | None = None) -> VenvInfo:

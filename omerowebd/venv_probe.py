@@ -77,73 +77,97 @@ def check(name, parser, kind, value, leave_unset):
     return None
 
 
-def main():
-    request = json.load(sys.stdin)
+def load_settings():
+    """Import omeroweb.settings (the slow part: Ice, Django); (module, LeaveUnset) or an error."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "omeroweb.settings")
+    try:
+        settings = importlib.import_module("omeroweb.settings")
+        from omeroweb.utils import LeaveUnset
+    except Exception as e:
+        return None, None, "cannot import omeroweb.settings: %s: %s" % (type(e).__name__, e)
+    return settings, LeaveUnset, None
+
+
+def answer(settings, leave_unset, omerodir, request):
     properties = request.get("properties", {})
     site_omerodir = request.get("omerodir")
-    result = {"versions": versions(), "catalogue": {}, "errors": {}, "fatal": None}
+    result = {"versions": VERSIONS, "catalogue": {}, "errors": {}, "fatal": None,
+              "omeroweb_dir": os.path.dirname(settings.__file__)}
+    tables = []
+    for table in ("INTERNAL_SETTINGS_MAPPING", "CUSTOM_SETTINGS_MAPPINGS", "DEVELOPMENT_SETTINGS_MAPPINGS"):
+        tables.append(getattr(settings, table, {}))
+    apps = []
+    try:
+        apps = json.loads(properties.get("omero.web.apps", "[]"))
+    except ValueError:
+        pass
+    importlib.invalidate_caches()
+    for app in apps if isinstance(apps, list) else []:
+        if not isinstance(app, str):
+            continue
+        spec = None
+        for candidate in ("omeroweb." + app, app):
+            with contextlib.suppress(Exception):
+                spec = spec or importlib.util.find_spec(candidate)
+        if spec is None:
+            result["errors"]["omero.web.apps"] = (
+                "app %r cannot be imported from the OMERO.web venv (pip install it there)" % app
+            )
+            continue
+        with contextlib.suppress(Exception):
+            module = importlib.import_module(app + ".settings")
+            tables.append(getattr(module, "CUSTOM_SETTINGS_MAPPINGS", {}))
 
+    deprecated = set(getattr(settings, "DEPRECATED_SETTINGS_MAPPINGS", {}))
+    for table in tables:
+        for name, values in table.items():
+            django_name, default, parser, description = values[:4]
+            kind = kind_of(parser, default)
+            if isinstance(default, str) and site_omerodir:
+                # Defaults derived from OMERODIR (static_root, logdir) name the site's, not ours.
+                default = default.replace(omerodir, site_omerodir)
+            result["catalogue"][name] = {
+                "setting": django_name,
+                "default": default if isinstance(default, (str, int, float, bool, type(None))) else str(default),
+                "kind": kind,
+                "parser": getattr(parser, "__name__", str(parser)),
+                "description": description or "",
+                "deprecated": name in deprecated,
+            }
+            if name in properties and name not in result["errors"]:
+                problem = check(name, parser, kind, properties[name], leave_unset)
+                if problem:
+                    result["errors"][name] = problem
+    for name in deprecated:
+        result["catalogue"].setdefault(name, {"kind": "str", "deprecated": True, "description": ""})
+    return result
+
+
+VERSIONS = versions()
+
+
+def main():
+    """One request on stdin, one answer; or, with --serve, one per line until stdin closes.
+
+    The daemon keeps a --serve process warm, so a reload does not pay for
+    importing Ice and Django again: the answer takes milliseconds.
+    """
+    serve = "--serve" in sys.argv[1:]
+    out = sys.stdout
     with tempfile.TemporaryDirectory() as omerodir, contextlib.redirect_stdout(sys.stderr):
         # An empty OMERODIR: import the settings module for its tables without
         # reading (or writing) the site's own files.
         os.environ["OMERODIR"] = omerodir
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "omeroweb.settings")
-        try:
-            settings = importlib.import_module("omeroweb.settings")
-            from omeroweb.utils import LeaveUnset
-        except Exception as e:
-            result["fatal"] = "cannot import omeroweb.settings: %s: %s" % (type(e).__name__, e)
-            print(json.dumps(result))
-            return
-        result["omeroweb_dir"] = os.path.dirname(settings.__file__)
-
-        tables = []
-        for table in ("INTERNAL_SETTINGS_MAPPING", "CUSTOM_SETTINGS_MAPPINGS", "DEVELOPMENT_SETTINGS_MAPPINGS"):
-            tables.append(getattr(settings, table, {}))
-        apps = []
-        try:
-            apps = json.loads(properties.get("omero.web.apps", "[]"))
-        except ValueError:
-            pass
-        for app in apps if isinstance(apps, list) else []:
-            if not isinstance(app, str):
+        settings, leave_unset, fatal = load_settings()
+        for line in sys.stdin if serve else [sys.stdin.read()]:
+            if not line.strip():
                 continue
-            spec = None
-            for candidate in ("omeroweb." + app, app):
-                with contextlib.suppress(Exception):
-                    spec = spec or importlib.util.find_spec(candidate)
-            if spec is None:
-                result["errors"]["omero.web.apps"] = (
-                    "app %r cannot be imported from the OMERO.web venv (pip install it there)" % app
-                )
-                continue
-            with contextlib.suppress(Exception):
-                module = importlib.import_module(app + ".settings")
-                tables.append(getattr(module, "CUSTOM_SETTINGS_MAPPINGS", {}))
-
-        deprecated = set(getattr(settings, "DEPRECATED_SETTINGS_MAPPINGS", {}))
-        for table in tables:
-            for name, values in table.items():
-                django_name, default, parser, description = values[:4]
-                kind = kind_of(parser, default)
-                if isinstance(default, str) and site_omerodir:
-                    # Defaults derived from OMERODIR (static_root, logdir) name the site's, not ours.
-                    default = default.replace(omerodir, site_omerodir)
-                result["catalogue"][name] = {
-                    "setting": django_name,
-                    "default": default if isinstance(default, (str, int, float, bool, type(None))) else str(default),
-                    "kind": kind,
-                    "parser": getattr(parser, "__name__", str(parser)),
-                    "description": description or "",
-                    "deprecated": name in deprecated,
-                }
-                if name in properties and name not in result["errors"]:
-                    problem = check(name, parser, kind, properties[name], LeaveUnset)
-                    if problem:
-                        result["errors"][name] = problem
-        for name in deprecated:
-            result["catalogue"].setdefault(name, {"kind": "str", "deprecated": True, "description": ""})
-    print(json.dumps(result))
+            if fatal:
+                result = {"versions": VERSIONS, "catalogue": {}, "errors": {}, "fatal": fatal}
+            else:
+                result = answer(settings, leave_unset, omerodir, json.loads(line))
+            out.write(json.dumps(result) + "\n")
+            out.flush()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 export OMEROWEBD_TEST_VENV=${OMEROWEBD_TEST_VENV:-/opt/omero/web/venv3}
-echo "== unit tests on Debian 12's python3-systemd, -watchdog, -tomlkit, -structlog"
-.venv-debian/bin/python -m pytest -q -p no:cacheprovider tests/unit "$@"
+echo "== unit tests and the core daemon on Debian 12's python3-systemd, -watchdog, -tomlkit, -structlog"
+.venv-debian/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration/test_daemon.py "$@"
 echo "== the whole suite on the newest releases"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

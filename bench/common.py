@@ -1,0 +1,139 @@
+"""What the benchmarks share: the OMERO.web venv, a bare gunicorn, an omerowebd.
+
+The HTTP load and the polling helpers are the test suite's own (tests/conftest.py),
+so the benchmarks measure with exactly what the tests assert with.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import Load, free_port, http_get, wait_for  # noqa: E402
+
+VENV = Path(os.environ.get("OMEROWEBD_TEST_VENV", "/opt/omero/web/venv3"))
+OMEROWEB = next(VENV.glob("lib/python3*/site-packages/omeroweb"))
+
+__all__ = ["Load", "free_port", "http_get", "wait_for", "BareGunicorn", "Omerowebd", "median", "table"]
+
+
+def first_200(port: int, timeout: float = 120) -> None:
+    def ok() -> bool:
+        try:
+            return http_get(port, timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    wait_for(ok, timeout, f"a 200 on port {port}", interval=0.01)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    print(f"\n{title}")
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+class BareGunicorn:
+    """gunicorn the way `omero web start` runs it (minus -D), on OMERODIR's config.xml."""
+
+    def __init__(self, omerodir: Path, port: int, workers: int) -> None:
+        self.omerodir, self.port, self.workers = omerodir, port, workers
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        env = dict(os.environ, OMERODIR=str(self.omerodir))
+        self.proc = subprocess.Popen(
+            [str(VENV / "bin" / "python"), "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}",
+             "--workers", str(self.workers), "--timeout", "60", "omeroweb.wsgi:application"],
+            cwd=OMEROWEB, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        first_200(self.port)
+        return time.monotonic() - t0
+
+    def hup(self) -> None:
+        assert self.proc
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+
+class Omerowebd:
+    def __init__(self, root: Path, port: int, workers: int, python: str = sys.executable) -> None:
+        self.root, self.port, self.workers, self.python = root, port, workers, python
+        root.mkdir(parents=True, exist_ok=True)
+        self.config = root / "omerowebd.toml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.write(workers)
+
+    @property
+    def omerodir(self) -> Path:
+        return self.root / "omerodir"
+
+    def write(self, workers: int, logo: str = "") -> None:
+        text = textwrap.dedent(f"""\
+            [daemon]
+            omerodir = "{self.omerodir}"
+            venv = "{VENV}"
+            runtime_dir = "{self.root / 'run'}"
+            state_dir = "{self.root / 'state'}"
+            bind = ["127.0.0.1:{self.port}"]
+            watch_config = false
+            graceful_timeout = 10
+
+            [nginx]
+            enabled = false
+
+            [omero.web]
+            wsgi_workers = {workers}
+            """)
+        if logo:
+            text += f'login_logo = "{logo}"\n'
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config)
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen([self.python, "-m", "omerowebd", "--config", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first_200(self.port)
+        return time.monotonic() - t0
+
+    def reload(self) -> int:
+        return subprocess.run([self.python, "-m", "omerowebd.ctl", "--config", str(self.config), "reload"],
+                              capture_output=True).returncode
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+
+@contextmanager
+def scratch() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="omerowebd-bench-") as d:
+        yield Path(d)
