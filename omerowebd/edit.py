@@ -347,6 +347,35 @@ class Document:
             list(flatten_omero_tree(omero, out))
         return out
 
+    # -- changes ---------------------------------------------------------------
+    # tomlkit's tree is not always consistent after a structural change (a
+    # dotted key inserted, then the table walked again raises NonExistentKey
+    # on tomlkit 0.15): after each change the text is parsed anew, which
+    # tomlkit gives back byte for byte.
+
+    def set_property(self, name: str, item: Any, value_names: Collection[str] = ()) -> None:
+        """Set ``name`` to ``item``: in place if it is set, else where :mod:`edit` says it goes."""
+        self._set_property(name, item, value_names)
+        self._settle()
+
+    def unset_property(self, name: str) -> Any:
+        """Remove ``name``; the item it had, or None."""
+        item = self._unset_property(name)
+        self._settle()
+        return item
+
+    def set_setting(self, key: Key, item: Any) -> None:
+        self._set_setting(key, item)
+        self._settle()
+
+    def unset_setting(self, key: Key) -> Any:
+        item = self._unset_setting(key)
+        self._settle()
+        return item
+
+    def _settle(self) -> None:
+        self.doc = tomlkit.parse(self.doc.as_string())
+
     # -- OMERO properties ----------------------------------------------------
 
     def _values(self) -> Iterator[tuple[str, Any, str, Any]]:
@@ -370,8 +399,7 @@ class Document:
                 return container, key, item
         return None
 
-    def set_property(self, name: str, item: Any, value_names: Collection[str] = ()) -> None:
-        """Set ``name`` to ``item``: in place if it is set, else where :mod:`edit` says it goes."""
+    def _set_property(self, name: str, item: Any, value_names: Collection[str]) -> None:
         found = self.find(name)
         if found:
             container, key, _ = found
@@ -412,8 +440,7 @@ class Document:
         container[head[1]] = tomlkit.table(is_super_table=False)
         return container[head[1]]
 
-    def unset_property(self, name: str) -> Any:
-        """Remove ``name``; the item it had, or None."""
+    def _unset_property(self, name: str) -> Any:
         found = self.find(name)
         if not found:
             return None
@@ -429,7 +456,7 @@ class Document:
             return table[key.field]
         return None
 
-    def set_setting(self, key: Key, item: Any) -> None:
+    def _set_setting(self, key: Key, item: Any) -> None:
         assert key.table and key.field
         table = self.doc.get(key.table)
         if table is None:
@@ -450,7 +477,7 @@ class Document:
         else:
             _insert(table, tomlkit.key(key.field), item)
 
-    def unset_setting(self, key: Key) -> Any:
+    def _unset_setting(self, key: Key) -> Any:
         table = self.doc.get(key.table)
         if isinstance(table, Mapping) and key.field in table:
             item = table[key.field]

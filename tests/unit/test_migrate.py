@@ -189,6 +189,18 @@ def test_import_replaces_the_tree_unless_merging(cfg: Path, tmp_path: Path):
     assert report.removed == ["omero.web.prefix"]
 
 
+def test_one_import_removes_and_adds_dotted_keys(cfg: Path, tmp_path: Path):
+    backup = tmp_path / "b.txt"
+    wanted = {"omero.web.public.enabled": "true", "omero.web.public.user": "guest", "omero.web.ui.center_plugins": "[]"}
+    backup.write_text(config_get_output({**wanted, "omero.web.wsgi_workers": "4"}))
+    cfg.write_text(HEAD + "wsgi_workers = 2\npage_size = 100\n")
+    _, report = import_(cfg, backup)
+    wanted["omero.web.wsgi_workers"] = "4"
+    assert report.removed == ["omero.web.page_size", "omero.web.prefix"]
+    assert written_properties(cfg) == wanted
+    assert "public.enabled = true" in cfg.read_text()
+
+
 def test_skip_and_foreign_names(cfg: Path, tmp_path: Path):
     backup = tmp_path / "b.txt"
     backup.write_text("Ice.MessageSizeMax=65536\nomero.db.host=db\nomero.web.prefix=/p\n")
