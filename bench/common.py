@@ -6,6 +6,7 @@ so the benchmarks measure with exactly what the tests assert with.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -121,11 +122,18 @@ class Omerowebd:
         self.proc = subprocess.Popen([self.python, "-m", "omerowebd", "--config", str(self.config)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         first_200(self.port)
-        return time.monotonic() - t0
+        elapsed = time.monotonic() - t0
+        wait_for(lambda: self.status().get("serving"), 60, "omerowebd to report serving")
+        return elapsed
 
     def reload(self) -> int:
         return subprocess.run([self.python, "-m", "omerowebd.ctl", "--config", str(self.config), "reload"],
                               capture_output=True).returncode
+
+    def status(self) -> dict:
+        out = subprocess.run([self.python, "-m", "omerowebd.ctl", "--config", str(self.config), "status", "--json"],
+                             capture_output=True, text=True)
+        return json.loads(out.stdout)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

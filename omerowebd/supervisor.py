@@ -92,10 +92,12 @@ class Supervisor:
         self.last_reload: dict[str, Any] | None = None
         self.crashes = 0
         self.reloads = 0  # reloads that ran (requests that shared one count once)
+        self.last_boot_seconds: float | None = None  # spawn -> serving, of the newest generation
         self.outputs: dict[str, Output] = {"nginx": NginxOutput(self.log, addresses=self._upstream_addresses)}
         self.services: dict[str, Service] = {}
         self.prober = Prober()
         self._stopping = asyncio.Event()
+        self._started = asyncio.Event()  # the first generation serves
         self._reload_lock = asyncio.Lock()
         self._pending_reload: asyncio.Task[dict[str, Any]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -165,6 +167,7 @@ class Supervisor:
         self.applied = target
         self.current = generation
         self.state = "serving"
+        self._started.set()
         for service in self.services.values():
             service.update(config, target.properties, info)
             self._spawn_task(service.run())
@@ -301,10 +304,11 @@ class Supervisor:
             return _result(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
 
     async def _reload_when_free(self, source: str) -> dict[str, Any]:
+        await self._started.wait()  # a reload asked for during start is applied right after it
         async with self._reload_lock:
             self._pending_reload = None  # from here on, a new change needs a new reload
             if self._stopping.is_set() or self.applied is None:
-                return _result(RELOAD_REJECTED, "not ready", "the daemon is not serving yet")
+                return _result(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
             started = time.monotonic()
             self.reloads += 1
             self.state = "reloading"
@@ -407,9 +411,10 @@ class Supervisor:
         self._follow_config_file(config)
         if config.daemon.log_format != old.config.daemon.log_format:
             log.configure(config.daemon.log_format)
-        what = "new generation serving" if needs_generation else "outputs rewritten"
-        return _result(RELOAD_APPLIED, "applied", what, changes=changes,
-                       generation=self.current.number if self.current else None)
+        if not needs_generation:
+            return _result(RELOAD_APPLIED, "applied", "outputs rewritten", changes=changes)
+        return _result(RELOAD_APPLIED, "applied", "new generation serving", changes=changes,
+                       generation=self.current.number if self.current else None, boot_seconds=self.last_boot_seconds)
 
     async def _replace_generation(self, old: Applied, target: Applied, new_sockets: list[HeldSocket] | None) -> str | None:
         """Bring up a generation for ``target``; retire the current one only once it serves.
@@ -421,8 +426,10 @@ class Supervisor:
         try:
             await self._write_config_xml(target)
             await ensure_collected(target.info, target.properties, target.config.daemon.omerodir, self.state_dir)
+            spawned = time.monotonic()
             generation = await self._spawn(target.plan, new_sockets)
             await generation.wait_ready(target.config.daemon.ready_timeout, self._extend_timeout)
+            self.last_boot_seconds = round(time.monotonic() - spawned, 3)
         except (GenerationFailed, UserError, OSError) as e:
             if generation is not None:
                 await generation.kill()
