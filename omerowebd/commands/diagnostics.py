@@ -31,6 +31,7 @@ from ..venv import VenvInfo, effective, python_of
 from . import socket_path
 
 SERVICE_USER = "omero-web"  # the packaged unit's User=
+SYSTEMD_BOOTED = Path("/run/systemd/system")  # sd_booted(): systemd runs this machine
 UNITS = ("omerowebd.service", "omerowebd.socket")
 UNIT_PROPERTIES = ("LoadState", "ActiveState", "SubState", "UnitFileState", "Result", "MainPID", "NRestarts",
                    "ExecMainStartTimestamp", "FragmentPath", "DropInPaths", "User", "Group", "Listen")
@@ -261,8 +262,8 @@ def _unit_user(systemd: dict[str, Any]) -> str | None:
 
 def systemd_state() -> dict[str, Any]:
     """`systemctl show` of the units, when systemd runs this machine."""
-    if not Path("/run/systemd/system").is_dir():
-        return {"running": False, "why": "systemd is not running here (no /run/systemd/system)"}
+    if not SYSTEMD_BOOTED.is_dir():
+        return {"running": False, "why": f"systemd is not running here (no {SYSTEMD_BOOTED})"}
     systemctl = shutil.which("systemctl")
     if systemctl is None:
         return {"running": True, "why": "systemctl not found"}
