@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,23 @@ exit codes:
 """
 
 
+VERB_EXAMPLES = {
+    "get": ["config get", "config get omero.web.prefix", "config get omero.web.public", "config get daemon",
+            "config get --json --show-password"],
+    "set": ["config set omero.web.prefix /omero --reload", "config set omero.web.wsgi_workers 8",
+            "config set omero.web.secret_key --file -   # the value from standard input",
+            "config set daemon.bind 127.0.0.1:4080", "config set nginx.validate_command 'nginx -t'"],
+    "append": ["config append omero.web.apps '\"omero_iviewer\"'",
+               "config append omero.web.ui.top_links '[\"Figure\", \"figure_index\"]' --set",
+               "config append nginx.upstreams 127.0.0.1:4081"],
+    "unset": ["config unset omero.web.prefix", "config unset daemon.ready_timeout --reload"],
+    "import": ["config import backup.txt   # from: omero config get --show-password > backup.txt",
+               "config import /opt/omero/web/omero-web/etc/grid/config.xml --dry-run",
+               "config import backup.txt --merge --skip 'omero.db.*'"],
+    "export": ["config export --show-password -o backup.txt   # then: omero config load backup.txt"],
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "config", help="get, set, append, unset, import or export settings (as `omero config` does)",
@@ -88,7 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _edit_options(append)
     append.set_defaults(func=run_append)
 
-    unset = verbs.add_parser("unset", help="remove KEY (a setting falls back to its default)")
+    unset = verbs.add_parser("unset", help="remove KEY (a setting falls back to its default)",
+                             description="Remove KEY from the file: OMERO.web then uses its default for a "
+                             "property, the daemon its own for a setting.")
     unset.add_argument("key", metavar="KEY")
     _edit_options(unset)
     unset.set_defaults(func=run_unset)
@@ -113,6 +133,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--show-password", action="store_true", help="include secrets (passwords, keys, tokens)")
     exp.add_argument("-o", "--output", metavar="FILE", type=Path, help="write to FILE (mode 0600) instead of stdout")
     exp.set_defaults(func=run_export)
+
+    for verb, parser in verbs.choices.items():
+        examples = "\n".join(f"  omerowebctl {example}" for example in VERB_EXAMPLES[verb])
+        parser.epilog = f"examples:\n{examples}\n\nexit codes: see `omerowebctl config --help`"
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
+        if parser.description:
+            parser.description = textwrap.fill(parser.description, 79)
 
 
 def _edit_options(p: argparse.ArgumentParser) -> None:
