@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds an OMERO.web virtualenv the way the OMERO install walkthroughs lay it
-# out: VENV (default /opt/omero/web/venv3) with omero-web and gunicorn.
+# out: VENV (default /opt/omero/web/venv3) with omero-web and gunicorn, as
+# pinned in REQUIREMENTS (default scripts/omero-web-requirements.txt).
+# Usage: setup-omero-web.sh [VENV [REQUIREMENTS]]
 #
 # OMERO.web needs zeroc-ice 3.6.5, which builds only on Python 3.10. The
 # machines this project targets have pyenv's 3.10 under root's home, which a
@@ -13,7 +15,7 @@ set -euo pipefail
 VENV=${1:-${OMERO_WEB_VENV:-/opt/omero/web/venv3}}
 PY310_HOME=${PY310_HOME:-/opt/omero/python3.10}
 here=$(cd "$(dirname "$0")" && pwd)
-requirements="$here/omero-web-requirements.txt"
+requirements=${2:-"$here/omero-web-requirements.txt"}
 
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import omeroweb, gunicorn' 2>/dev/null \
    && cmp -s "$requirements" "$VENV/.omerowebd-requirements"; then

@@ -18,7 +18,7 @@ LOGO = "/static/webclient/image/custom_login_logo.png"
 def apps(tmp_path):
     """Apps on the daemon's PYTHONPATH that break in gunicorn's workers (and one that breaks everywhere)."""
     root = tmp_path / "apps"
-    in_gunicorn = "import sys, time\nif 'gunicorn' in sys.argv[0]:\n"
+    in_gunicorn = "import sys, time\nif sys.argv[0].endswith('gunicorn/__main__.py'):\n"
     for name, body in {
         "broken_app": in_gunicorn + "    raise RuntimeError('this app is broken on purpose')\n",
         "stuck_app": in_gunicorn + "    time.sleep(3600)\n",
