@@ -91,6 +91,7 @@ class Supervisor:
         self.next_number = 1
         self.last_reload: dict[str, Any] | None = None
         self.crashes = 0
+        self.last_crash: dict[str, Any] = {}
         self.reloads = 0  # reloads that ran (requests that shared one count once)
         self.last_boot_seconds: float | None = None  # spawn -> serving, of the newest generation
         self.outputs: dict[str, Output] = {"nginx": NginxOutput(self.log, addresses=self._upstream_addresses)}
@@ -268,6 +269,8 @@ class Supervisor:
         # The serving master died (killed, OOM, a bug). Its workers may live on
         # as orphans; they finish what they are doing and go.
         self.crashes += 1
+        self.last_crash = {"at": time.time(), "generation": generation.number, "exit_status": generation.exit_status,
+                           "restart": "now"}
         self.log.error("gunicorn master exited", generation=generation.number, status=generation.exit_status)
         _signal_group(generation.pid, signal.SIGTERM)
         self.current = None
@@ -461,6 +464,7 @@ class Supervisor:
             while not self._stopping.is_set():
                 if delay:
                     self.notifier.status(f"gunicorn master exited with status {dead.exit_status}; restarting in {delay:.0f}s")
+                    self.last_crash["restart"] = f"in {delay:.0f}s, after a failed attempt"
                     await asyncio.sleep(delay)
                 assert self.applied is not None
                 self.notifier.status(f"gunicorn master exited with status {dead.exit_status}; restarting")
@@ -474,6 +478,7 @@ class Supervisor:
                     continue
                 self.current = generation
                 self.state = "serving"
+                self.last_crash["restart"] = f"done, generation {generation.number}"
                 self.notifier.status(f"{self._status_line()}; restarted after gunicorn exited with status {dead.exit_status}")
                 self.log.info("serving again", generation=generation.number)
                 return
@@ -577,6 +582,7 @@ class Supervisor:
             "config": {"path": str(self.config_path), "digest": applied.config.digest if applied else None},
             "last_reload": self.last_reload,
             "crashes": self.crashes,
+            "last_crash": self.last_crash or None,
             "reloads": self.reloads,
             "versions": dict(applied.info.versions) if applied else {},
             **{name: output.status() for name, output in self.outputs.items()},

@@ -104,14 +104,15 @@ class NotifyListener:
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.messages.append((time.monotonic(), fields))
 
-    def wait(self, key: str, value: str | None = None, timeout: float = 60.0, after: int = 0) -> dict[str, str]:
+    def wait(self, key: str, value: str | None = None, timeout: float = 60.0, after: int = 0,
+             contains: str | None = None) -> dict[str, str]:
         def found() -> dict[str, str] | None:
             for _, fields in self.messages[after:]:
-                if key in fields and (value is None or fields[key] == value):
+                if key in fields and (value is None or fields[key] == value) and (contains or "") in fields[key]:
                     return fields
             return None
 
-        return wait_for(found, timeout, f"{key}={value or '*'} on the notify socket")
+        return wait_for(found, timeout, f"{key}={value or contains or '*'} on the notify socket")
 
     def close(self) -> None:
         self._stop = True

@@ -44,8 +44,11 @@ def render(s: dict[str, Any]) -> str:
     if r:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
         lines.append(f"last reload: {when} {r['outcome']} ({r['source']}, {r['seconds']}s): {r['message']}")
-    if s.get("crashes"):
-        lines.append(f"crashes:     {s['crashes']} gunicorn master exit(s) since start")
+    crash = s.get("last_crash")
+    if crash:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(crash["at"]))
+        lines.append(f"crashes:     {s['crashes']} since start; last {when}: generation {crash['generation']} "
+                     f"exited with status {crash['exit_status']}, restart {crash['restart']}")
     versions = s.get("versions") or {}
     if versions:
         lines.append("versions:    " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))

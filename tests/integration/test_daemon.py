@@ -118,6 +118,33 @@ def test_killed_master_is_replaced_without_refusing_connections(daemon):
     wait_for(lambda: not any(_alive(p) for p in first["worker_pids"]), 60, "the old workers to exit")
 
 
+def test_a_master_that_keeps_dying_is_restarted_with_backoff(daemon, tmp_path):
+    flag = tmp_path / "break-it"
+    (tmp_path / "apps" / "flaky_app").mkdir(parents=True)
+    (tmp_path / "apps" / "flaky_app" / "__init__.py").write_text(
+        f"import os, sys\nif sys.argv[0].endswith('gunicorn/__main__.py') and os.path.exists({str(flag)!r}):\n"
+        "    raise RuntimeError('broken on purpose')\n")
+    daemon.extra_env["PYTHONPATH"] = str(tmp_path / "apps")
+    daemon.write_config(workers=1, omero='apps = ["flaky_app"]\n')
+    daemon.start()
+    first = daemon.status()["generation"]
+    flag.touch()
+    mark = len(daemon.notify.messages)
+    os.kill(first["master_pid"], signal.SIGKILL)
+    # Each new master fails to boot; the waits between attempts double.
+    daemon.notify.wait("STATUS", contains="restarting in 1s", after=mark, timeout=60)
+    daemon.notify.wait("STATUS", contains="restarting in 2s", after=mark, timeout=60)
+    failing = daemon.status()
+    assert not failing["serving"] and failing["state"] == "restarting"
+    assert failing["last_crash"]["exit_status"] == -9 and "after a failed attempt" in failing["last_crash"]["restart"]
+    assert "exited with status -9, restart in" in daemon.ctl("status").stdout
+    flag.unlink()
+    state = wait_for(lambda: (s := daemon.status())["serving"] and s, 60, "serving again")
+    assert state["generation"]["number"] > first["number"] + 2
+    assert http_get(daemon.port)[0] == 200
+    assert "restarted after gunicorn exited" in daemon.notify.wait("STATUS", contains="restarted", after=mark)["STATUS"]
+
+
 def test_sigterm_stops_everything_and_exits_0(daemon):
     daemon.write_config(workers=2)
     daemon.start()
