@@ -392,6 +392,7 @@ class Supervisor:
         needs_generation = (
             target.plan != old.plan or target.properties != old.properties or packages != old.packages
             or config.daemon.omerodir != old.config.daemon.omerodir
+            or self.current is None  # crashed and not back yet: this reload brings it back
         )
         if self._owns_sockets() and self._bind_addresses(config) != self._bind_addresses(old.config):
             try:
@@ -459,13 +460,20 @@ class Supervisor:
         self.log.info("generation retired", generation=generation.number)
 
     async def _restart_after_crash(self, dead: Generation) -> None:
+        """Bring a generation back, waiting longer after each failed attempt.
+
+        The reload lock is taken per attempt, not for the whole loop: a reload
+        that fixes what keeps the app from booting must be able to get in.
+        """
         delay = 0.0
-        async with self._reload_lock:
-            while not self._stopping.is_set():
-                if delay:
-                    self.notifier.status(f"gunicorn master exited with status {dead.exit_status}; restarting in {delay:.0f}s")
-                    self.last_crash["restart"] = f"in {delay:.0f}s, after a failed attempt"
-                    await asyncio.sleep(delay)
+        while not self._stopping.is_set():
+            if delay:
+                self.notifier.status(f"gunicorn master exited with status {dead.exit_status}; restarting in {delay:.0f}s")
+                self.last_crash["restart"] = f"in {delay:.0f}s, after a failed attempt"
+                await asyncio.sleep(delay)
+            async with self._reload_lock:
+                if self.current is not None or self._stopping.is_set():
+                    return  # a reload brought a generation up meanwhile
                 assert self.applied is not None
                 self.notifier.status(f"gunicorn master exited with status {dead.exit_status}; restarting")
                 generation = await self._spawn(self.applied.plan)

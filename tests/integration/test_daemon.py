@@ -145,6 +145,31 @@ def test_a_master_that_keeps_dying_is_restarted_with_backoff(daemon, tmp_path):
     assert "restarted after gunicorn exited" in daemon.notify.wait("STATUS", contains="restarted", after=mark)["STATUS"]
 
 
+def test_a_reload_can_fix_what_keeps_the_master_dying(daemon, tmp_path):
+    (tmp_path / "apps" / "flaky_app").mkdir(parents=True)
+    (tmp_path / "apps" / "flaky_app" / "__init__.py").write_text(
+        f"import os, sys\nif sys.argv[0].endswith('gunicorn/__main__.py') and os.path.exists({str(tmp_path / 'x')!r}):\n"
+        "    raise RuntimeError('broken on purpose')\n")
+    (tmp_path / "x").touch()  # broken from the next boot on
+    daemon.extra_env["PYTHONPATH"] = str(tmp_path / "apps")
+    daemon.write_config(workers=1, omero='apps = ["flaky_app"]\n', daemon="watch_config = false")
+    with pytest.raises(AssertionError, match="exited with 1"):  # the first start fails: exit 1, no READY
+        daemon.start()
+    (tmp_path / "x").unlink()
+    daemon.start()
+    (tmp_path / "x").touch()
+    mark = len(daemon.notify.messages)
+    os.kill(daemon.status()["generation"]["master_pid"], signal.SIGKILL)
+    daemon.notify.wait("STATUS", contains="restarting in 2s", after=mark, timeout=60)
+    daemon.write_config(workers=1, daemon="watch_config = false")  # the admin drops the app
+    out = daemon.ctl("reload")
+    assert out.returncode == 0, out.stdout + out.stderr
+    state = daemon.status()
+    assert state["serving"] and http_get(daemon.port)[0] == 200
+    time.sleep(5)  # past the next backoff attempt: the crash loop must have stood down
+    assert daemon.status()["generation"]["number"] == state["generation"]["number"]
+
+
 def test_sigterm_stops_everything_and_exits_0(daemon):
     daemon.write_config(workers=2)
     daemon.start()
