@@ -101,6 +101,8 @@ def test_a_generation_that_fails_is_rolled_back(daemon, apps, app, why):
     state = daemon.status()
     assert state["generation"]["master_pid"] == before["master_pid"]
     assert state["last_reload"]["outcome"] == "rolled back"
+    if app == "stuck_app":  # systemd was told, while it waited, that the reload is still under way
+        assert any("EXTEND_TIMEOUT_USEC" in f for _, f in daemon.notify.messages)
     assert (daemon.omerodir / "etc" / "grid" / "config.xml").read_bytes() == xml
     # The failed generation is gone: only the serving master and its workers remain.
     wait_for(lambda: len(daemon.gunicorn_pids()) == 3, 30, "the failed generation's processes to go")
