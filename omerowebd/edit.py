@@ -45,7 +45,7 @@ from tomlkit.container import Container
 from . import config as config_module
 from . import venv as venv_module
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigErrors, UserError
-from .files import fsync_dir, write_atomic
+from .files import write_atomic
 from .omero_config import encode_value, flatten_omero_tree
 from .venv import VenvInfo
 
@@ -703,34 +703,14 @@ class _locked:
 
 
 def _replace(path: Path, data: bytes, st: os.stat_result) -> None:
-    """Atomically replace ``path``, keeping mode and owner (0640 root:omero-web must stay readable to the service).
-
-    write_atomic gives the new file our owner; so it writes a staging file,
-    which gets the old owner before it is renamed over the config.
-    """
-    staging = path.with_name(f".{path.name}.omerowebctl")
-    mode = st.st_mode & 0o7777
+    """Atomically replace ``path``, keeping mode and owner (0640 root:omero-web must stay readable to the service)."""
+    owner = (st.st_uid, st.st_gid)
     try:
-        write_atomic(staging, data, mode=mode)
-        if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-            os.chown(staging, st.st_uid, st.st_gid)
-            os.chmod(staging, mode)  # chown clears set-id bits
-        os.replace(staging, path)
+        write_atomic(path, data, mode=st.st_mode & 0o7777,
+                     owner=owner if owner != (os.geteuid(), os.getegid()) else None)
     except PermissionError as e:
-        _cleanup(staging)
         raise UserError(f"cannot write {path}: {e.strerror} (run as root or as the file's owner)",
                         exit_code=EXIT_FAILURE) from None
-    except BaseException:
-        _cleanup(staging)
-        raise
-    fsync_dir(path.parent)
-
-
-def _cleanup(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # -- the verbs -------------------------------------------------------------------

@@ -12,9 +12,11 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, int] | None = None) -> bool:
     """Replace ``path`` with ``data`` unless it already holds exactly that.
 
+    ``owner`` (uid, gid) is given to the new file before it takes the name,
+    e.g. to keep a root:omero-web config readable by the service.
     Returns whether the file changed. Readers never see a partial file.
     """
     try:
@@ -25,7 +27,9 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> bool:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            os.fchmod(f.fileno(), mode)  # after fchown, which clears set-id bits
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

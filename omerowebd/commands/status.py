@@ -42,17 +42,26 @@ def render(s: dict[str, Any]) -> str:
     lines.append(f"config:      {cfg.get('path')} sha256:{(cfg.get('digest') or '')[:12]}")
     r = s.get("last_reload")
     if r:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
-        lines.append(f"last reload: {when} {r['outcome']} ({r['source']}, {r['seconds']}s): {r['message']}")
+        lines.append(f"last reload: {_when(r['at'])} {r['outcome']} ({r['source']}, {r['seconds']}s): {r['message']}")
+        lines += [f"             changed {change}" for change in r.get("changes") or []]
+    nginx = s.get("nginx") or {}
+    if nginx.get("enabled"):
+        validation = nginx.get("validation")
+        checked = "not run" if not validation else "ok" if validation["ok"] else f"FAILED: {validation['message']}"
+        lines.append(f"nginx:       {' '.join(nginx.get('files', {}).values())} "
+                     f"(written {_when(nginx.get('written_at'))}, validation {checked})")
     crash = s.get("last_crash")
     if crash:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(crash["at"]))
-        lines.append(f"crashes:     {s['crashes']} since start; last {when}: generation {crash['generation']} "
+        lines.append(f"crashes:     {s['crashes']} since start; last {_when(crash['at'])}: generation {crash['generation']} "
                      f"exited with status {crash['exit_status']}, restart {crash['restart']}")
     versions = s.get("versions") or {}
     if versions:
         lines.append("versions:    " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
     return "\n".join(lines)
+
+
+def _when(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "never"
 
 
 def _duration(seconds: float) -> str:
