@@ -43,6 +43,7 @@ def test_deb_holds_daemon_units_config_users_and_manuals(built_deb):
         "/usr/lib/tmpfiles.d/omerowebd.conf",
         "/usr/share/man/man8/omerowebd.8.gz",
         "/usr/share/man/man8/omerowebctl.8.gz",
+        "/usr/share/doc/omerowebd/README.md.gz",
         "/usr/lib/python3/dist-packages/omerowebd/__init__.py",
         "/usr/lib/python3/dist-packages/omerowebd/__main__.py",
         "/usr/lib/python3/dist-packages/omerowebd/config.py",
