@@ -19,6 +19,7 @@ COMMANDS = [
     "nginx",
     "config",
     "diagnostics",
+    "sessions",
 ]
 
 EPILOG = """\

@@ -1,0 +1,102 @@
+"""omerowebctl sessions clear|status: sweep expired sessions now, or show the sweeper."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from .. import control, omero_config, sessions
+from ..venv import probe_sync
+from . import load_config, socket_path
+
+EXIT_SWEEP_FAILED = 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sessions", help="sweep expired OMERO.web sessions now, or show the sweeper",
+        description="Sessions of Django's file store are swept by omerowebd itself (exactly what Django's "
+        "clearsessions deletes, much faster); database stores by Django's clearsessions; cache stores need "
+        "nothing.",
+    )
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    clear = verbs.add_parser(
+        "clear", help="sweep now and print scanned / deleted / kept / errors / duration",
+        description="Ask the running daemon to sweep now (after a sweep in progress, if any); without a "
+        "running daemon, sweep directly with the config's venv. Exit 0 done, 1 failed or locked out, "
+        "3 daemon not reachable.",
+    )
+    clear.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    clear.add_argument("--json", action="store_true", help="print the full report as JSON")
+    clear.set_defaults(func=run_clear)
+    status = verbs.add_parser("status", help="engine, store, last and next sweep")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.set_defaults(func=run_status)
+
+
+def run_clear(args: argparse.Namespace) -> int:
+    path = socket_path(args)
+    if daemon_listens(path):
+        reply = control.request(path, {"cmd": "sessions_clear", "dry_run": args.dry_run}, timeout=None)
+        if reply.get("ok") is False:
+            print(f"omerowebctl: {reply.get('error', 'unexpected reply')}")
+            return EXIT_SWEEP_FAILED
+        result = reply
+    else:
+        result = sweep_here(args)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("ok", "snapshot")}, indent=2, sort_keys=True))
+    else:
+        print(render(result))
+    return EXIT_SWEEP_FAILED if result.get("error") else 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    status = control.request(socket_path(args), {"cmd": "status"})
+    s = status.get("sessions")
+    if args.json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+    else:
+        print("\n".join(sessions.render_status(s)))
+    return 0
+
+
+def daemon_listens(path: Path) -> bool:
+    """False only when no daemon runs (no socket, or nobody on it); other trouble is the request's to report."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5.0)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError as e:
+            return e.errno not in (errno.ENOENT, errno.ECONNREFUSED)
+    return True
+
+
+def sweep_here(args: argparse.Namespace) -> dict[str, Any]:
+    """No daemon: the same sweep, on the store the daemon would pin."""
+    config = load_config(args)
+    properties = omero_config.with_session_path(config.properties, config.daemon.state_dir / "sessions")
+    info = probe_sync(config.daemon.venv, properties, config.daemon.omerodir)
+    target = sessions.target_for(config, properties, info)
+    if target.sweeper is None:
+        return {"engine": target.engine, "store": None, "sweeper": None, "dry_run": args.dry_run,
+                "skipped": target.note}
+    return sessions.sweep_sync(target, dry_run=args.dry_run)
+
+
+def render(r: dict[str, Any]) -> str:
+    where = f" {r['store']}" if r.get("store") else ""
+    head = f"{'dry run: ' if r.get('dry_run') else ''}{r.get('engine')}{where}"
+    lines = [head, f"  {sessions.describe(r)}"]
+    if r.get("sweeper") == "omerowebd" and not r.get("error"):
+        lines.append(f"  ({r.get('ignored', 0)} other entries ignored, {r.get('read', 0)} files read, "
+                     f"{r.get('ledger_hits', 0)} known from the last sweep)")
+    for sample in r.get("error_samples") or []:
+        lines.append(f"  error: {sample}")
+    return "\n".join(lines)

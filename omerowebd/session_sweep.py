@@ -1,0 +1,590 @@
+"""Sweep Django's file session store. Run as ``VENV/bin/python session_sweep.py``.
+
+A standalone script: it runs on the OMERO.web venv's Python (3.10 for
+zeroc-ice), imports nothing of omerowebd, and imports Django only when it
+must (to learn the settings, or to check the signature of a session that
+carries its own expiry).
+
+stdin:  {"mode": "sweep", "omerodir": ..., "dry_run": bool, "nice": int, "idle_io": bool,
+         "snapshot": {...} or null, "ledger": bool}
+        {"mode": "clearsessions", "omerodir": ..., "manage": path, "nice": int, "idle_io": bool}
+stdout: one JSON object (the result, or {"fatal": message})
+
+What it deletes is exactly what ``manage.py clearsessions`` deletes on the
+same store (``django.contrib.sessions.backends.file.SessionStore.clear_expired``
+and its ``load()``), worked out from that code:
+
+* Django lists the store and considers a name only if it is the cookie name
+  followed by a key of 8 or more characters from [a-z0-9]; everything else
+  (its own ``_out_`` temp files, other files) is left alone. So are we.
+* Django opens the file; a file it cannot open (gone, unreadable, a
+  directory) is left alone, and so is an empty one (the placeholder
+  ``save(must_create=True)`` writes first). So are they here; unreadable ones
+  are reported.
+* The file's text is decoded with the secret key; a bad signature or a bad
+  payload reads as an empty session. The expiry is then
+  ``session["_session_expiry"] or mtime + SESSION_COOKIE_AGE``, and the
+  session goes when ``get_expiry_age(expiry=that)`` (whole seconds left) is
+  <= 0. A positive integer ``_session_expiry`` is returned as the age itself,
+  so Django's file backend never expires such a session; a negative one
+  expires at once; a date string is compared with now.
+* So the file's mtime alone decides every session that has no
+  ``_session_expiry`` -- whatever its signature says -- and nothing bounds a
+  session that has one (``set_expiry(timedelta(minutes=5))`` expires long
+  before mtime + cookie age). Whether the key is there can be seen without
+  the secret: with the JSON serializer the key can only appear in the signed
+  payload's JSON as the bytes ``_session_expiry`` (``json.dumps`` escapes
+  nothing in it), so a payload without those bytes (and without ``\\u``
+  escapes) is an mtime session, signed or not. Only the few with the key go
+  through Django's own ``decode()`` and ``get_expiry_age()``.
+* What a file version holds never changes (Django writes a temp file and
+  renames it over the old one), so once read, a version (name, inode, size,
+  mtime, ctime) is remembered in a ledger in the store; the next sweep
+  decides it from a single lstat(). That is the "reads only what it must".
+
+Where we deliberately differ, for safety: a symlink or any non-regular file
+with a session name is never followed nor deleted (Django would follow it
+and could unlink it); a file that is not ASCII is reported and kept (Django's
+``clearsessions`` stops with a traceback on it, deleting nothing after it);
+a session whose expiry Django cannot compute (a naive date, a list) is
+reported and kept (``clearsessions`` stops there too).
+
+A file is deleted only if it is still the version that was judged: a
+session that a request saved again in the meantime stays.
+"""
+
+import array
+import base64
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import signal
+import sys
+import time
+import zlib
+from datetime import datetime, timedelta, timezone
+
+LOCK_NAME = ".omerowebd-sweep.lock"
+LEDGER_NAME = ".omerowebd-sweep.ledger"
+OWN_FILES = (LOCK_NAME, LEDGER_NAME, LEDGER_NAME + ".tmp")
+LEDGER_MAGIC = b"OMWDSWL1"
+JSON_SERIALIZERS = (
+    "django.contrib.sessions.serializers.JSONSerializer",
+    "django.core.signing.JSONSerializer",
+)
+SETTINGS_KEYS = ("engine", "file_path", "cookie_name", "cookie_age", "use_tz", "time_zone", "serializer",
+                 "valid_key_chars", "django_version")
+MAX_PAYLOAD = 1 << 20  # decompressed bytes looked at without the signature checked
+MAX_ERROR_SAMPLES = 20
+FILE_ENGINES = ("django.contrib.sessions.backends.file", "omeroweb.filesessionstore")
+# ioprio_set(2) by architecture (there is no libc wrapper).
+IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "i386": 289, "i686": 289, "armv7l": 314,
+                  "ppc64le": 273, "ppc64": 273, "s390x": 283}
+IOPRIO_CLASS_IDLE = 3
+
+
+class Fatal(Exception):
+    """The sweep cannot run at all; the message says why and what to do."""
+
+
+# -- priority --------------------------------------------------------------------
+
+
+def lower_priority(nice, idle_io):
+    """Lower our own CPU and I/O priority; returns what could not be done."""
+    notes = []
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        if nice > current:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as e:
+        notes.append("nice: %s" % e.strerror)
+    if idle_io:
+        number = IOPRIO_SYSCALL.get(platform.machine())
+        if number is None:
+            notes.append("idle I/O class: unknown architecture %s" % platform.machine())
+        else:
+            libc = ctypes.CDLL(None, use_errno=True)
+            # IOPRIO_WHO_PROCESS = 1, who = 0 (this process)
+            if libc.syscall(number, 1, 0, IOPRIO_CLASS_IDLE << 13) != 0:
+                notes.append("idle I/O class: %s" % os.strerror(ctypes.get_errno()))
+    return notes
+
+
+# -- settings --------------------------------------------------------------------
+
+
+def config_digest(omerodir):
+    """What a settings snapshot is valid for: config.xml's bytes (the daemon writes it)."""
+    digest = hashlib.sha256()
+    try:
+        with open(os.path.join(omerodir, "etc", "grid", "config.xml"), "rb") as f:
+            digest.update(f.read())
+    except OSError:
+        digest.update(b"-")
+    return digest.hexdigest()
+
+
+class Django:
+    """Django, imported on first need, with the settings clearsessions would see."""
+
+    def __init__(self, omerodir):
+        self.omerodir = omerodir
+        self._store = None
+        self.settings = None
+
+    def load(self):
+        if self.settings is None:
+            os.environ["OMERODIR"] = self.omerodir
+            os.environ["DJANGO_SETTINGS_MODULE"] = "omeroweb.settings"
+            import importlib
+            import tempfile
+
+            import django
+            from django.conf import settings
+            from django.contrib.sessions.backends import base
+
+            engine = settings.SESSION_ENGINE
+            self.settings = settings
+            self.engine_module = importlib.import_module(engine)
+            self.snapshot = {
+                "engine": engine,
+                "file_path": getattr(settings, "SESSION_FILE_PATH", None) or tempfile.gettempdir(),
+                "cookie_name": settings.SESSION_COOKIE_NAME,
+                "cookie_age": settings.SESSION_COOKIE_AGE,
+                "use_tz": bool(settings.USE_TZ),
+                "time_zone": settings.TIME_ZONE,
+                "serializer": settings.SESSION_SERIALIZER,
+                "valid_key_chars": base.VALID_KEY_CHARS,
+                "django_version": django.get_version(),
+                "config_digest": config_digest(self.omerodir),
+            }
+        return self
+
+    def store(self):
+        if self._store is None:
+            import warnings
+
+            self.load()
+            with warnings.catch_warnings():  # omeroweb.filesessionstore warns that it is deprecated
+                warnings.simplefilter("ignore")
+                self._store = self.engine_module.SessionStore()
+        return self._store
+
+
+def set_time_zone(name):
+    """What Django's settings do at import (``Settings.__init__``); naive times depend on it."""
+    if name and hasattr(time, "tzset"):
+        os.environ["TZ"] = name
+        time.tzset()
+
+
+# -- the ledger ---------------------------------------------------------------------
+
+
+def version_id(name, st):
+    """One stored version of one session file (Django renames a new file over the old)."""
+    return hash((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)) & 0xFFFFFFFFFFFFFFFF or 1
+
+
+class Ledger:
+    """An open-addressing set of 64-bit version ids in one flat array: 16 bytes per
+    entry at half load, nothing per entry in Python objects."""
+
+    def __init__(self, capacity=1024):
+        size = 1024
+        while size < capacity:
+            size *= 2
+        self.table = array.array("Q", bytes(8 * size))
+        self.mask = size - 1
+        self.count = 0
+
+    def __contains__(self, vid):
+        table, mask = self.table, self.mask
+        i = vid & mask
+        while True:
+            v = table[i]
+            if v == vid:
+                return True
+            if v == 0:
+                return False
+            i = (i + 1) & mask
+
+    def add(self, vid):
+        if (self.count + 1) * 2 > len(self.table):
+            self._grow()
+        table, mask = self.table, self.mask
+        i = vid & mask
+        while True:
+            v = table[i]
+            if v == vid:
+                return
+            if v == 0:
+                table[i] = vid
+                self.count += 1
+                return
+            i = (i + 1) & mask
+
+    def _grow(self):
+        old = self.table
+        self.table = array.array("Q", bytes(16 * len(old)))
+        self.mask = len(self.table) - 1
+        self.count = 0
+        for v in old:
+            if v:
+                self.add(v)
+
+    @staticmethod
+    def header(serializer):
+        # The ids are Python's hash(): only valid for the same hash function and seed.
+        probe = hash(("omerowebd", 1, 2)) & 0xFFFFFFFFFFFFFFFF
+        tag = hashlib.sha256(("%s\0%s\0%d" % (serializer, sys.version, probe)).encode()).digest()[:16]
+        return LEDGER_MAGIC + tag
+
+    @classmethod
+    def read(cls, path, serializer):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        head = cls.header(serializer)
+        body = data[len(head):]
+        if not data.startswith(head) or not body or len(body) % 8:
+            return None
+        ledger = cls.__new__(cls)
+        ledger.table = array.array("Q")
+        ledger.table.frombytes(body)
+        size = len(ledger.table)
+        if size & (size - 1):
+            return None
+        ledger.mask = size - 1
+        ledger.count = size - ledger.table.count(0)
+        return ledger
+
+    def write(self, path, serializer):
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(self.header(serializer))
+            self.table.tofile(f)
+            give_to_store_owner(f.fileno(), os.path.dirname(path))
+        os.replace(tmp, path)
+
+
+# -- the sweep ------------------------------------------------------------------------
+
+
+class Sweep:
+    def __init__(self, store, snapshot, django, dry_run, use_ledger):
+        self.store = store
+        self.s = snapshot
+        self.django = django
+        self.dry_run = dry_run
+        self.use_ledger = use_ledger
+        self.tz = timezone.utc if snapshot["use_tz"] else None
+        self.age = snapshot["cookie_age"]
+        # How far mtime + age may be from now and still need Django's exact
+        # arithmetic: its whole-second rounding, and for naive local times
+        # (USE_TZ = False) a daylight-saving shift.
+        self.margin = 2.0 if self.tz else 2 * 3600 + 2.0
+        self.fast_decode = snapshot["serializer"] in JSON_SERIALIZERS
+        self.counts = dict(scanned=0, sessions=0, deleted=0, kept=0, ignored=0, errors=0, vanished=0,
+                           changed=0, read=0, decoded=0, ledger_hits=0)
+        self.error_samples = []
+        self.stopping = False
+
+    def error(self, name, message):
+        self.counts["errors"] += 1
+        if len(self.error_samples) < MAX_ERROR_SAMPLES:
+            self.error_samples.append("%s: %s" % (name, message))
+
+    def run(self):
+        c = self.counts
+        prefix = self.s["cookie_name"]
+        valid = frozenset(self.s["valid_key_chars"])
+        ledger_path = os.path.join(self.store, LEDGER_NAME)
+        old = Ledger.read(ledger_path, self.s["serializer"]) if self.use_ledger else None
+        new = Ledger(2 * old.count if old else 1024)
+        dfd = os.open(self.store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.dfd = dfd
+            with os.scandir(dfd) as entries:
+                for entry in entries:
+                    if self.stopping:
+                        break
+                    name = entry.name
+                    if name in OWN_FILES:
+                        continue
+                    c["scanned"] += 1
+                    if not is_session_name(name, prefix, valid) or not entry.is_file(follow_symlinks=False):
+                        c["ignored"] += 1
+                        continue
+                    c["sessions"] += 1
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        c["vanished"] += 1
+                        continue
+                    except OSError as e:
+                        self.error(name, e.strerror)
+                        continue
+                    if st.st_size == 0:
+                        c["kept"] += 1  # Django's placeholder: clearsessions never deletes it
+                        continue
+                    vid = version_id(name, st)
+                    if old is not None and vid in old:
+                        c["ledger_hits"] += 1
+                        expired = self.mtime_expired(st.st_mtime)
+                    else:
+                        verdict = self.judge(name, st)
+                        if verdict is None:
+                            continue  # counted already
+                        expired, plain = verdict
+                        if not plain:
+                            vid = 0
+                    if expired:
+                        self.delete(name, st)
+                    else:
+                        c["kept"] += 1
+                        if vid:
+                            new.add(vid)
+        finally:
+            os.close(dfd)
+        if self.use_ledger and not self.stopping:
+            try:
+                new.write(ledger_path, self.s["serializer"])
+            except OSError as e:
+                self.error(LEDGER_NAME, "cannot write the ledger: %s" % e.strerror)
+        c["ledger_entries"] = new.count
+        return c
+
+    def mtime_expired(self, mtime):
+        """Django's verdict for a session without ``_session_expiry``."""
+        left = mtime + self.age - time.time()
+        if left > self.margin:
+            return False
+        if left < -self.margin:
+            return True
+        # Exactly as FileSessionStore._expiry_date + get_expiry_age compute it.
+        expiry = datetime.fromtimestamp(mtime, tz=self.tz) + timedelta(seconds=self.age)
+        delta = expiry - datetime.now(tz=self.tz)
+        return delta.days * 86400 + delta.seconds <= 0
+
+    def judge(self, name, st):
+        """Read one file: (expired, decided by mtime alone) or None when it is left alone."""
+        c = self.counts
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.dfd)
+        except FileNotFoundError:
+            c["vanished"] += 1
+            return None
+        except OSError as e:
+            self.error(name, "cannot open: %s" % e.strerror)
+            return None
+        try:
+            chunks = []
+            while True:
+                chunk = os.read(fd, max(st.st_size + 1, 4096))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except OSError as e:
+            self.error(name, "cannot read: %s" % e.strerror)
+            return None
+        finally:
+            os.close(fd)
+        c["read"] += 1
+        data = b"".join(chunks)
+        if not data:
+            c["kept"] += 1
+            return None
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            self.error(name, "not ASCII: Django cannot load it (its clearsessions stops here); left alone")
+            return None
+        if "\r" in text:  # Django reads in text mode: universal newlines
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if self.fast_decode and not self.may_carry_expiry(text):
+            return self.mtime_expired(st.st_mtime), True
+        return self.judge_with_django(name, st, text)
+
+    @staticmethod
+    def may_carry_expiry(text):
+        """False only when no signature could make Django see ``_session_expiry`` here.
+
+        Mirrors ``TimestampSigner.unsign_object``: value:timestamp:signature,
+        a leading '.' meaning zlib. Whatever fails to decode here fails in
+        Django too, and a failed decode is an empty session."""
+        parts = text.rsplit(":", 2)
+        if len(parts) < 3:
+            return False
+        b64 = parts[0].encode()
+        compressed = b64[:1] == b"."
+        if compressed:
+            b64 = b64[1:]
+        try:
+            raw = base64.urlsafe_b64decode(b64 + b"=" * (-len(b64) % 4))
+            if compressed:
+                inflater = zlib.decompressobj()
+                raw = inflater.decompress(raw, MAX_PAYLOAD)
+                if inflater.unconsumed_tail:
+                    return True  # too big to look at unsigned: let Django check the signature first
+        except Exception:
+            return False
+        return b"_session_expiry" in raw or b"\\u" in raw
+
+    def judge_with_django(self, name, st, text):
+        c = self.counts
+        store = self.django.store()
+        c["decoded"] += 1
+        session = store.decode(text)
+        try:
+            expiry = session.get("_session_expiry")
+        except AttributeError:
+            self.error(name, "signed payload is not a session dictionary; left alone")
+            return None
+        if not expiry:
+            return self.mtime_expired(st.st_mtime), True
+        try:
+            age = store.get_expiry_age(expiry=expiry)
+            expired = age <= 0
+        except Exception as e:  # Django raises here too: clearsessions stops, requests fail
+            self.error(name, "Django cannot compute its expiry (%s: %s); left alone" % (type(e).__name__, e))
+            return None
+        return expired, False
+
+    def delete(self, name, st):
+        """Unlink, unless a request saved the session again since it was judged.
+
+        The check and the unlink are two calls: a save landing in the
+        microseconds between them is the one race left (clearsessions leaves
+        the whole read-decode-unlink time open). Setting the file aside with
+        rename() first would close it, at twice the journal writes per file."""
+        c = self.counts
+        if self.dry_run:
+            c["deleted"] += 1
+            return
+        try:
+            now = os.stat(name, dir_fd=self.dfd, follow_symlinks=False)
+            if not same_version(now, st):
+                c["changed"] += 1
+                c["kept"] += 1
+                return
+            os.unlink(name, dir_fd=self.dfd)
+        except FileNotFoundError:
+            c["vanished"] += 1
+            return
+        except OSError as e:
+            self.error(name, "cannot delete: %s" % e.strerror)
+            return
+        c["deleted"] += 1
+
+
+def is_session_name(name, prefix, valid):
+    """Django's own test: the cookie name, then a key it would accept (8+ chars of [a-z0-9])."""
+    if not name.startswith(prefix):
+        return False
+    key = name[len(prefix):]
+    return len(key) >= 8 and valid.issuperset(key)
+
+
+def same_version(a, b):
+    return a.st_ino == b.st_ino and a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+
+
+# -- lock and entry points ------------------------------------------------------------
+
+
+def take_lock(store):
+    """One sweeper per store: an flock on a file in the store; None when another holds it."""
+    path = os.path.join(store, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        except OSError:
+            holder = ""
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, ("%d\n" % os.getpid()).encode(), 0)
+    give_to_store_owner(fd, store)
+    return fd, None
+
+
+def give_to_store_owner(fd, store):
+    """Run as root (omerowebctl by hand), leave our files to the store's owner, so the daemon can use them."""
+    if os.geteuid() == 0:
+        owner = os.stat(store)
+        if (owner.st_uid, owner.st_gid) != (0, 0):
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
+def sweep(request):
+    started = time.time()
+    t0 = time.monotonic()
+    omerodir = request["omerodir"]
+    django = Django(omerodir)
+    snapshot = request.get("snapshot")
+    if not snapshot or snapshot.get("config_digest") != config_digest(omerodir):
+        snapshot = django.load().snapshot
+    elif not snapshot["use_tz"]:
+        set_time_zone(snapshot["time_zone"])
+    result = {"engine": snapshot["engine"], "store": snapshot["file_path"], "dry_run": bool(request.get("dry_run")),
+              "started_at": started, "snapshot": snapshot}
+    if snapshot["engine"] not in FILE_ENGINES:
+        raise Fatal("the session engine is %s, not a file store" % snapshot["engine"])
+    store = snapshot["file_path"]
+    if not os.path.isdir(store):
+        raise Fatal("the session store %s does not exist" % store)
+    try:
+        lock, holder = take_lock(store)
+    except OSError as e:
+        raise Fatal("cannot lock the session store %s: %s" % (store, e.strerror))
+    if lock is None:
+        result.update(busy=True, holder=holder, duration=round(time.monotonic() - t0, 3))
+        return result
+    try:
+        job = Sweep(store, snapshot, django, result["dry_run"], request.get("ledger", True))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(job, "stopping", True))
+        result.update(job.run())
+        result["error_samples"] = job.error_samples
+        result["interrupted"] = job.stopping
+    finally:
+        os.close(lock)
+    result["duration"] = round(time.monotonic() - t0, 3)
+    return result
+
+
+def run_clearsessions(request):
+    """Django's own clearsessions (database engines), at our priority."""
+    env = dict(os.environ, OMERODIR=request["omerodir"])
+    os.execve(sys.executable, [sys.executable, request["manage"], "clearsessions"], env)
+
+
+def main():
+    # The ledger's ids are hash() values: they need the same seed in every sweep.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, sys.orig_argv, dict(os.environ, PYTHONHASHSEED="0"))
+    try:
+        request = json.loads(sys.stdin.read() or "{}")
+        notes = lower_priority(int(request.get("nice", 19)), bool(request.get("idle_io", True)))
+        if request.get("mode") == "clearsessions":
+            sys.stdout.flush()
+            run_clearsessions(request)
+        result = sweep(request)
+        result["priority_notes"] = notes
+    except Fatal as e:
+        result = {"fatal": str(e)}
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
