@@ -35,6 +35,9 @@ from django.conf import settings
 from django.utils import timezone
 
 warnings.simplefilter("ignore")
+if not settings.SESSION_ENGINE.endswith(("file", "filesessionstore")):
+    import django
+    django.setup()  # the database engines need the app registry
 Store = import_module(settings.SESSION_ENGINE).SessionStore
 now = time.time()
 made = {}
@@ -47,6 +50,9 @@ def make(name, expiry="unset", age=0, data=None, raw_expiry=None):
     if raw_expiry is not None:
         s["_session_expiry"] = raw_expiry
     s.save()
+    if not hasattr(s, "_key_to_file"):  # a database engine
+        made[name] = s.session_key
+        return
     path = s._key_to_file()
     if age:
         os.utime(path, (now - age, now - age))
