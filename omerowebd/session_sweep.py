@@ -385,19 +385,23 @@ class Sweep:
             self.error(name, "cannot open: %s" % e.strerror)
             return None
         try:
-            chunks = []
-            while True:
-                chunk = os.read(fd, max(st.st_size + 1, 4096))
-                if not chunk:
-                    break
-                chunks.append(chunk)
+            # One read() is the whole file unless it grew since the stat: a
+            # short read of a regular file is its end.
+            data = os.read(fd, st.st_size + 1)
+            if len(data) > st.st_size:
+                chunks = [data]
+                while True:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                data = b"".join(chunks)
         except OSError as e:
             self.error(name, "cannot read: %s" % e.strerror)
             return None
         finally:
             os.close(fd)
         c["read"] += 1
-        data = b"".join(chunks)
         if not data:
             c["kept"] += 1
             return None
