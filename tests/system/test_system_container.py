@@ -182,6 +182,7 @@ def test_install_creates_the_user_and_enables_the_units(box):
     mode = c.run(["stat", "-c", "%a %U:%G", "/etc/omerowebd/omerowebd.toml"]).stdout.split()
     assert mode == ["640", "root:omero-web"]
     assert c.run(["stat", "-c", "%a %U", "/var/lib/omerowebd/sessions"]).stdout.split() == ["700", "omero-web"]
+    assert c.run(["stat", "-c", "%a %U", "/var/lib/omerowebd-nginx"]).stdout.split() == ["755", "root"]
 
 
 def test_installed_units_verify_clean(box):
@@ -335,9 +336,11 @@ def test_nginx_in_front_serves_from_the_daemons_files(serving):
     makes reaches nginx through the path unit; with OMERO.web down, nginx
     shows the daemon's maintenance page."""
     c = serving.c
-    conf = "/var/lib/omerowebd/nginx/omero-web.conf"
-    wait_for(f"the daemon to write {conf}", lambda: c.run(["test", "-s", conf], check=False).returncode == 0, 60)
-    c.write("/etc/nginx/conf.d/omero-web.conf", f"include {conf};\n")
+    # What the service writes, and the root-owned copy nginx includes.
+    for conf in ("/var/lib/omerowebd/nginx/omero-web.conf", "/var/lib/omerowebd-nginx/omero-web.conf"):
+        wait_for(f"{conf} to be written", lambda conf=conf: c.run(["test", "-s", conf], check=False).returncode == 0, 60)
+    assert c.run(["stat", "-c", "%U", "/var/lib/omerowebd-nginx/omero-web.conf"]).stdout.strip() == "root"
+    c.write("/etc/nginx/conf.d/omero-web.conf", "include /var/lib/omerowebd-nginx/omero-web*.conf;\n")
     started = c.systemctl("start", "nginx.service", check=False)
     assert started.returncode == 0, started.stderr + c.journal("-u", "nginx.service", "-n", "20")
     try:
@@ -420,40 +423,57 @@ def test_stop_leaves_no_process(serving):
 
 def test_nginx_is_checked_and_reloaded_when_the_daemons_files_change(box):
     c = box.c
-    include = "/var/lib/omerowebd/nginx/test-probe.include"
+    source = "/var/lib/omerowebd/nginx/test-probe.include"  # where the service writes
+    published = "/var/lib/omerowebd-nginx/test-probe.include"  # what nginx includes
+    port = box.probe_port
 
     def put(text: str) -> None:
         # As the daemon writes: a temp file in the same directory, renamed.
-        c.write(include + ".tmp", text)
-        c.run(["mv", include + ".tmp", include])
+        c.write(source.replace("test-probe", ".test-probe") + ".tmp", text)
+        c.run(["mv", source.replace("test-probe", ".test-probe") + ".tmp", source])
+
+    def refused() -> bool:
+        return box.state("omerowebd-nginx.service")["Result"] == "exit-code"
+
+    def probe() -> tuple[int, str]:
+        return box.get("/probe", port=port)
 
     put('return 200 "one\\n";\n')
+    wait_for("the first copy", lambda: c.run(["test", "-s", published], check=False).returncode == 0, 30)
     c.write(
         "/etc/nginx/conf.d/omerowebd-test.conf",
-        f"server {{\n    listen 127.0.0.1:{box.probe_port};\n    location = /probe {{\n        include {include};\n    }}\n}}\n",
+        f"server {{\n    listen 127.0.0.1:{port};\n    location = /probe {{\n        include {published};\n    }}\n}}\n",
     )
     c.systemctl("start", "nginx.service")
     try:
-        assert box.get("/probe", port=box.probe_port) == (200, "one\n")
-        runs = int(box.c.show("omerowebd-nginx.service", "NRestarts", "ExecMainStartTimestampMonotonic")["ExecMainStartTimestampMonotonic"] or 0)
-
+        assert probe() == (200, "one\n")
         put('return 200 "two\\n";\n')
-        wait_for("nginx to serve the changed include", lambda: box.get("/probe", port=box.probe_port) == (200, "two\n"), 30)
-        after = int(box.c.show("omerowebd-nginx.service", "ExecMainStartTimestampMonotonic")["ExecMainStartTimestampMonotonic"] or 0)
-        assert after > runs, "omerowebd-nginx.service did not run"
+        wait_for("nginx to serve the changed include", lambda: probe() == (200, "two\n"), 30)
 
-        # A broken file: `nginx -t` refuses it, the unit fails, nginx keeps the old config.
+        # nginx -t refuses it: the unit fails, the previous copy is put back, nginx keeps serving.
         put("retrun 200 broken;\n")
-        wait_for("omerowebd-nginx.service to refuse the broken file", lambda: box.state("omerowebd-nginx.service")["Result"] == "exit-code", 30)
-        assert "nginx" in box.c.journal("-u", "omerowebd-nginx.service", "-n", "20")
-        assert box.get("/probe", port=box.probe_port) == (200, "two\n")
+        wait_for("omerowebd-nginx.service to refuse the broken file", refused, 30)
+        assert "nginx" in c.journal("-u", "omerowebd-nginx.service", "-n", "20")
+        assert c.run(["cat", published]).stdout == 'return 200 "two\\n";\n'
+        assert probe() == (200, "two\n")
         assert box.active("nginx.service") == "active"
 
         put('return 200 "three\\n";\n')
-        wait_for("nginx to serve the repaired include", lambda: box.get("/probe", port=box.probe_port) == (200, "three\n"), 30)
+        wait_for("nginx to serve the repaired include", lambda: probe() == (200, "three\n"), 30)
+
+        # What the service user could use to write as root through nginx's master: refused.
+        put('access_log /etc/omerowebd-test-pwned;\nreturn 200 "four\\n";\n')
+        wait_for("omerowebd-nginx.service to refuse access_log", refused, 30)
+        assert "access_log" in c.journal("-u", "omerowebd-nginx.service", "-n", "20")
+        assert c.run(["test", "-e", "/etc/omerowebd-test-pwned"], check=False).returncode != 0
+        assert probe() == (200, "three\n")
+        c.run(["ln", "-sf", "/etc/shadow", source])
+        c.systemctl("start", "omerowebd-nginx.service", check=False)
+        assert refused() and "symbolic link" in c.journal("-u", "omerowebd-nginx.service", "-n", "5")
+        assert probe() == (200, "three\n")
     finally:
         c.systemctl("stop", "nginx.service", check=False)
-        c.run(["rm", "-f", include, "/etc/nginx/conf.d/omerowebd-test.conf"], check=False)
+        c.run(["rm", "-f", source, "/etc/nginx/conf.d/omerowebd-test.conf"], check=False)
 
 
 # -- purge ---------------------------------------------------------------------

@@ -38,6 +38,7 @@ def test_deb_holds_daemon_units_config_users_and_manuals(built_deb):
     for path in (
         "/usr/bin/omerowebd",
         "/usr/bin/omerowebctl",
+        "/usr/libexec/omerowebd-nginx-publish",
         "/etc/omerowebd/omerowebd.toml",
         "/usr/lib/sysusers.d/omerowebd.conf",
         "/usr/lib/tmpfiles.d/omerowebd.conf",
@@ -89,7 +90,7 @@ def test_deb_config_is_a_conffile_and_scripts_manage_users_units_and_purge(built
     assert "deb-systemd-invoke stop" in prerm and "omerowebd.service" in prerm
     # purge: state and the units' enablement go.
     assert "deb-systemd-helper purge" in postrm
-    assert re.search(r'"\$1" = purge.*rm -rf /var/lib/omerowebd', postrm, re.DOTALL)
+    assert re.search(r'"\$1" = purge.*rm -rf /var/lib/omerowebd /var/lib/omerowebd-nginx', postrm, re.DOTALL)
 
 
 def test_lintian_finds_no_error_or_warning(built_deb):
@@ -120,13 +121,15 @@ def test_rpm_files(built_rpm):
     rows = {line.split("\t")[3]: line.split("\t")[:3] for line in listing.splitlines()}
     for name in UNITS:
         assert f"/usr/lib/systemd/system/{name}" in rows
-    for path in ("/usr/bin/omerowebd", "/usr/bin/omerowebctl", "/usr/lib/sysusers.d/omerowebd.conf", "/usr/lib/tmpfiles.d/omerowebd.conf"):
+    for path in ("/usr/bin/omerowebd", "/usr/bin/omerowebctl", "/usr/libexec/omerowebd-nginx-publish",
+                 "/usr/lib/sysusers.d/omerowebd.conf", "/usr/lib/tmpfiles.d/omerowebd.conf"):
         assert path in rows, path
     assert any(p.endswith("/omerowebd/__main__.py") for p in rows)
     flags, perms, owner = rows["/etc/omerowebd/omerowebd.toml"]
     assert "c" in flags and "n" in flags, f"config(noreplace) expected, flags {flags!r}"
     assert (perms, owner) == ("-rw-r-----", "root:omero-web")
     assert rows["/var/lib/omerowebd"][2] == "omero-web:omero-web"
+    assert rows["/var/lib/omerowebd-nginx"][2] == "root:root"
 
 
 def test_rpm_scriptlets_create_the_user_and_manage_the_units(built_rpm):
