@@ -134,7 +134,9 @@ def test_omero_webs_own_templates_pass(dirs):
         pytest.skip(f"no omero-web templates in {OMERO_VENV}")
     src, dest = dirs
     for template in templates:
-        text = re.sub(r"%\((\w+)\)[sd]", lambda m: "80" if m.group(1) == "HTTPPORT" else "/x", template.read_text())
+        values = {"HTTPPORT": "80", "NGINX_SERVER_EXTRA_CONFIG": "", "MAX_BODY_SIZE": "0",
+                  "SERVERNAME": "$hostname", "FASTCGI_EXTERNAL": "127.0.0.1:4080", "PREFIX_NAME": ""}
+        text = re.sub(r"%\((\w+)\)[sd]", lambda m: values.get(m.group(1), "/x"), template.read_text())
         (src / template.name.replace(".template", "")).write_text(text)
     result = publish(src, dest)
     assert result.returncode == 0, result.stderr
