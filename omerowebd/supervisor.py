@@ -182,7 +182,7 @@ class Supervisor:
     def _acquire_sockets(self, config: Config) -> list[HeldSocket]:
         held = sockets.from_systemd()
         if held:
-            self.log.info("using sockets from systemd", sockets=[s.address for s in held])
+            self.log.debug("using sockets from systemd", sockets=[s.address for s in held])
             return held
         return sockets.bind(self._bind_addresses(config))
 
@@ -211,9 +211,11 @@ class Supervisor:
         self._events_transport = transport  # type: ignore[assignment]
 
     async def _shutdown(self) -> None:
+        started = self.applied is not None or bool(self.generations)  # else the error says it all
         self.state = "stopping"
         self.notifier.stopping("stopping gunicorn")
-        self.log.info("stopping")
+        if started:
+            self.log.info("stopping")
         if self._watcher:
             self._watcher.stop()
         for task in list(self._tasks):
@@ -233,7 +235,8 @@ class Supervisor:
         sockets.release(self.sockets)
         self.sockets = []
         await self.prober.close()
-        self.log.info("stopped")
+        if started:
+            self.log.info("stopped")
 
     # -- events ------------------------------------------------------------
 
