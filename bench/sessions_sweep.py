@@ -4,6 +4,8 @@
 
 One run, printed as a table:
 
+* (--cold: the page cache dropped before each sweep, as for a store nothing
+  has read for hours; else the store as just written, in the cache)
 * a store of FILES sessions written by OMERO.web's own SessionStore.encode
   (EXPIRED of them aged past the cookie), copied; ``manage.py clearsessions``
   sweeps one copy, omerowebd's sweep the other; both leave the same files
@@ -108,13 +110,15 @@ def manage() -> Path:
     return next(VENV.glob("lib/python3*/site-packages/omeroweb")) / "manage.py"
 
 
+COLD = False
+
+
 def settle() -> None:
-    """Writeback of the files just made must not land inside a timed sweep."""
+    """Writeback of the files just made must not land inside a timed sweep; with --cold,
+    each sweeper starts with an empty page cache (needs root)."""
     os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")  # both start cold, when we may
-    except OSError:
-        pass
+    if COLD:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def run_measured(command: list[str], env: dict[str, str], stdin: bytes | None = None) -> tuple[float, float, bytes]:
@@ -242,8 +246,11 @@ def main() -> int:
     parser.add_argument("--expired", type=float, default=0.1)
     parser.add_argument("--million", action="store_true", help="also measure peak memory on a 1M-file store")
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each sweep (root)")
     parser.add_argument("--dir", help="work directory (default: a temp dir, removed at the end)")
     args = parser.parse_args()
+    global COLD
+    COLD = args.cold
     if not (VENV / "bin" / "python").exists():
         raise SystemExit(f"no OMERO.web venv at {VENV}")
     root = Path(tempfile.mkdtemp(prefix="omerowebd-bench-", dir=args.dir))
@@ -255,8 +262,8 @@ def main() -> int:
         t = time.monotonic()
         pristine.fill(args.files, args.expired)
         print(f"# made {args.files} sessions ({args.expired:.0%} expired) in {time.monotonic() - t:.0f}s", flush=True)
-        print(f"# clearsessions vs omerowebd's sweep (nice 19, idle I/O class); page cache dropped before each",
-              flush=True)
+        cache = "dropped before each sweep" if COLD else "warm (the store was just written)"
+        print(f"# clearsessions vs omerowebd's sweep (nice 19, idle I/O class); page cache {cache}", flush=True)
 
         snapshot = None
         for case in ("first sweep, settings not known yet", "first sweep, settings known"):
