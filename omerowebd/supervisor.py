@@ -26,6 +26,7 @@ from .control import ControlServer
 from .errors import ConfigError, UserError
 from .generation import Generation, GenerationFailed, GunicornPlan, http_probe, plan_gunicorn
 from .nginx import NginxOutput
+from .sessions import SessionService
 from .sockets import HeldSocket
 from .static import ensure_collected
 from .systemd import Notifier
@@ -95,7 +96,7 @@ class Supervisor:
         self.reloads = 0  # reloads that ran (requests that shared one count once)
         self.last_boot_seconds: float | None = None  # spawn -> serving, of the newest generation
         self.outputs: dict[str, Output] = {"nginx": NginxOutput(self.log, addresses=self._upstream_addresses)}
-        self.services: dict[str, Service] = {}
+        self.services: dict[str, Service] = {"sessions": SessionService(self.log)}
         self.prober = Prober()
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()  # the first generation serves
@@ -295,6 +296,13 @@ class Supervisor:
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd!r}"}
         return await handler(request)
+
+    async def request_sessions_clear(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``omerowebctl sessions clear``: sweep now, after any sweep in progress."""
+        service = self.services["sessions"]
+        assert isinstance(service, SessionService)
+        result = await service.sweep_now(dry_run=bool(request.get("dry_run")))
+        return {"ok": not result.get("error"), **result}
 
     # -- reload ------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from .. import control
+from .. import control, sessions
 from . import socket_path
 
 
@@ -50,6 +50,8 @@ def render(s: dict[str, Any]) -> str:
         checked = "not run" if not validation else "ok" if validation["ok"] else f"FAILED: {validation['message']}"
         lines.append(f"nginx:       {' '.join(nginx.get('files', {}).values())} "
                      f"(written {_when(nginx.get('written_at'))}, validation {checked})")
+    if "sessions" in s:
+        lines += sessions.render_status(s["sessions"])
     crash = s.get("last_crash")
     if crash:
         lines.append(f"crashes:     {s['crashes']} since start; last {_when(crash['at'])}: generation {crash['generation']} "
