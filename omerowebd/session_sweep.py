@@ -50,7 +50,7 @@ a session whose expiry Django cannot compute (a naive date, a list) is
 reported and kept (``clearsessions`` stops there too).
 
 A file is deleted only if it is still the version that was judged: a
-session that a request saved again in the meantime stays.
+session that a request saved again in the meantime stays (see Deleter).
 """
 
 import array
@@ -61,8 +61,10 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import signal
 import sys
+import threading
 import time
 import zlib
 from datetime import datetime, timedelta, timezone
@@ -80,6 +82,7 @@ SETTINGS_KEYS = ("engine", "file_path", "cookie_name", "cookie_age", "use_tz", "
 MAX_PAYLOAD = 1 << 20  # decompressed bytes looked at without the signature checked
 MAX_ERROR_SAMPLES = 20
 READ_BATCH = 128  # files opened ahead of reading (well under any RLIMIT_NOFILE)
+DELETE_THREADS = 4
 FILE_ENGINES = ("django.contrib.sessions.backends.file", "omeroweb.filesessionstore")
 # ioprio_set(2) by architecture (there is no libc wrapper).
 IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "i386": 289, "i686": 289, "armv7l": 314,
@@ -310,6 +313,7 @@ class Sweep:
         old = Ledger.read(ledger_path, self.s["serializer"]) if self.use_ledger else None
         self.ledger = Ledger(2 * old.count if old else 1024)
         self.dfd = os.open(self.store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.deleter = None if self.dry_run else Deleter(self)
         # Files to read are opened a batch at a time with a readahead hint, then
         # read: the disk works on the whole batch at once instead of one file
         # per round trip (3-4x faster from a cold cache here).
@@ -351,6 +355,8 @@ class Sweep:
                             batch = []
         finally:
             self.judge_batch(batch)
+            if self.deleter is not None:
+                self.deleter.close()
             os.close(self.dfd)
         if self.use_ledger and not self.stopping:
             try:
@@ -484,30 +490,66 @@ class Sweep:
         return expired, False
 
     def delete(self, name, st):
-        """Unlink, unless a request saved the session again since it was judged.
-
-        The check and the unlink are two calls: a save landing in the
-        microseconds between them is the one race left (clearsessions leaves
-        the whole read-decode-unlink time open). Setting the file aside with
-        rename() first would close it, at twice the journal writes per file."""
         c = self.counts
         if self.dry_run:
             c["deleted"] += 1
-            return
-        try:
-            now = os.stat(name, dir_fd=self.dfd, follow_symlinks=False)
-            if not same_version(now, st):
-                c["changed"] += 1
-                c["kept"] += 1
+        else:
+            self.deleter.put(name, st)
+
+
+class Deleter:
+    """Unlinks on a few threads: the kernel frees a deleted inode after it has
+    let go of the directory's lock, so several unlinks overlap (2-4x faster
+    here than one at a time); the verdicts stay on the main thread.
+
+    A file is unlinked only if it is still the version that was judged: a
+    session that a request saved again in the meantime stays. The check and
+    the unlink are two calls; a save landing in the microseconds between them
+    is the one race left (clearsessions leaves the whole read-decode-unlink
+    time open)."""
+
+    def __init__(self, sweep, threads=DELETE_THREADS):
+        self.sweep = sweep
+        self.lock = threading.Lock()
+        self.queue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def put(self, name, st):
+        self.queue.put((name, st))
+
+    def close(self):
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
+
+    def work(self):
+        dfd = self.sweep.dfd
+        while True:
+            item = self.queue.get()
+            if item is None:
                 return
-            os.unlink(name, dir_fd=self.dfd)
-        except FileNotFoundError:
-            c["vanished"] += 1
-            return
-        except OSError as e:
-            self.error(name, "cannot delete: %s" % e.strerror)
-            return
-        c["deleted"] += 1
+            name, st = item
+            try:
+                now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if same_version(now, st):
+                    os.unlink(name, dir_fd=dfd)
+                    outcome = "deleted"
+                else:
+                    outcome = "changed"
+            except FileNotFoundError:
+                outcome = "vanished"
+            except OSError as e:
+                with self.lock:
+                    self.sweep.error(name, "cannot delete: %s" % e.strerror)
+                continue
+            with self.lock:
+                c = self.sweep.counts
+                c[outcome] += 1
+                if outcome == "changed":
+                    c["kept"] += 1
 
 
 def is_session_name(name, prefix, valid):
