@@ -510,8 +510,8 @@ class Deleter:
 
     def __init__(self, sweep, threads=DELETE_THREADS):
         self.sweep = sweep
-        self.lock = threading.Lock()
         self.queue = queue.SimpleQueue()
+        self.results = []  # one (counts, errors) per thread, merged by close()
         self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(threads)]
         for t in self.threads:
             t.start()
@@ -524,9 +524,17 @@ class Deleter:
             self.queue.put(None)
         for t in self.threads:
             t.join()
+        for counts, errors in self.results:
+            for key, n in counts.items():
+                self.sweep.counts[key] += n
+            for name, message in errors:
+                self.sweep.error(name, message)
 
     def work(self):
         dfd = self.sweep.dfd
+        counts = dict(deleted=0, changed=0, kept=0, vanished=0)
+        errors = []
+        self.results.append((counts, errors))
         while True:
             item = self.queue.get()
             if item is None:
@@ -536,20 +544,14 @@ class Deleter:
                 now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 if same_version(now, st):
                     os.unlink(name, dir_fd=dfd)
-                    outcome = "deleted"
+                    counts["deleted"] += 1
                 else:
-                    outcome = "changed"
+                    counts["changed"] += 1
+                    counts["kept"] += 1
             except FileNotFoundError:
-                outcome = "vanished"
+                counts["vanished"] += 1
             except OSError as e:
-                with self.lock:
-                    self.sweep.error(name, "cannot delete: %s" % e.strerror)
-                continue
-            with self.lock:
-                c = self.sweep.counts
-                c[outcome] += 1
-                if outcome == "changed":
-                    c["kept"] += 1
+                errors.append((name, "cannot delete: %s" % e.strerror))
 
 
 def is_session_name(name, prefix, valid):

@@ -295,3 +295,26 @@ def test_service_before_any_config() -> None:
     service = sessions.SessionService(SimpleNamespace())
     assert service.status()["engine"] is None
     assert "no config" in asyncio.run(service.sweep_now())["error"]
+
+
+def test_deleter_unlinks_only_the_version_judged(tmp_path: Path) -> None:
+    judged, saved_again, gone = (tmp_path / f"sessionid{c * 32}" for c in "abc")
+    for path in (judged, saved_again, gone):
+        path.write_text("x")
+    stats = {path: os.stat(path) for path in (judged, saved_again, gone)}
+    newer = tmp_path / "newer"
+    newer.write_text("y")
+    os.replace(newer, saved_again)  # a request saved it again after the verdict: a new inode
+    gone.unlink()
+    job = sweep_with()
+    job.dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deleter = sweep_script.Deleter(job, threads=2)
+        for path, st in stats.items():
+            deleter.put(path.name, st)
+        deleter.close()
+    finally:
+        os.close(job.dfd)
+    assert not judged.exists() and saved_again.read_text() == "y"
+    c = job.counts
+    assert (c["deleted"], c["changed"], c["kept"], c["vanished"], c["errors"]) == (1, 1, 1, 1, 0)
