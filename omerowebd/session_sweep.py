@@ -83,6 +83,7 @@ MAX_PAYLOAD = 1 << 20  # decompressed bytes looked at without the signature chec
 MAX_ERROR_SAMPLES = 20
 READ_BATCH = 128  # files opened ahead of reading (well under any RLIMIT_NOFILE)
 DELETE_THREADS = 4
+DELETE_QUEUE = 4096
 FILE_ENGINES = ("django.contrib.sessions.backends.file", "omeroweb.filesessionstore")
 # ioprio_set(2) by architecture (there is no libc wrapper).
 IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "i386": 289, "i686": 289, "armv7l": 314,
@@ -510,7 +511,8 @@ class Deleter:
 
     def __init__(self, sweep, threads=DELETE_THREADS):
         self.sweep = sweep
-        self.queue = queue.SimpleQueue()
+        # Bounded: the scan waits for the unlinks rather than piling up work in memory.
+        self.queue = queue.Queue(maxsize=DELETE_QUEUE)
         self.results = []  # one (counts, errors) per thread, merged by close()
         self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(threads)]
         for t in self.threads:
