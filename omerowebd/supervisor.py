@@ -41,6 +41,8 @@ RELOAD_RESTART_REQUIRED = 4
 
 # Settings that a running daemon cannot take over: they name its own sockets and files.
 RESTART_KEYS = ("daemon.runtime_dir", "daemon.state_dir")
+# Daemon settings a reload applies without a new gunicorn generation.
+LIVE_DAEMON_KEYS = ("daemon.ready_timeout", "daemon.watch_config", "daemon.log_format")
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
@@ -155,7 +157,7 @@ class Supervisor:
         for warning in warnings:
             self.log.warning(warning)
         target = self._target(config, info)
-        for name, output in self.outputs.items():
+        for output in self.outputs.values():
             await output.apply(config, target.properties, info)
         self.notifier.status("starting gunicorn")
         await self._write_config_xml(target)
@@ -199,14 +201,8 @@ class Supervisor:
         path = self.runtime_dir / "events.sock"
         if path.is_socket():
             path.unlink()
-        supervisor = self
-
-        class Protocol_(asyncio.DatagramProtocol):
-            def datagram_received(self, data: bytes, addr: Any) -> None:
-                supervisor.handle_generation_event(data)
-
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            Protocol_, local_addr=str(path), family=socket.AF_UNIX
+            lambda: _GenerationEvents(self.handle_generation_event), local_addr=str(path), family=socket.AF_UNIX
         )
         os.chmod(path, 0o600)
         self._events_transport = transport  # type: ignore[assignment]
@@ -308,10 +304,9 @@ class Supervisor:
 
     async def reload(self, source: str) -> dict[str, Any]:
         """Serialized; requests that arrive while one waits to run share it."""
-        if self._pending_reload is not None and not self._pending_reload.done():
-            return await asyncio.shield(self._pending_reload)
-        task = asyncio.create_task(self._reload_when_free(source))
-        self._pending_reload = task
+        task = self._pending_reload
+        if task is None or task.done():
+            task = self._pending_reload = asyncio.create_task(self._reload_when_free(source))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -346,21 +341,33 @@ class Supervisor:
             self._watcher.seen(config.digest)
         return config
 
+    def _assess(self, config: Config) -> tuple[list[str], str, dict[str, Any] | None]:
+        """(what changed, the venv's fingerprint, the outcome if it is already decided)."""
+        assert self.applied is not None
+        changes = _changes(self.applied.config, config)
+        restart = [c for c in changes if c in RESTART_KEYS]
+        if restart:
+            return changes, "", _result(RELOAD_RESTART_REQUIRED, "restart required",
+                                        f"{', '.join(restart)} changed: run systemctl restart omerowebd", changes=changes)
+        packages = fingerprint(config.daemon.venv)
+        if not changes and packages == self.applied.packages:
+            return changes, packages, _result(RELOAD_APPLIED, "nothing to do", "the config is unchanged", changes=[])
+        return changes, packages, None
+
     async def dry_run(self) -> dict[str, Any]:
         try:
             config = config_module.load(self.config_path)
         except ConfigError as e:
             return _result(RELOAD_REJECTED, "rejected", str(e))
+        changes, packages, decided = self._assess(config)
+        if decided:
+            return decided
         assert self.applied is not None
-        changes = _changes(self.applied.config, config)
-        restart = [c for c in changes if c in RESTART_KEYS]
-        if restart:
-            return _result(RELOAD_RESTART_REQUIRED, "restart required", ", ".join(restart), changes=changes)
-        packages_changed = fingerprint(config.daemon.venv) != self.applied.packages
-        if not changes and not packages_changed:
-            return _result(RELOAD_APPLIED, "nothing to do", "the config is unchanged", changes=[])
-        generation = packages_changed or any(c.startswith(("omero.", "daemon.")) for c in changes)
-        action = "start a new gunicorn generation" if generation else "rewrite outputs only"
+        packages_changed = packages != self.applied.packages
+        generation = packages_changed or any(
+            c.startswith(("omero.", "daemon.")) and c not in LIVE_DAEMON_KEYS for c in changes
+        )
+        action = "start a new gunicorn generation" if generation else "apply it without a new generation"
         return _result(RELOAD_APPLIED, "dry run", f"would {action}", changes=changes,
                        packages_changed=packages_changed)
 
@@ -371,14 +378,9 @@ class Supervisor:
             config = self._load_new_config()
         except ConfigError as e:
             return _result(RELOAD_REJECTED, "rejected", str(e))
-        changes = _changes(old.config, config)
-        restart = [c for c in changes if c in RESTART_KEYS]
-        if restart:
-            return _result(RELOAD_RESTART_REQUIRED, "restart required",
-                           f"{', '.join(restart)} changed: run systemctl restart omerowebd", changes=changes)
-        packages = fingerprint(config.daemon.venv)
-        if not changes and packages == old.packages:
-            return _result(RELOAD_APPLIED, "nothing to do", "the config is unchanged", changes=[])
+        changes, packages, decided = self._assess(config)
+        if decided:
+            return decided
         t0 = time.monotonic()
         try:
             info, warnings = await checks.run(config, self.prober)
@@ -427,7 +429,7 @@ class Supervisor:
         if config.daemon.log_format != old.config.daemon.log_format:
             log.configure(config.daemon.log_format)
         if not needs_generation:
-            return _result(RELOAD_APPLIED, "applied", "outputs rewritten", changes=changes)
+            return _result(RELOAD_APPLIED, "applied", "applied without a new generation", changes=changes)
         return _result(RELOAD_APPLIED, "applied", "new generation serving", changes=changes,
                        generation=self.current.number if self.current else None, boot_seconds=self.last_boot_seconds)
 
@@ -450,6 +452,8 @@ class Supervisor:
                 await generation.kill()
             if previous_xml is not None:
                 omero_config.write_config_bytes(config_xml, previous_xml)
+            else:
+                config_xml.unlink(missing_ok=True)
             self.log.error("new generation failed; the running one keeps serving", reason=str(e))
             return str(e)
         retiring = self.current
@@ -607,6 +611,16 @@ class Supervisor:
             **{name: output.status() for name, output in self.outputs.items()},
             **{name: service.status() for name, service in self.services.items()},
         }
+
+
+class _GenerationEvents(asyncio.DatagramProtocol):
+    """Reports from gunicorn_conf.py's hooks (a worker has loaded the app, a worker exited)."""
+
+    def __init__(self, handle: Callable[[bytes], None]) -> None:
+        self.handle = handle
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.handle(data)
 
 
 def _changes(old: Config, new: Config) -> list[str]:

@@ -82,6 +82,9 @@ class OmeroCli:
         omerodir = self.base / name
         if not omerodir.exists():
             omero_config.write_config_xml(omerodir, properties)
+            # OMERO.web's settings create var/log if it is missing, racily: two
+            # `omero web config` runs on one site at once can trip over it.
+            (omerodir / "var" / "log").mkdir(parents=True)
             if os.geteuid() == 0:
                 subprocess.run(["chown", "-R", "nobody", str(omerodir)], check=True)
         return omerodir
