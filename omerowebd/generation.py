@@ -23,7 +23,7 @@ from typing import Any
 
 from . import log
 from .sockets import HeldSocket
-from .venv import VenvInfo, effective, python_of
+from .venv import VenvInfo, effective, probe_env, python_of
 
 CONF = Path(__file__).with_name("gunicorn_conf.py")
 PROBE_TIMEOUT = 10.0
@@ -286,10 +286,9 @@ def _signal_group(pid: int, sig: int, *, group: bool) -> None:
 
 
 def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """The daemon's environment minus what belongs to it alone."""
-    drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("OMEROWEBD_")}
-    env.pop("SCRIPT_NAME", None)
+    """What every venv process gets (no NOTIFY_SOCKET, LISTEN_*, ...), plus this generation's own."""
+    env = probe_env()
+    env.pop("SCRIPT_NAME", None)  # set from omero.web.prefix, or not at all
     env.update(extra)
     return env
 

@@ -24,7 +24,7 @@ fi
 
 if [ ! -x "$PY310_HOME/bin/python3.10" ]; then
     src=""
-    for candidate in "$(command -v pyenv >/dev/null && pyenv root)"/versions/3.10.* /root/.pyenv/versions/3.10.*; do
+    for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10.* "$(command -v pyenv >/dev/null && pyenv root)"/versions/3.10.*; do
         [ -x "$candidate/bin/python3.10" ] && src=$candidate
     done
     if [ -z "$src" ]; then
