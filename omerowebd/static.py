@@ -17,7 +17,7 @@ from pathlib import Path
 from . import log
 from .errors import UserError
 from .files import write_atomic
-from .venv import VenvInfo, effective, fingerprint, probe_env, python_of
+from .venv import VenvInfo, effective, probe_env, python_of
 
 TIMEOUT = 900.0
 RELEVANT = ("omero.web.static_root", "omero.web.static_url", "omero.web.apps", "omero.web.staticfile_dirs")
@@ -27,16 +27,21 @@ class CollectstaticFailed(UserError):
     exit_code = 1
 
 
-def static_key(info: VenvInfo, properties: Mapping[str, str]) -> str:
-    what = {"venv": str(info.venv), "packages": fingerprint(info.venv)}
+def static_key(info: VenvInfo, properties: Mapping[str, str], packages: str) -> str:
+    what = {"venv": str(info.venv), "packages": packages}
     what.update({name: effective(properties, info, name) for name in RELEVANT})
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-async def ensure_collected(info: VenvInfo, properties: Mapping[str, str], omerodir: Path, state_dir: Path) -> bool:
-    """Run collectstatic if needed (config.xml must already hold ``properties``); True if it ran."""
+async def ensure_collected(
+    info: VenvInfo, properties: Mapping[str, str], packages: str, omerodir: Path, state_dir: Path
+) -> bool:
+    """Run collectstatic if needed (config.xml must already hold ``properties``); True if it ran.
+
+    ``packages`` is the venv's fingerprint (venv.fingerprint), which the caller has already taken.
+    """
     record = state_dir / "collectstatic.json"
-    key = static_key(info, properties)
+    key = static_key(info, properties, packages)
     try:
         if json.loads(record.read_text()).get("key") == key:
             return False

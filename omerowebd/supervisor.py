@@ -156,12 +156,12 @@ class Supervisor:
         info, warnings = await checks.run(config, self.prober)
         for warning in warnings:
             self.log.warning(warning)
-        target = self._target(config, info)
+        target = self._target(config, info, fingerprint(config.daemon.venv))
         for output in self.outputs.values():
             await output.apply(config, target.properties, info)
         self.notifier.status("starting gunicorn")
         await self._write_config_xml(target)
-        await ensure_collected(info, target.properties, config.daemon.omerodir, self.state_dir)
+        await ensure_collected(info, target.properties, target.packages, config.daemon.omerodir, self.state_dir)
         generation = await self._spawn(target.plan)
         try:
             await generation.wait_ready(config.daemon.ready_timeout, self._extend_timeout)
@@ -389,7 +389,7 @@ class Supervisor:
         self.log.debug("reload checked", seconds=round(time.monotonic() - t0, 3))
         for warning in warnings:
             self.log.warning(warning)
-        target = self._target(config, info)
+        target = self._target(config, info, packages)
 
         undo: list[Undo] = []
         try:
@@ -442,7 +442,8 @@ class Supervisor:
         generation: Generation | None = None
         try:
             await self._write_config_xml(target)
-            await ensure_collected(target.info, target.properties, target.config.daemon.omerodir, self.state_dir)
+            await ensure_collected(target.info, target.properties, target.packages, target.config.daemon.omerodir,
+                                   self.state_dir)
             spawned = time.monotonic()
             generation = await self._spawn(target.plan, new_sockets)
             await generation.wait_ready(target.config.daemon.ready_timeout, self._extend_timeout)
@@ -519,14 +520,14 @@ class Supervisor:
         if self._watcher is not None:
             self._watcher.seen(config.digest)
 
-    def _target(self, config: Config, info: VenvInfo) -> Applied:
+    def _target(self, config: Config, info: VenvInfo, packages: str) -> Applied:
         properties = omero_config.with_session_path(config.properties, self.session_dir)
         plan = plan_gunicorn(
             properties, info,
             omerodir=config.daemon.omerodir, app=config.daemon.app,
             graceful_timeout=config.daemon.graceful_timeout, health_path=config.daemon.health_path,
         )
-        return Applied(config=config, info=info, properties=properties, plan=plan, packages=fingerprint(config.daemon.venv))
+        return Applied(config=config, info=info, properties=properties, plan=plan, packages=packages)
 
     async def _write_config_xml(self, target: Applied) -> None:
         changed = await asyncio.to_thread(
