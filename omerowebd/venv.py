@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ConfigError, ConfigErrors
+from .trust import venv_refusal
 
 PROBE = Path(__file__).with_name("venv_probe.py")
 PROBE_TIMEOUT = 120.0
@@ -56,6 +57,11 @@ def layout_problems(venv: Path) -> list[str]:
         return [f"venv {venv} does not exist: point daemon.venv at the OMERO.web virtualenv"]
     if not os.access(python, os.X_OK):
         return [f"venv {venv} has no runnable bin/python: recreate it (python3.10 -m venv {venv})"]
+    # Root runs the venv's Python only if root alone controls what it runs
+    # (the service user must not be able to plant code root imports).
+    refusal = venv_refusal(venv, f"run {python}")
+    if refusal:
+        return [refusal]
     sites = site_packages(venv)
     problems = []
     for module, dist in (("omeroweb", "omero-web"), ("gunicorn", "gunicorn")):
