@@ -384,8 +384,14 @@ def maintenance_dir(config: Config) -> Path:
 
 
 def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo,
-                   backends: Sequence[str]) -> Rendered:
-    """The server file, the location include and the maintenance page, as the daemon writes them."""
+                   backends: Sequence[str], *, directory: Path | None = None,
+                   page_dir: Path | None = None) -> Rendered:
+    """The server file, the location include and the maintenance page, as the daemon writes them.
+
+    ``directory`` and ``page_dir`` put the files elsewhere (the maintenance
+    location's ``root`` follows ``page_dir``): the root-run publisher renders
+    the same text into directories only root can write.
+    """
     nginx = config.nginx
     web = web_settings(properties, info, config.daemon.omerodir, config.where)
     check_web_settings(web, config.where)
@@ -396,7 +402,7 @@ def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo
         if problem:
             raise NginxValueError(f"{config.path}: backend address {address!r} {problem}")
     check_listen_conflict(nginx.listen, backends, config)
-    page_dir = maintenance_dir(config)
+    page_dir = page_dir or maintenance_dir(config)
     problem = value_problem(str(page_dir))
     if problem:
         raise NginxValueError(f"{config.path}: daemon.state_dir {str(config.daemon.state_dir)!r} {problem}")
@@ -426,7 +432,7 @@ def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo
             text += _redirect_block(nginx.redirects, "")
         texts[kind] = _header(name, config) + text
 
-    directory = output_dir(config)
+    directory = directory or output_dir(config)
     server = directory / nginx.server_file
     location = directory / nginx.location_file
     page = page_dir / page_name
@@ -692,6 +698,29 @@ class NginxOutput:
             "reload": self.reload.describe() if self.reload else None,
             "warnings": list(self.warnings),
         }
+
+
+APPLIED_MARKER = "applied.json"
+
+
+def mark_applied(config: Config, log: Any) -> None:
+    """Say which TOML now serves: the sha256 of its bytes, and when it was applied.
+
+    The root-run omerowebd-nginx-publish renders nginx's files itself from the
+    TOML it reads; it publishes only when this digest equals that of the TOML
+    it read, i.e. once the daemon has applied it. It trusts nothing else here.
+    The time makes every start and reload a change its path unit sees (a new
+    venv or socket address changes the files under the same TOML).
+    """
+    if not config.nginx.enabled:
+        return
+    path = output_dir(config) / APPLIED_MARKER
+    data = json.dumps({"digest": config.digest, "applied_at": time.time()}).encode() + b"\n"
+    try:
+        _make_dir(path.parent)
+        write_atomic(path, data, mode=0o644)
+    except OSError as e:
+        log.warning("cannot write the applied marker for the nginx publisher", path=str(path), error=e.strerror)
 
 
 def _write_changed(files: Mapping[Path, bytes]) -> dict[Path, bytes | None]:

@@ -25,7 +25,7 @@ from .config import Config
 from .control import ControlServer
 from .errors import ConfigError, UserError
 from .generation import Generation, GenerationFailed, GunicornPlan, http_probe, plan_gunicorn
-from .nginx import NginxOutput
+from .nginx import NginxOutput, mark_applied
 from .sessions import SessionService
 from .sockets import HeldSocket
 from .static import ensure_collected
@@ -169,6 +169,7 @@ class Supervisor:
             await generation.kill()
             raise UserError(f"OMERO.web did not start: {e}", exit_code=1) from None
         self.applied = target
+        mark_applied(config, self.log)  # serving now: the root publisher may render this TOML for nginx
         self.current = generation
         self.state = "serving"
         self._started.set()
@@ -423,6 +424,7 @@ class Supervisor:
                     sockets.release(new_sockets)
                 return _result(RELOAD_ROLLED_BACK, "rolled back", failure, changes=changes)
         self.applied = target
+        mark_applied(config, self.log)  # the new generation serves: the root publisher may follow
         for service in self.services.values():
             service.update(config, target.properties, info)
         self._follow_config_file(config)
