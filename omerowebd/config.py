@@ -15,8 +15,10 @@ import dataclasses
 import difflib
 import hashlib
 import os
+import ipaddress
 import re
 import types
+import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,8 +44,9 @@ def config_path(arg: str | os.PathLike[str] | None = None) -> Path:
     return DEFAULT_CONFIG
 
 
-def _doc(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"doc": text}, **kwargs)
+def _doc(text: str, *, number_as_text: bool = False, **kwargs: Any) -> Any:
+    # number_as_text: a text field that also takes a bare integer (`listen = 8080`).
+    return field(metadata={"doc": text, "number_as_text": number_as_text}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class NginxSettings:
     output_dir: Path | None = _doc("where the files go; default STATE_DIR/nginx", default=None)
     server_file: str = _doc("file name of the server config", default="omero-web.conf")
     location_file: str = _doc("file name of the location include", default="omero-web-location.include")
-    listen: str = _doc("port (or address:port) nginx listens on", default="80")
+    listen: str = _doc("port (or address:port) nginx listens on", default="80", number_as_text=True)
     server_name: str = _doc("nginx server_name", default="$hostname")
     max_body_size: str = _doc("nginx client_max_body_size", default="0")
     redirects: dict[str, str] = _doc(
@@ -133,10 +136,7 @@ def parse(data: bytes, path: Path) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        doc = tomlkit.parse(text)
-    except tomlkit.exceptions.ParseError as e:
-        raise ConfigError(f"{path}:{e.line}:{e.col + 1}: TOML syntax error: {_parse_message(e)}") from None  # tomlkit counts columns from 0
+    doc = _parse_toml(text, path)
 
     lines = _KeyLines(text)
     problems: list[str] = []
@@ -176,12 +176,65 @@ def parse(data: bytes, path: Path) -> Config:
 
 def _parse_message(e: Exception) -> str:
     # tomlkit appends " at line L col C" to its messages; the prefix says it already.
-    return re.sub(r"\s+at line \d+ col \d+$", "", str(e))
+    return re.sub(r"\s+at line \d+ col \d+\Z", "", str(e))
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+def _parse_toml(text: str, path: Path) -> Any:
+    """The tomlkit document, or ConfigError with one line: file:line:column: what.
+
+    The standard library's parser judges first: it follows the TOML spec and
+    names the line of every error, where tomlkit raises some (a key set twice)
+    without a position. tomlkit then builds the tree this module reads (it
+    tells inline tables from namespaces).
+    """
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(_toml_error(text, path, str(e))) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: TOML error: values nested too deeply") from None
+    try:
+        return tomlkit.parse(text)
+    except (tomlkit.exceptions.TOMLKitError, ValueError, RecursionError) as e:
+        # Only where the two parsers disagree: one line, never a traceback.
+        raise ConfigError(f"{path}: TOML error: {_parse_message(e) or type(e).__name__}") from None
+
+
+_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\Z")
+
+
+def _toml_error(text: str, path: Path, message: str) -> str:
+    position = _POSITION.search(message)
+    what = message[: position.start()] if position else message
+    if position and position.group(1):
+        where = f"{path}:{position.group(1)}:{position.group(2)}"
+    else:
+        where = f"{path}:{max(1, len(text.splitlines()))}"  # end of document: the last line
+    declared = re.fullmatch(r"Cannot declare \((.*?),?\) twice", what)
+    if declared:
+        table = ".".join(part.strip().strip("'\"") for part in declared.group(1).split(","))
+        return f"{where}: table [{table}] is declared twice: merge the two into one"
+    if what.startswith(("Cannot overwrite a value", "Cannot mutate")):
+        return f"{where}: {_duplicate(text, what)}"
+    return f"{where}: TOML syntax error: {what}"
+
+
+def _duplicate(text: str, what: str) -> str:
+    """A key or table given twice, named the way the file writes it."""
+    try:
+        tomlkit.parse(text)
+    except tomlkit.exceptions.TOMLKitError as e:
+        named = re.match(r'Key "(.*)" already exists', str(e))
+        if named:
+            return f"{named.group(1)} is set twice: keep one (TOML allows each key and table once)"
+    except (ValueError, RecursionError):
+        pass
+    return f"a key or table is set twice: keep one (TOML allows each once; {what})"
+
 
 
 def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: _KeyLines, problems: list[str]) -> Any:
@@ -204,6 +257,8 @@ def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: 
             problems.append(f"{path}: missing required key {table}.{name} ({f.metadata['doc']})")
             kwargs[name] = None
     if len(problems) > before:
+        if fields[key].metadata.get("number_as_text") and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
         return None
     return _check(cls(**kwargs), table, path, lines, problems)
 
@@ -262,7 +317,78 @@ def _tname(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-_ADDRESS = re.compile(r"^(unix:/.+|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5})$")
+_HOST = re.compile(r"[A-Za-z0-9_.-]+")
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, one of them the terminating NUL
+
+
+def port_problem(text: str) -> str | None:
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        return f"the port must be a number from 1 to 65535, not {text!r}"
+    return None
+
+
+def host_problem(host: str) -> str | None:
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1] if host.endswith("]") else "!")
+        except ValueError:
+            return f"{host!r} is not an IPv6 address in brackets ([::1])"
+        return None
+    if not _HOST.fullmatch(host):
+        return f"{host!r} is not a host name or IPv4 address (IPv6 goes in brackets: [::1])"
+    return None
+
+
+def address_problem(address: str) -> str | None:
+    """Why ``address`` is not HOST:PORT, [IPV6]:PORT or unix:/absolute/path, or None."""
+    if address.startswith("unix:"):
+        path = address[5:]
+        if not path.startswith("/"):
+            return f"{address!r}: a unix socket path must be absolute (unix:/run/omero-web.sock)"
+        if any(ord(c) < 33 or c in ";{}\x7f" for c in path):
+            return f"{address!r}: a unix socket path may not hold spaces, control characters, ';', '{{' or '}}'"
+        if len(path.encode()) > UNIX_PATH_MAX:
+            return f"{address!r}: a unix socket path may be at most {UNIX_PATH_MAX} bytes long"
+        return None
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or (":" in host and not host.startswith("[")):
+        return f"{address!r} is not an address: use HOST:PORT, [IPV6]:PORT or unix:/absolute/path"
+    problem = host_problem(host) or port_problem(port)
+    return f"{address!r}: {problem}" if problem else None
+
+
+# nginx's `listen` parameters (ngx_http_core_module); those with "=" take a value.
+_LISTEN_FLAGS = {"default_server", "default", "ssl", "http2", "quic", "proxy_protocol", "deferred", "bind", "reuseport"}
+_LISTEN_OPTIONS = {"setfib", "fastopen", "backlog", "rcvbuf", "sndbuf", "accept_filter", "ipv6only", "so_keepalive"}
+
+
+def listen_problem(listen: str) -> str | None:
+    """Why ``listen`` is not what nginx's ``listen`` takes (PORT, ADDRESS[:PORT] or unix:/path, then flags)."""
+    words = listen.split()
+    if not words:
+        return "is empty: give a port such as 80, or ADDRESS:PORT"
+    first, flags = words[0], words[1:]
+    if first.startswith("unix:"):
+        problem = address_problem(first)
+        if problem:
+            return problem
+    elif first.isdigit():
+        problem = port_problem(first)
+    elif first.startswith("[") and first.endswith("]"):
+        problem = host_problem(first)
+    else:
+        host, colon, port = first.rpartition(":")
+        if not colon:
+            host, port = first, ""  # an address alone: nginx listens on port 80
+        problem = (None if host == "*" else host_problem(host)) or (port_problem(port) if colon else None)
+    if problem:
+        return f"{listen!r}: {problem}"
+    for flag in flags:
+        name, eq, value = flag.partition("=")
+        if (flag not in _LISTEN_FLAGS and name not in _LISTEN_OPTIONS) or (name in _LISTEN_OPTIONS and not value):
+            return (f"{listen!r}: {flag!r} is not a parameter of nginx's listen"
+                    " (such as ssl, http2, default_server, reuseport, backlog=N)")
+    return None
 
 
 def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: list[str]) -> Any:
@@ -273,8 +399,9 @@ def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: li
 
     if isinstance(settings, DaemonSettings):
         for address in settings.bind or ():
-            if not _ADDRESS.match(address):
-                bad("bind", f"has {address!r}: use HOST:PORT, [IPV6]:PORT or unix:/absolute/path")
+            problem = address_problem(address)
+            if problem:
+                bad("bind", f"has {problem}")
         if settings.bind == ():
             bad("bind", "must name at least one address")
         for key in ("ready_timeout", "graceful_timeout"):
@@ -296,7 +423,8 @@ def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: li
     if isinstance(settings, NginxSettings):
         from .nginx import settings_problems  # one checker for what goes into nginx text
 
-        for key, message in settings_problems(settings):
+        found = settings_problems(settings)
+        for key, message in found:
             bad(key, message)
     return settings
 
@@ -313,6 +441,9 @@ class _KeyLines:
     _KEY = re.compile(r"""^\s*((?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+))*)\s*=""")
 
     def __init__(self, text: str) -> None:
+        problem = listen_problem(settings.listen)
+        if problem and "listen" not in {key for key, _ in found}:
+            bad("listen", f"has {problem}")
         self.entries: list[tuple[tuple[str, ...], int]] = []
         table: tuple[str, ...] = ()
         for number, line in enumerate(text.splitlines(), 1):

@@ -52,8 +52,8 @@ from .venv import VenvInfo
 LOCK_TIMEOUT = 30.0
 HIDDEN = "*" * 8  # what `omero config get` prints for a secret
 _INT64 = range(-(2**63), 2**63)
-_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
-_NAME = re.compile(r"^omero(\.[A-Za-z0-9_-]+)+$")
+_BARE = re.compile(r"^[A-Za-z0-9_-]+\Z")  # \Z: "$" would let a final newline through
+_NAME = re.compile(r"^omero(\.[A-Za-z0-9_-]+)+\Z")
 
 
 class EditRefused(UserError):

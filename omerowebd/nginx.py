@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, NginxSettings
+from .config import Config, NginxSettings, address_problem
 from .errors import EXIT_FAILURE, UserError
 from .files import write_atomic
 from .venv import VenvInfo, effective, probe_env
@@ -212,8 +212,9 @@ def value_problem(value: str, *, words: bool = False, backslash: bool = False) -
     return None
 
 
-_SIZE = re.compile(r"^\d+[kKmMgG]?$")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# \Z, not $: "$" also matches before a final newline ("1m\n" would pass).
+_SIZE = re.compile(r"^[0-9]+[kKmMgG]?\Z")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\Z")
 
 
 def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
@@ -247,16 +248,13 @@ def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
         elif not target.startswith(("/", "http://", "https://")):
             out.append(("redirects", f"{path!r} = {target!r}: the target must start with '/', http:// or https://"))
     for address in nginx.upstreams:
-        if not _ADDRESS.match(address) or value_problem(address):
+        if address_problem(address) or value_problem(address):
             out.append(("upstreams", f"has {address!r}: use HOST:PORT, [IPV6]:PORT or unix:/absolute/path"))
     for key in ("validate_command", "reload_command"):
         command = getattr(nginx, key)
         if command is not None and (not command or not command[0]):
             out.append((key, "must name a program, e.g. [\"nginx\", \"-t\"]; leave it out for none"))
     return out
-
-
-_ADDRESS = re.compile(r"^(unix:/[^\s;{}]+|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5})$")
 
 
 # -- render exactly as `omero web config` does -----------------------------------

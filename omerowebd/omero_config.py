@@ -25,6 +25,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ from xml.etree.ElementTree import Comment, Element, ElementTree, SubElement, fro
 
 import tomlkit.items
 
+from .errors import ConfigError
 from .files import write_atomic
 
 PROFILE = "default"
@@ -62,11 +64,20 @@ def _flatten(
             first = ".".join(seen[name])
             yield f"{name} is set twice (also as {first}); keep one", path
             continue
+        problem = xml_problem(name)
+        if problem:
+            yield f"the property name {name!r} {problem}", path
+            continue
         try:
-            out[name] = encode_value(_plain(item))
+            value = encode_value(_plain(item))
         except ValueError as e:
             yield f"{name}: {e}", path
             continue
+        problem = xml_problem(value)
+        if problem:
+            yield f"{name} {problem}", path
+            continue
+        out[name] = value
         seen[name] = path
 
 
@@ -96,6 +107,26 @@ def encode_value(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, default=_json_default)
     raise ValueError(f"unsupported TOML value {value!r}")
+
+
+# What XML 1.0 can hold at all (not even as &#N;): the C0 controls but tab, LF
+# and CR; U+FFFE and U+FFFF; lone surrogates. expat, and so omero-py, refuses
+# a config.xml that has them.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def xml_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored in config.xml, or None."""
+    bad = _NOT_XML.search(text)
+    if bad:
+        return f"contains the control character {bad.group()!r}, which config.xml cannot hold: remove it"
+    return None
+
+
+def _comment_text(text: str) -> str:
+    """``text`` made safe inside <!-- -->: no "--", nothing XML cannot hold."""
+    text = _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return re.sub("-{2,}", lambda m: "-" + "%2D" * (len(m.group()) - 1), text)
 
 
 def _json_default(value: Any) -> Any:
@@ -140,7 +171,7 @@ def render_config_xml(properties: Mapping[str, str], source: str | None = None) 
     """The bytes omero-py's ConfigXml would save for these properties (profile ``default``)."""
     icegrid = Element("icegrid")
     note = "Written by omerowebd" + (f" from {source}" if source else "") + "; edit that file, not this one."
-    icegrid.append(Comment(f" {note} "))
+    icegrid.append(Comment(f" {_comment_text(note)} "))
     active = SubElement(icegrid, "properties", id=ACTIVE)
     SubElement(active, "property", name=PROFILE_KEY, value=PROFILE)
     SubElement(active, "property", name=VERSION_KEY, value=VERSION)
@@ -149,6 +180,9 @@ def render_config_xml(properties: Mapping[str, str], source: str | None = None) 
     for name, value in properties.items():
         if name in (VERSION_KEY, PROFILE_KEY):
             continue
+        problem = xml_problem(name) or xml_problem(value)
+        if problem:  # config.py refuses these first; this keeps a bad file from ever being written
+            raise ConfigError(f"{name}: {problem}")
         SubElement(active, "property", name=name, value=value)
         SubElement(profile, "property", name=name, value=value)
     icegrid.append(profile)
