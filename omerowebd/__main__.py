@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from . import __version__, log
+from . import __version__, log, redact
 from . import config as config_module
 from .errors import EXIT_FAILURE, ConfigErrors, UserError
 from .supervisor import Supervisor
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(error: UserError, notifier: Notifier) -> int:
     problems = error.problems if isinstance(error, ConfigErrors) else [str(error)]
+    problems = [redact.scrub_known(p) for p in problems]  # to the journal and STATUS=: no secret
     for problem in problems:
         print(f"omerowebd: {problem}", file=sys.stderr, flush=True)
     notifier.status(f"failed: {problems[0]}")

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import tomlkit
 import tomlkit.exceptions
 
+from . import redact
 from .errors import ConfigError, ConfigErrors
 from .omero_config import flatten_omero_tree
 
@@ -163,6 +164,9 @@ def parse(data: bytes, path: Path) -> Config:
             problems.append(f"{path}:{lines.find(key_path[:-1], key_path[-1])}: {problem}")
         for name in properties:
             where[name] = lines.find_property(name)
+    # Every message from here on (an error, a reload result, a log line) may
+    # quote a value: the scrubber must know this file's secrets.
+    redact.remember(properties)
     if problems:
         raise ConfigErrors(problems)
     return Config(

@@ -43,6 +43,7 @@ import tomlkit.items
 from tomlkit.container import Container
 
 from . import config as config_module
+from . import redact
 from . import venv as venv_module
 from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigErrors, UserError
 from .files import write_atomic
@@ -50,7 +51,7 @@ from .omero_config import encode_value, flatten_omero_tree
 from .venv import VenvInfo
 
 LOCK_TIMEOUT = 30.0
-HIDDEN = "*" * 8  # what `omero config get` prints for a secret
+HIDDEN = redact.HIDDEN  # what `omero config get` prints for a secret
 _INT64 = range(-(2**63), 2**63)
 _BARE = re.compile(r"^[A-Za-z0-9_-]+\Z")  # \Z: "$" would let a final newline through
 _NAME = re.compile(r"^omero(\.[A-Za-z0-9_-]+)+\Z")
@@ -66,16 +67,14 @@ class EditRefused(UserError):
         self.problems = problems or []
 
 
-def is_secret(name: str) -> bool:
-    """Hidden unless asked for: `omero config get`'s rule (…pass, …password) plus secrets, keys, tokens."""
-    lower = name.lower()
-    return lower.endswith(("pass", "key")) or any(w in lower for w in ("password", "passwd", "secret", "token"))
+is_secret = redact.is_secret  # the one rule, in redact.py
 
 
 def shown(name: str, text: str | None, show_secrets: bool) -> str:
+    """A value as `config get` and the edit reports print it: secrets hidden unless asked for."""
     if text is None:
         return "(not set)"
-    return HIDDEN if text and is_secret(name) and not show_secrets else text
+    return text if show_secrets else redact.value(name, text) or text
 
 
 # -- keys ----------------------------------------------------------------
@@ -629,7 +628,7 @@ def _ask_venv(config: config_module.Config | None, doc: Document, props: dict[st
     try:
         return Knowledge(info=probe(venv, props, omerodir))
     except UserError as e:
-        return Knowledge(why_not=str(e))
+        return Knowledge(why_not=redact.scrub(str(e), props))
 
 
 def _verify_layout(old: dict[str, str], changes: list[Change], doc: Document, new: config_module.Config | None) -> None:
@@ -649,17 +648,24 @@ def _verify_layout(old: dict[str, str], changes: list[Change], doc: Document, ne
 
 def _venv_problems(config: config_module.Config, knowledge: Knowledge, probe: Callable[..., VenvInfo]) -> list[str]:
     """Refuse what OMERO.web would refuse and the file did not already have; warn when it cannot be asked."""
+    # OMERO.web's parsers quote the value they refuse: never a secret's.
+    secrets = redact.for_properties(config.properties)
+
+    def clean(message: str) -> str:
+        return redact.scrub_known(secrets.scrub(message))
+
     try:
         info = probe(config.daemon.venv, config.properties, config.daemon.omerodir)
     except UserError as e:
         if knowledge.info is not None:  # it answered before this edit: the edit broke it (daemon.venv)
-            raise EditRefused(f"refused, {config.path} is unchanged: {e}") from None
-        return [f"OMERO.web was not asked about the values ({e})"]
+            raise EditRefused(f"refused, {config.path} is unchanged: {clean(str(e))}") from None
+        return [f"OMERO.web was not asked about the values ({clean(str(e))})"]
     before = knowledge.info.errors if knowledge.info else {}
-    fresh = [f"{config.path}: {n}: {m}" for n, m in sorted(info.errors.items()) if before.get(n) != m]
+    errors = {n: clean(m) for n, m in info.errors.items()}
+    fresh = [f"{config.path}: {n}: {errors[n]}" for n, m in sorted(info.errors.items()) if before.get(n) != m]
     if fresh:
         raise EditRefused(f"refused, {config.path} is unchanged: {fresh[0]}", fresh)
-    return [f"still to fix: {config.where(n)}: {n}: {m}" for n, m in sorted(info.errors.items())]
+    return [f"still to fix: {config.where(n)}: {n}: {m}" for n, m in sorted(errors.items())]
 
 
 class _locked:
@@ -729,7 +735,7 @@ def set_key(doc: Document, key: Key, text: str, knowledge: Knowledge, *, as_text
     item = property_item(key.name, text, kind, exact=False)
     doc.set_property(key.name, item, knowledge.value_names())
     after = encode_value(plain_value(item))
-    note = "" if after == text else f"given as {text!r}"
+    note = "" if after == text else f"given as {redact.value(key.name, text)!r}"
     return Change(key.name, before_text, after, written_as(item), note)
 
 
@@ -752,7 +758,8 @@ def append_key(doc: Document, key: Key, text: str, knowledge: Knowledge, *, uniq
         try:
             current = json.loads(before)
         except ValueError:
-            raise EditRefused(f"{key.name} is not JSON ({before!r}): set the whole list with config set") from None
+            raise EditRefused(f"{key.name} is not JSON ({redact.value(key.name, before)!r}): "
+                              "set the whole list with config set") from None
         start = "its value"
     elif key.name.startswith("omero.web."):
         default = knowledge.default(key.name)
@@ -768,7 +775,8 @@ def append_key(doc: Document, key: Key, text: str, knowledge: Knowledge, *, uniq
     else:
         current, start = [], "an empty list"
     if not isinstance(current, list):
-        raise EditRefused(f"{key.name} is not a list ({start} is {before or default!r}): use config set")
+        raise EditRefused(f"{key.name} is not a list ({start} is {redact.value(key.name, before or default)!r}): "
+                          "use config set")
     if not (unique and value in current):
         current.append(value)
     after = json.dumps(current)

@@ -1,8 +1,11 @@
 """Logging with structlog: journald fields under systemd, readable text on a
 terminal, JSON lines on request.
 
-Every event is one line (or one journal entry) with its fields; secrets never
-reach a log line because property values are never logged, only names.
+Every event is one line (or one journal entry) with its fields. Secrets never
+reach a log line: property values are not logged, only names; and, as the
+last line of defence, every event goes through redact.py on its way out
+(values under secret-looking names hidden, known secret values replaced
+wherever they appear, e.g. in an error message that quotes one).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import sys
 from typing import Any
 
 import structlog
+
+from . import redact
 
 try:
     from systemd import journal as _journal
@@ -50,21 +55,28 @@ def _to_journal(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     raise structlog.DropEvent
 
 
+def hide_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The last processor before output: no secret leaves, whatever a caller passed."""
+    return redact.structure(event)
+
+
 def configure(requested: str = "auto", level: int = logging.INFO) -> str:
     """Set up structlog once; returns the format chosen."""
     chosen = pick_format(requested)
     processors: list[Any] = [structlog.processors.add_log_level]
     if chosen == "journal":
-        processors.append(_to_journal)
+        processors += [hide_secrets, _to_journal]
     elif chosen == "json":
         processors += [
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            structlog.processors.format_exc_info,  # a traceback is text to search too
+            hide_secrets,
             structlog.processors.JSONRenderer(sort_keys=False),
         ]
     else:
         processors += [
             structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            hide_secrets,
             structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
         ]
     structlog.configure(

@@ -21,8 +21,9 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from xml.etree.ElementTree import ParseError, fromstring
 
-from . import omero_config
-from .edit import HIDDEN, Change, Document, Knowledge, plain_value, is_secret, property_item, written_as
+from . import omero_config, redact
+from .edit import Change, Document, Knowledge, plain_value, property_item, written_as
+from .redact import HIDDEN, is_secret
 from .omero_config import encode_value
 from .errors import EXIT_FAILURE, UserError
 
@@ -179,8 +180,11 @@ def export_text(properties: dict[str, str], *, show_secrets: bool, source: str) 
     entries: list[str] = []
     for name in sorted(properties):
         value = properties[name]
-        if is_secret(name) and value and not show_secrets:
-            notes.append(f"# {name}={HIDDEN} (hidden: export with --show-password to carry it)")
+        hidden = redact.value(name, value)
+        if hidden != value and not show_secrets:
+            # Left out whole: a load must not set a password to "********". Shown
+            # with the secrets hidden, so the reader still sees what is set.
+            notes.append(f"# {name}={_one_line(hidden)} (hidden: export with --show-password to carry it)")
             warnings.append(f"{name} is hidden: export with --show-password to carry it")
             continue
         problem = load_problem(value)
@@ -194,6 +198,10 @@ def export_text(properties: dict[str, str], *, show_secrets: bool, source: str) 
         "# Load them with: omero config load FILE",
     ]
     return "\n".join([*head, *notes, *entries]) + "\n", warnings
+
+
+def _one_line(text: str | None) -> str:
+    return (text or "").replace("\r", " ").replace("\n", " ")
 
 
 def load_problem(value: str) -> str | None:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import checks, log, omero_config, sockets
+from . import checks, log, omero_config, redact, sockets
 from . import config as config_module
 from .config import Config
 from .control import ControlServer
@@ -281,7 +281,7 @@ class Supervisor:
     async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
         if cmd == "status":
-            return {"ok": True, **self.status()}
+            return {"ok": True, **redact.structure(self.status())}  # no secret in a reply, whoever wrote the text
         if cmd == "reload":
             if request.get("dry_run"):
                 return await self.dry_run()
@@ -638,6 +638,9 @@ def _changes(old: Config, new: Config) -> list[str]:
 
 
 def _result(exit_code: int, outcome: str, message: str, **extra: Any) -> dict[str, Any]:
+    # The message may quote a value the venv or gunicorn refused: it goes to
+    # status, the log and omerowebctl, so no secret stays in it. Changes are names only.
+    message = redact.scrub_known(message)
     return {"ok": exit_code == RELOAD_APPLIED, "exit_code": exit_code, "outcome": outcome, "message": message, **extra}
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import redact
 from .config import Config
 from .errors import ConfigError, ConfigErrors
 from .trust import venv_refusal
@@ -195,8 +196,14 @@ def probe_sync(venv: Path, properties: Mapping[str, str], omerodir: Path | None 
 
 
 def property_problems(config: Config, info: VenvInfo) -> tuple[list[str], list[str]]:
-    """(errors, warnings) about the [omero] properties, each one line with the place."""
-    errors = [f"{config.where(name)}: {name}: {message}" for name, message in sorted(info.errors.items())]
+    """(errors, warnings) about the [omero] properties, each one line with the place.
+
+    OMERO.web's parsers quote the value they refuse: secrets are taken out
+    (redact.py), so a refused password never reaches the journal or a reply.
+    """
+    secrets = redact.for_properties(config.properties)
+    errors = [f"{config.where(name)}: {name}: {redact.scrub_known(secrets.scrub(message))}"
+              for name, message in sorted(info.errors.items())]
     warnings = []
     known = list(info.catalogue)
     for name in sorted(config.properties):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_module
-from .. import control, edit, migrate, venv
+from .. import control, edit, migrate, redact, venv
 from ..errors import EXIT_FAILURE, EXIT_USAGE, UserError
 from ..files import write_atomic
 from . import socket_path
@@ -28,12 +28,16 @@ integers, lists and tables; text otherwise. Comments and layout of the file
 stay as they are. Every edit is checked (the daemon's parser, and OMERO.web's
 in the venv) before it is written: a refused edit changes nothing. The
 running daemon applies a saved file by itself; --reload waits for it and
-reports the outcome.
+reports the outcome. Secrets (names with password, secret, token, key...; the
+passwords inside omero.web.django_additional_settings) are hidden in what
+config prints unless --show-password; set them with --stdin or --file FILE so
+they stay out of shell history and the process list.
 
 examples:
   omerowebctl config get
   omerowebctl config get omero.web.prefix
   omerowebctl config set omero.web.prefix /omero --reload
+  omerowebctl config set omero.web.secret_key --stdin < secret.txt
   omerowebctl config set omero.web.public.enabled true
   omerowebctl config append omero.web.apps '"omero_iviewer"'
   omerowebctl config append omero.web.ui.top_links '["Figure", "figure_index"]'
@@ -58,7 +62,8 @@ VERB_EXAMPLES = {
     "get": ["config get", "config get omero.web.prefix", "config get omero.web.public", "config get daemon",
             "config get --json --show-password"],
     "set": ["config set omero.web.prefix /omero --reload", "config set omero.web.wsgi_workers 8",
-            "config set omero.web.secret_key --file -   # the value from standard input",
+            "config set omero.web.secret_key --stdin < secret.txt   # a secret never on the command line",
+            "config set omero.web.django_additional_settings --file mail-settings.json",
             "config set daemon.bind 127.0.0.1:4080", "config set nginx.validate_command 'nginx -t'"],
     "append": ["config append omero.web.apps '\"omero_iviewer\"'",
                "config append omero.web.ui.top_links '[\"Figure\", \"figure_index\"]' --set",
@@ -91,8 +96,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     set_ = verbs.add_parser("set", help="set KEY to VALUE", description="Set KEY to VALUE, typed as OMERO.web parses it.")
     set_.add_argument("key", metavar="KEY")
     set_.add_argument("value", nargs="?", metavar="VALUE")
-    set_.add_argument("--file", metavar="FILE", help="read the value from FILE ('-': standard input), as "
-                      "`omero config set --file` does; keeps secrets off the command line")
+    source = set_.add_mutually_exclusive_group()
+    source.add_argument("--file", metavar="FILE", help="read the value from FILE ('-': standard input), as "
+                        "`omero config set --file` does; keeps secrets off the command line")
+    source.add_argument("--stdin", action="store_true",
+                        help="read the value from standard input (one value; the trailing newline is dropped)")
     set_.add_argument("--text", action="store_true", help="store VALUE as text, whatever the property's type")
     _edit_options(set_)
     set_.set_defaults(func=run_set)
@@ -210,10 +218,21 @@ def _print(values: dict[str, str], args: argparse.Namespace, *, single: bool = F
 
 def run_set(args: argparse.Namespace) -> int:
     key = edit.parse_key(args.key)
-    if (args.value is None) == (args.file is None):
-        raise UserError("give VALUE or --file FILE (to remove a key: config unset KEY)", exit_code=EXIT_USAGE)
-    text = args.value if args.file is None else _read_value(args.file)
+    from_file = "-" if args.stdin else args.file
+    if (args.value is None) == (from_file is None):
+        raise UserError("give VALUE, --stdin or --file FILE (to remove a key: config unset KEY)", exit_code=EXIT_USAGE)
+    text = args.value if from_file is None else _read_value(from_file)
+    if from_file is None:
+        _warn_secret_on_command_line(key.name, text)
     return _edit(args, lambda doc, k: [edit.set_key(doc, key, text, k, as_text=args.text)])
+
+
+def _warn_secret_on_command_line(name: str, text: str, *, element: bool = False) -> None:
+    """A secret given as an argument is in shell history and /proc/PID/cmdline, for every local user to read."""
+    if redact.hides_anything(name, f"[{text}]" if element else text):
+        print(f"warning: the value of {name} holds a secret and was given on the command line, where other "
+              f"users can read it and shell history keeps it: use --stdin (or --file FILE) next time",
+              file=sys.stderr)
 
 
 def _read_value(name: str) -> str:
@@ -226,6 +245,7 @@ def _read_value(name: str) -> str:
 
 def run_append(args: argparse.Namespace) -> int:
     key = edit.parse_key(args.key)
+    _warn_secret_on_command_line(key.name, args.value, element=True)
     return _edit(args, lambda doc, k: [edit.append_key(doc, key, args.value, k, unique=args.unique)])
 
 
@@ -272,7 +292,7 @@ def _describe(change: edit.Change, outcome: edit.Outcome, show: bool) -> str:
 def _reload(args: argparse.Namespace, path: Path) -> int:
     try:
         reply = control.request(socket_path(args), {"cmd": "reload", "wait": True}, timeout=None)
-    except control.DaemonUnreachable as e:
+    except (control.DaemonUnreachable, control.PermissionDenied) as e:
         print(f"not applied: {e}", file=sys.stderr)
         return e.exit_code
     if "exit_code" not in reply:

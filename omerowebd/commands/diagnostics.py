@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, checks, control, nginx, omero_config
+from .. import __version__, checks, control, nginx, omero_config, redact
 from .. import config as config_module
 from ..errors import UserError
 from ..generation import CONF, plan_gunicorn
@@ -62,7 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = gather(args)
+    # A report is pasted into bug reports: every value under a secret-looking
+    # name and every secret of the config it read is hidden (redact.py).
+    report = redact.structure(gather(args))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -304,10 +306,10 @@ def gunicorn_command(config: config_module.Config, info: VenvInfo) -> dict[str, 
     except ValueError as e:
         return {"error": f"cannot work it out: {e}"}
     return {
-        "command": shlex.join(plan.command(CONF)),
+        "command": shlex.join(redact.argv(plan.command(CONF))),  # wsgi_args may hold --env SECRET=...
         "cwd": str(plan.omeroweb_dir),
         "settings": dict(plan.settings),
-        "env": dict(plan.env),
+        "env": redact.structure(dict(plan.env)),
         "listens on": ", ".join(nginx.backends_of(config)) + " (unless systemd passes sockets: omerowebd.socket)",
         "health": f"GET {plan.health_path} (Host: {plan.health_host})",
     }
