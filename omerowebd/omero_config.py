@@ -135,6 +135,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(value)
 
 
+def default_session_dir(state_dir: Path) -> Path:
+    """Where the daemon keeps Django's file sessions when the site named no SESSION_FILE_PATH."""
+    return state_dir / "sessions"
+
+
 def with_session_path(properties: Mapping[str, str], session_dir: Path) -> dict[str, str]:
     """Pin Django's file session store to ``session_dir`` unless the site chose a path.
 

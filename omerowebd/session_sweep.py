@@ -6,9 +6,23 @@ must (to learn the settings, or to check the signature of a session that
 carries its own expiry).
 
 stdin:  {"mode": "sweep", "omerodir": ..., "dry_run": bool, "nice": int, "idle_io": bool,
-         "snapshot": {...} or null, "ledger": bool}
-        {"mode": "clearsessions", "omerodir": ..., "manage": path, "nice": int, "idle_io": bool}
+         "snapshot": {...} or null, "ledger": bool, "store": path, "config_xml": text}
+        {"mode": "clearsessions", "omerodir": ..., "manage": path, "nice": int, "idle_io": bool,
+         "config_xml": text}
 stdout: one JSON object (the result, or {"fatal": message})
+
+``config_xml`` is the config.xml omerowebd derives from its own TOML; OMERO.web's
+settings are read from a private copy of it (see View), never from the site's
+``etc/grid/config.xml``, which the service user can write. ``store`` is the
+store that same TOML names: it is swept whatever the settings say.
+
+It runs as the user who owns the store (omerowebd starts it so, see
+sessions.py), and trusts nothing in the store: the store is opened once with
+O_NOFOLLOW|O_DIRECTORY and everything in it is reached through that fd,
+without following links; what it creates there (the lock, the ledger and its
+temp file) is created with O_EXCL|O_NOFOLLOW. It never changes an owner.
+Session keys are secrets (a key is a login): reports name a session file by a
+hash of its name (see name_hash), never by the name.
 
 What it deletes is exactly what ``manage.py clearsessions`` deletes on the
 same store (``django.contrib.sessions.backends.file.SessionStore.clear_expired``
@@ -56,14 +70,19 @@ session that a request saved again in the meantime stays (see Deleter).
 import array
 import base64
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import platform
 import queue
+import shutil
 import signal
+import stat
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -71,7 +90,8 @@ from datetime import datetime, timedelta, timezone
 
 LOCK_NAME = ".omerowebd-sweep.lock"
 LEDGER_NAME = ".omerowebd-sweep.ledger"
-OWN_FILES = (LOCK_NAME, LEDGER_NAME, LEDGER_NAME + ".tmp")
+LEDGER_TMP = LEDGER_NAME + ".tmp"
+OWN_FILES = (LOCK_NAME, LEDGER_NAME, LEDGER_TMP)
 LEDGER_MAGIC = b"OMWDSWL1"
 JSON_SERIALIZERS = (
     "django.contrib.sessions.serializers.JSONSerializer",
@@ -81,6 +101,8 @@ SETTINGS_KEYS = ("engine", "file_path", "cookie_name", "cookie_age", "use_tz", "
                  "valid_key_chars", "django_version")
 MAX_PAYLOAD = 1 << 20  # decompressed bytes looked at without the signature checked
 MAX_ERROR_SAMPLES = 20
+MAX_SECRET_KEY = 1 << 16  # bytes of OMERO.web's secret key file read (it writes 50)
+SECRET_KEY_FILE = ("var", "django_secret_key")  # below OMERODIR, where omeroweb.settings keeps it
 READ_BATCH = 128  # files opened ahead of reading (well under any RLIMIT_NOFILE)
 DELETE_THREADS = 4
 DELETE_QUEUE = 4096
@@ -122,9 +144,12 @@ def lower_priority(nice, idle_io):
 # -- settings --------------------------------------------------------------------
 
 
-def config_digest(omerodir):
-    """What a settings snapshot is valid for: config.xml's bytes (the daemon writes it)."""
+def config_digest(omerodir, config_xml=None):
+    """What a settings snapshot is valid for: the config.xml the settings are read from."""
     digest = hashlib.sha256()
+    if config_xml is not None:
+        digest.update(config_xml.encode())
+        return digest.hexdigest()
     try:
         with open(os.path.join(omerodir, "etc", "grid", "config.xml"), "rb") as f:
             digest.update(f.read())
@@ -133,17 +158,82 @@ def config_digest(omerodir):
     return digest.hexdigest()
 
 
+class View:
+    """A private OMERODIR for importing omeroweb.settings: the config.xml omerowebd
+    derived from its TOML, and (for the file store) a copy of the site's secret key,
+    which signs the sessions. Nothing else of the site is read."""
+
+    def __init__(self, site_omerodir, config_xml, with_secret_key=True):
+        self.path = tempfile.mkdtemp(prefix="omerowebd-sweep-")
+        try:
+            grid = os.path.join(self.path, "etc", "grid")
+            os.makedirs(grid, mode=0o700)
+            write_new(os.path.join(grid, "config.xml"), config_xml.encode())
+            os.mkdir(os.path.join(self.path, "var"), 0o700)
+            key = read_secret_key(site_omerodir) if with_secret_key else None
+            if key is not None:
+                write_new(os.path.join(self.path, *SECRET_KEY_FILE), key)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_new(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def read_secret_key(site_omerodir):
+    """The site's secret key file, or None when there is none (OMERO.web then makes one)."""
+    path = os.path.join(site_omerodir, *SECRET_KEY_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise Fatal("cannot read OMERO.web's secret key %s: %s (the sweep needs it to check sessions that "
+                    "carry their own expiry)" % (path, e.strerror))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Fatal("OMERO.web's secret key %s is not a regular file; replace it with the key itself" % path)
+        return os.read(fd, MAX_SECRET_KEY)
+    finally:
+        os.close(fd)
+
+
 class Django:
     """Django, imported on first need, with the settings clearsessions would see."""
 
-    def __init__(self, omerodir):
+    def __init__(self, omerodir, config_xml=None, with_secret_key=True):
         self.omerodir = omerodir
+        self.config_xml = config_xml
+        self.with_secret_key = with_secret_key
+        self.view = None
         self._store = None
         self.settings = None
 
+    def digest(self):
+        return config_digest(self.omerodir, self.config_xml)
+
+    def environ(self):
+        """OMERODIR for omeroweb.settings: the private view when omerowebd gave us its config."""
+        if self.config_xml is None:
+            return self.omerodir
+        if self.view is None:
+            self.view = View(self.omerodir, self.config_xml, self.with_secret_key)
+        return self.view.path
+
+    def close(self):
+        if self.view is not None:
+            self.view.close()
+
     def load(self):
         if self.settings is None:
-            os.environ["OMERODIR"] = self.omerodir
+            os.environ["OMERODIR"] = self.environ()
             os.environ["DJANGO_SETTINGS_MODULE"] = "omeroweb.settings"
             import importlib
             import tempfile
@@ -165,7 +255,7 @@ class Django:
                 "serializer": settings.SESSION_SERIALIZER,
                 "valid_key_chars": base.VALID_KEY_CHARS,
                 "django_version": django.get_version(),
-                "config_digest": config_digest(self.omerodir),
+                "config_digest": self.digest(),
             }
         return self
 
@@ -250,12 +340,22 @@ class Ledger:
         return LEDGER_MAGIC + tag
 
     @classmethod
-    def read(cls, path, serializer):
+    def read(cls, dfd, serializer):
+        """The ledger in the store open as ``dfd``; None when there is none we wrote."""
         try:
-            with open(path, "rb") as f:
+            fd = os.open(LEDGER_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                return None  # not ours: a FIFO would block, someone else's file is not our record
+            with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read()
         except OSError:
             return None
+        finally:
+            os.close(fd)
         head = cls.header(serializer)
         body = data[len(head):]
         if not data.startswith(head) or not body or len(body) % 8:
@@ -270,21 +370,46 @@ class Ledger:
         ledger.count = size - ledger.table.count(0)
         return ledger
 
-    def write(self, path, serializer):
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(self.header(serializer))
-            self.table.tofile(f)
-            give_to_store_owner(f.fileno(), os.path.dirname(path))
-        os.replace(tmp, path)
+    def write(self, dfd, serializer):
+        """A new file beside the old, renamed over it; under the store's lock, so the temp name is ours."""
+        fd = create_new(dfd, LEDGER_TMP)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.header(serializer))
+                self.table.tofile(f)
+            # rename() replaces the entry itself, whatever it is (a planted link included).
+            os.replace(LEDGER_TMP, LEDGER_NAME, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.unlink(LEDGER_TMP, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+
+
+def create_new(dfd, name):
+    """A file we create in the store, never one that was there: whatever had the name goes first.
+
+    O_EXCL|O_NOFOLLOW: a link planted under the name is never followed, so a
+    sweep cannot be made to truncate or write a file elsewhere."""
+    for _ in range(3):
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=dfd)
+        except FileExistsError:
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+    raise OSError(errno.EEXIST, "%s keeps reappearing" % name)
 
 
 # -- the sweep ------------------------------------------------------------------------
 
 
 class Sweep:
-    def __init__(self, store, snapshot, django, dry_run, use_ledger):
-        self.store = store
+    def __init__(self, dfd, snapshot, django, dry_run, use_ledger):
+        self.dfd = dfd  # the store, opened once; every name below is looked up in it
         self.s = snapshot
         self.django = django
         self.dry_run = dry_run
@@ -304,16 +429,14 @@ class Sweep:
     def error(self, name, message):
         self.counts["errors"] += 1
         if len(self.error_samples) < MAX_ERROR_SAMPLES:
-            self.error_samples.append("%s: %s" % (name, message))
+            self.error_samples.append("%s: %s" % (shown_name(name), message))
 
     def run(self):
         c = self.counts
         prefix = self.s["cookie_name"]
         valid = frozenset(self.s["valid_key_chars"])
-        ledger_path = os.path.join(self.store, LEDGER_NAME)
-        old = Ledger.read(ledger_path, self.s["serializer"]) if self.use_ledger else None
+        old = Ledger.read(self.dfd, self.s["serializer"]) if self.use_ledger else None
         self.ledger = Ledger(2 * old.count if old else 1024)
-        self.dfd = os.open(self.store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.deleter = None if self.dry_run else Deleter(self)
         # Files to read are opened a batch at a time with a readahead hint, then
         # read: the disk works on the whole batch at once instead of one file
@@ -358,10 +481,9 @@ class Sweep:
             self.judge_batch(batch)
             if self.deleter is not None:
                 self.deleter.close()
-            os.close(self.dfd)
         if self.use_ledger and not self.stopping:
             try:
-                self.ledger.write(ledger_path, self.s["serializer"])
+                self.ledger.write(self.dfd, self.s["serializer"])
             except OSError as e:
                 self.error(LEDGER_NAME, "cannot write the ledger: %s" % e.strerror)
         c["ledger_entries"] = self.ledger.count
@@ -556,6 +678,16 @@ class Deleter:
                 errors.append((name, "cannot delete: %s" % e.strerror))
 
 
+def name_hash(name):
+    """How a report names a session file: its name holds the session key, a login. To find
+    the file: ``for f in *; do printf %s "$f" | sha256sum | grep -q ^HASH && echo "$f"; done``."""
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def shown_name(name):
+    return name if name in OWN_FILES else "session file sha256:%s" % name_hash(name)
+
+
 def is_session_name(name, prefix, valid):
     """Django's own test: the cookie name, then a key it would accept (8+ chars of [a-z0-9])."""
     if not name.startswith(prefix):
@@ -571,85 +703,134 @@ def same_version(a, b):
 # -- lock and entry points ------------------------------------------------------------
 
 
-def take_lock(store):
-    """One sweeper per store: an flock on a file in the store; None when another holds it."""
-    path = os.path.join(store, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def open_store(store):
+    """The store's directory fd; the store itself must not be a link (who owns its target?)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        return os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Fatal("the session store %s does not exist (omerowebd creates it when it starts)" % store)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(store):
+            raise Fatal("the session store %s is a symbolic link: point SESSION_FILE_PATH at the directory "
+                        "itself" % store)
+        raise Fatal("cannot open the session store %s: %s" % (store, e.strerror))
+
+
+def take_lock(dfd):
+    """One sweeper per store: an flock on a file in the store; (None, holder) when another holds it."""
+    for _ in range(3):
         try:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        except OSError:
-            holder = ""
-        os.close(fd)
-        return None, holder
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, ("%d\n" % os.getpid()).encode(), 0)
-    give_to_store_owner(fd, store)
-    return fd, None
+            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError:
+            try:
+                fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=dfd)
+            except FileExistsError:
+                continue  # another sweeper made it first: open theirs
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM):
+                raise
+            replace_foreign(dfd, LOCK_NAME)  # a link, a socket, a directory, a file we may not write
+            continue
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            os.close(fd)  # a FIFO, someone else's file, a hard link: not a lock file we made
+            replace_foreign(dfd, LOCK_NAME)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            return None, holder if holder.isdigit() else ""
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, ("%d\n" % os.getpid()).encode(), 0)
+        return fd, None
+    raise OSError(errno.EAGAIN, "the lock file %s keeps changing under us" % LOCK_NAME)
 
 
-def give_to_store_owner(fd, store):
-    """Run as root (omerowebctl by hand), leave our files to the store's owner, so the daemon can use them."""
-    if os.geteuid() == 0:
-        owner = os.stat(store)
-        if (owner.st_uid, owner.st_gid) != (0, 0):
-            os.fchown(fd, owner.st_uid, owner.st_gid)
+def replace_foreign(dfd, name):
+    """Remove an entry with our file's name that we did not make (we own the store: we may)."""
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        os.rmdir(name, dir_fd=dfd)
 
 
 def sweep(request):
     started = time.time()
     t0 = time.monotonic()
-    omerodir = request["omerodir"]
-    django = Django(omerodir)
+    django = Django(request["omerodir"], request.get("config_xml"))
+    try:
+        return sweep_with(request, django, started, t0)
+    finally:
+        django.close()
+
+
+def sweep_with(request, django, started, t0):
     snapshot = request.get("snapshot")
-    if not snapshot or snapshot.get("config_digest") != config_digest(omerodir):
+    if not snapshot or snapshot.get("config_digest") != django.digest():
         snapshot = django.load().snapshot
     elif not snapshot["use_tz"]:
         set_time_zone(snapshot["time_zone"])
-    result = {"engine": snapshot["engine"], "store": snapshot["file_path"], "dry_run": bool(request.get("dry_run")),
+    # The store omerowebd derived from its own config, whatever the settings say.
+    store = request.get("store") or snapshot["file_path"]
+    result = {"engine": snapshot["engine"], "store": store, "dry_run": bool(request.get("dry_run")),
               "started_at": started, "snapshot": snapshot}
     if snapshot["engine"] not in FILE_ENGINES:
         raise Fatal("the session engine is %s, not a file store" % snapshot["engine"])
-    store = snapshot["file_path"]
-    if not os.path.isdir(store):
-        raise Fatal("the session store %s does not exist" % store)
+    dfd = open_store(store)
     try:
-        lock, holder = take_lock(store)
-    except OSError as e:
-        raise Fatal("cannot lock the session store %s: %s" % (store, e.strerror))
-    if lock is None:
-        result.update(busy=True, holder=holder, duration=round(time.monotonic() - t0, 3))
-        return result
-    try:
-        job = Sweep(store, snapshot, django, result["dry_run"], request.get("ledger", True))
-        signal.signal(signal.SIGTERM, lambda *_: setattr(job, "stopping", True))
-        result.update(job.run())
-        result["error_samples"] = job.error_samples
-        result["interrupted"] = job.stopping
+        try:
+            lock, holder = take_lock(dfd)
+        except OSError as e:
+            raise Fatal("cannot lock the session store %s: %s" % (store, e.strerror))
+        if lock is None:
+            result.update(busy=True, holder=holder, duration=round(time.monotonic() - t0, 3))
+            return result
+        try:
+            job = Sweep(dfd, snapshot, django, result["dry_run"], request.get("ledger", True))
+            signal.signal(signal.SIGTERM, lambda *_: setattr(job, "stopping", True))
+            result.update(job.run())
+            result["error_samples"] = job.error_samples
+            result["interrupted"] = job.stopping
+        finally:
+            os.close(lock)
     finally:
-        os.close(lock)
+        os.close(dfd)
     result["duration"] = round(time.monotonic() - t0, 3)
     return result
 
 
 def run_clearsessions(request):
-    """Django's own clearsessions (database engines), at our priority."""
-    env = dict(os.environ, OMERODIR=request["omerodir"])
-    os.execve(sys.executable, [sys.executable, request["manage"], "clearsessions"], env)
+    """Django's own clearsessions (database engines), at our priority; its exit status is ours."""
+    # No secret key: clearsessions deletes by a database column, it decodes nothing.
+    django = Django(request["omerodir"], request.get("config_xml"), with_secret_key=False)
+    try:
+        env = dict(os.environ, OMERODIR=django.environ())
+        return subprocess.call([sys.executable, request["manage"], "clearsessions"], env=env)
+    finally:
+        django.close()
 
 
 def main():
     # The ledger's ids are hash() values: they need the same seed in every sweep.
     if os.environ.get("PYTHONHASHSEED") != "0":
         os.execve(sys.executable, sys.orig_argv, dict(os.environ, PYTHONHASHSEED="0"))
+    request = json.loads(sys.stdin.read() or "{}")
+    notes = lower_priority(int(request.get("nice", 19)), bool(request.get("idle_io", True)))
+    if request.get("mode") == "clearsessions":
+        try:
+            return run_clearsessions(request)
+        except Fatal as e:
+            sys.stderr.write("%s\n" % e)  # the daemon reports clearsessions' last line of stderr
+            return 1
     try:
-        request = json.loads(sys.stdin.read() or "{}")
-        notes = lower_priority(int(request.get("nice", 19)), bool(request.get("idle_io", True)))
-        if request.get("mode") == "clearsessions":
-            sys.stdout.flush()
-            run_clearsessions(request)
         result = sweep(request)
         result["priority_notes"] = notes
     except Fatal as e:

@@ -22,6 +22,18 @@ rare session with its own expiry); the rest is stat(), read() and base64.
 Each sweep is a child process at low CPU and I/O priority, so the daemon's
 loop never waits on the disk; an flock in the store keeps a second sweeper
 (another daemon on a shared store, omerowebctl by hand) out.
+
+Who the child runs as (see ``runner_for``). The store belongs to the service
+user, who must be assumed hostile: whatever it planted there (links, FIFOs,
+hard links, forged sessions, a config.xml naming another store) must not make
+a root process write, delete, decode or import anything. So a sweep started
+by root (``omerowebctl sessions clear`` with no daemon, or a daemon run as
+root) runs as the user who owns the directory it works in: the store for the
+file engines, the state directory for the database engines. That user could
+do all the sweep does by hand; nothing more. Root itself sweeps only a store
+that root alone controls all the way down (trust.path_problems). Neither side
+reads OMERO.web's settings from the site's config.xml: the child is given the
+config.xml omerowebd derives from its own TOML, and the store that TOML names.
 """
 
 from __future__ import annotations
@@ -29,7 +41,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -39,7 +53,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import omero_config
+from . import omero_config, trust
 from .config import Config, SessionsSettings
 from .schedule import Schedule, parse_schedule
 from .venv import VenvInfo, effective, probe_env, python_of
@@ -64,6 +78,10 @@ class Target:
     python: Path
     manage: Path
     settings: SessionsSettings
+    # The config.xml text omerowebd derives from its TOML: the child reads OMERO.web's
+    # settings from a private copy of it. None: the site's own (tests that made one).
+    config_xml: str | None = None
+    state_dir: Path | None = None  # whose owner runs clearsessions for root
 
     @property
     def sweeper(self) -> str | None:
@@ -102,29 +120,116 @@ def target_for(config: Config, properties: Mapping[str, str], info: VenvInfo) ->
     return Target(
         engine=engine, kind=kind, store=store, omerodir=config.daemon.omerodir,
         python=python_of(config.daemon.venv), manage=info.omeroweb_dir / "manage.py", settings=config.sessions,
+        config_xml=omero_config.render_config_xml(properties).decode(), state_dir=config.daemon.state_dir,
     )
+
+
+def pinned_properties(config: Config) -> dict[str, str]:
+    """The properties the daemon writes to config.xml: the session store pinned under its state dir."""
+    return omero_config.with_session_path(config.properties, omero_config.default_session_dir(config.daemon.state_dir))
+
+
+# -- who runs it ----------------------------------------------------------------------
+
+
+class SweepRefused(Exception):
+    """Root will not sweep here; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class Runner:
+    """The user a sweep runs as; all None: as this process."""
+
+    uid: int | None = None
+    gid: int | None = None
+    name: str | None = None
+    home: str | None = None
+
+    def popen_args(self) -> dict[str, Any]:
+        if self.uid is None:
+            return {}
+        # extra_groups=[]: none of root's supplementary groups go with it.
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def env(self) -> dict[str, str]:
+        # Fixed hash seed: the ledger stores hash() values (the script re-execs without it).
+        if self.uid is None:
+            return {**probe_env(), "PYTHONHASHSEED": "0"}
+        # A clean environment: nothing of root's (its HOME, TMPDIR, PYTHON* variables) reaches the child.
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": self.home or "/", "USER": self.name or "",
+               "LOGNAME": self.name or "", "PYTHONHASHSEED": "0"}
+        env.update({k: os.environ[k] for k in ("LANG", "LC_ALL", "TZ") if k in os.environ})
+        return env
+
+
+def runner_for(target: Target) -> Runner:
+    """As root: the owner of the directory the sweep works in (see the module's doc); else ourselves."""
+    if os.geteuid() != 0:
+        return Runner()
+    if target.kind == "file":
+        where, what = target.store, "session store"
+    else:
+        where, what = target.state_dir, "state directory"
+    if where is None:
+        raise SweepRefused(f"no {what} to sweep as")
+    try:
+        st = os.lstat(where)
+    except FileNotFoundError:
+        raise SweepRefused(f"the {what} {where} does not exist: start omerowebd once (it creates it), "
+                           "or create it owned by the service user") from None
+    except OSError as e:
+        raise SweepRefused(f"cannot look at the {what} {where}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise SweepRefused(f"the {what} {where} is a symbolic link: name the directory itself"
+                           + (" in SESSION_FILE_PATH" if target.kind == "file" else ""))
+    if not stat.S_ISDIR(st.st_mode):
+        raise SweepRefused(f"the {what} {where} is not a directory")
+    if st.st_uid == 0:
+        problems = trust.path_problems(where, what)
+        key = target.omerodir / "var" / "django_secret_key"
+        if not problems and target.kind == "file" and os.path.lexists(key):
+            problems = trust.file_problems(key, "OMERO.web's secret key")
+        if problems:
+            raise SweepRefused(f"refusing to sweep as root: {problems[0]}; whoever can write there could steer what "
+                               f"root deletes and decodes. Give the {what} to the service user "
+                               f"(chown -R omero-web: {where}): the sweep then runs as that user")
+        return Runner()
+    try:
+        user = pwd.getpwuid(st.st_uid)
+    except KeyError:
+        raise SweepRefused(f"the {what} {where} is owned by uid {st.st_uid}, which has no user name: "
+                           "chown it to the service user") from None
+    if user.pw_gid == 0:
+        raise SweepRefused(f"the {what} {where} belongs to {user.pw_name}, whose group is root: "
+                           "refusing to run the sweep with group root")
+    return Runner(uid=user.pw_uid, gid=user.pw_gid, name=user.pw_name, home=user.pw_dir)
 
 
 # -- one sweep ----------------------------------------------------------------------
 
 
 def _command(target: Target) -> list[str]:
-    return [str(target.python), str(SCRIPT)]
-
-
-def _env() -> dict[str, str]:
-    # Fixed hash seed: the ledger stores hash() values (the script re-execs without it).
-    return {**probe_env(), "PYTHONHASHSEED": "0"}
+    # Not `python SCRIPT`: that puts this package's directory first on sys.path,
+    # where our modules would shadow the standard library's for Django.
+    return [str(target.python), "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
+            str(SCRIPT)]
 
 
 def _request(target: Target, dry_run: bool, snapshot: Mapping[str, Any] | None) -> bytes:
     s = target.settings
-    request: dict[str, Any] = {"omerodir": str(target.omerodir), "nice": s.nice, "idle_io": s.ionice_idle}
+    request: dict[str, Any] = {"omerodir": str(target.omerodir), "nice": s.nice, "idle_io": s.ionice_idle,
+                               "config_xml": target.config_xml}
     if target.kind == "db":
         request.update(mode="clearsessions", manage=str(target.manage))
     else:
-        request.update(mode="sweep", dry_run=dry_run, snapshot=dict(snapshot) if snapshot else None, ledger=True)
+        request.update(mode="sweep", dry_run=dry_run, snapshot=dict(snapshot) if snapshot else None, ledger=True,
+                       store=str(target.store) if target.store else None)
     return json.dumps(request).encode()
+
+
+def _refused(target: Target, dry_run: bool, message: str) -> dict[str, Any]:
+    return {"engine": target.engine, "store": str(target.store) if target.store else None, "dry_run": dry_run,
+            "sweeper": target.sweeper, "duration": 0.0, "at": time.time(), "error": message}
 
 
 def _outcome(target: Target, dry_run: bool, returncode: int | None, stdout: bytes, stderr: bytes,
@@ -173,10 +278,14 @@ def _last_line(stderr: bytes) -> str:
 
 async def sweep(target: Target, dry_run: bool = False, snapshot: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One sweep in a child process; never blocks the loop. Cancelling it stops the child."""
+    try:
+        runner = runner_for(target)
+    except SweepRefused as e:
+        return _refused(target, dry_run, str(e))
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *_command(target), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=_env(), start_new_session=True,
+        stderr=asyncio.subprocess.PIPE, env=runner.env(), start_new_session=True, cwd="/", **runner.popen_args(),
     )
     communicate = asyncio.ensure_future(proc.communicate(_request(target, dry_run, snapshot)))
     timed_out = False
@@ -201,9 +310,13 @@ async def sweep(target: Target, dry_run: bool = False, snapshot: Mapping[str, An
 
 def sweep_sync(target: Target, dry_run: bool = False, snapshot: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The same, for omerowebctl when no daemon runs."""
+    try:
+        runner = runner_for(target)
+    except SweepRefused as e:
+        return _refused(target, dry_run, str(e))
     started = time.monotonic()
     proc = subprocess.Popen(_command(target), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env(), start_new_session=True)
+                            env=runner.env(), start_new_session=True, cwd="/", **runner.popen_args())
     timed_out = False
     try:
         stdout, stderr = proc.communicate(_request(target, dry_run, snapshot), timeout=target.settings.timeout)

@@ -122,7 +122,7 @@ class Supervisor:
 
     @property
     def session_dir(self) -> Path:
-        return self.state_dir / "sessions"
+        return omero_config.default_session_dir(self.state_dir)
 
     # -- life cycle --------------------------------------------------------
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
 
-from .. import control, omero_config, sessions
+from .. import control, sessions, trust
+from ..errors import UserError
 from ..venv import probe_sync
 from . import load_config, socket_path
 
@@ -79,9 +81,20 @@ def daemon_listens(path: Path) -> bool:
 
 
 def sweep_here(args: argparse.Namespace) -> dict[str, Any]:
-    """No daemon: the same sweep, on the store the daemon would pin."""
+    """No daemon: the same sweep, on the store the daemon would pin, with the settings it would write.
+
+    Both come from the TOML alone, never from a config.xml on disk (the service
+    user can write that one); as root the sweep runs as the store's owner
+    (sessions.runner_for)."""
     config = load_config(args)
-    properties = omero_config.with_session_path(config.properties, config.daemon.state_dir / "sessions")
+    if os.geteuid() == 0:
+        # The TOML names the store and the cookie that say which files go: root
+        # acts on it only if nobody but root can have written it.
+        problems = trust.file_problems(config.path, "config")
+        if problems:
+            raise UserError(f"refusing to sweep as root: {problems[0]}; make it root's (chown root: {config.path} "
+                            f"&& chmod go-w {config.path})", exit_code=EXIT_SWEEP_FAILED)
+    properties = sessions.pinned_properties(config)
     info = probe_sync(config.daemon.venv, properties, config.daemon.omerodir)
     target = sessions.target_for(config, properties, info)
     if target.sweeper is None:

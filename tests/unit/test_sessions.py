@@ -4,12 +4,19 @@ decode shortcut, the ledger, the report and its rendering."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
 import os
+import pwd
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import zlib
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -190,7 +197,16 @@ def test_session_names_are_djangos(name: str, ok: bool) -> None:
 
 def sweep_with(use_tz: bool = True, age: int = 86400) -> sweep_script.Sweep:
     snapshot = {"use_tz": use_tz, "cookie_age": age, "serializer": sweep_script.JSON_SERIALIZERS[0]}
-    return sweep_script.Sweep("/nowhere", snapshot, None, dry_run=True, use_ledger=False)
+    return sweep_script.Sweep(-1, snapshot, None, dry_run=True, use_ledger=False)
+
+
+@contextlib.contextmanager
+def store_fd(path: Path) -> Iterator[int]:
+    dfd = sweep_script.open_store(str(path))
+    try:
+        yield dfd
+    finally:
+        os.close(dfd)
 
 
 def django_says_expired(mtime: float, age: int) -> bool:
@@ -215,13 +231,14 @@ def test_ledger_set_grows_and_round_trips(tmp_path: Path) -> None:
         ledger.add(vid)
     ledger.add(ids[0])
     assert ledger.count == len(ids) and all(v in ledger for v in ids) and 12345 not in ledger
-    path = str(tmp_path / "ledger")
-    ledger.write(path, "json")
-    again = sweep_script.Ledger.read(path, "json")
-    assert again is not None and again.count == len(ids) and all(v in again for v in ids)
-    assert sweep_script.Ledger.read(path, "pickle") is None  # another serializer: start afresh
-    Path(path).write_bytes(b"garbage")
-    assert sweep_script.Ledger.read(path, "json") is None
+    with store_fd(tmp_path) as dfd:
+        ledger.write(dfd, "json")
+        again = sweep_script.Ledger.read(dfd, "json")
+        assert again is not None and again.count == len(ids) and all(v in again for v in ids)
+        assert sweep_script.Ledger.read(dfd, "pickle") is None  # another serializer: start afresh
+        (tmp_path / sweep_script.LEDGER_NAME).write_bytes(b"garbage")
+        assert sweep_script.Ledger.read(dfd, "json") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sweep_script.LEDGER_NAME]  # no temp file left
 
 
 def test_a_new_version_of_a_file_has_a_new_id() -> None:
@@ -318,3 +335,193 @@ def test_deleter_unlinks_only_the_version_judged(tmp_path: Path) -> None:
     assert not judged.exists() and saved_again.read_text() == "y"
     c = job.counts
     assert (c["deleted"], c["changed"], c["kept"], c["vanished"], c["errors"]) == (1, 1, 1, 1, 0)
+
+
+# -- which store, with which settings -------------------------------------------------
+
+
+def test_the_command_and_the_daemon_pin_the_same_store() -> None:
+    config = parse("", "")
+    properties = sessions.pinned_properties(config)
+    assert properties == with_session_path(config.properties, config.daemon.state_dir / "sessions")
+    target = sessions.target_for(config, properties, info())
+    assert target.store == config.daemon.state_dir / "sessions"
+    # The child reads OMERO.web's settings from this text (the TOML's), never from the site's config.xml.
+    request = json.loads(sessions._request(target, False, None))
+    assert request["store"] == str(target.store)
+    assert str(target.store) in request["config_xml"] and "SESSION_FILE_PATH" in request["config_xml"]
+    assert request["config_xml"] == target.config_xml
+
+
+def test_database_request_carries_the_tomls_settings_too() -> None:
+    config = parse("", '[omero.web]\nsession_engine = "django.contrib.sessions.backends.db"\n')
+    request = json.loads(sessions._request(sessions.target_for(config, config.properties, info()), False, None))
+    assert "django.contrib.sessions.backends.db" in request["config_xml"]
+
+
+# -- the store is hostile ------------------------------------------------------------
+
+
+def test_lock_and_ledger_never_follow_planted_links(tmp_path: Path) -> None:
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    store.mkdir()
+    outside.mkdir()
+    victims = {}
+    for name in (sweep_script.LOCK_NAME, sweep_script.LEDGER_NAME, sweep_script.LEDGER_TMP):
+        victim = outside / name
+        victim.write_text("precious\n")
+        victims[name] = victim
+        (store / name).symlink_to(victim)
+    with store_fd(store) as dfd:
+        lock, holder = sweep_script.take_lock(dfd)
+        assert lock is not None and holder is None
+        ledger = sweep_script.Ledger()
+        ledger.add(42)
+        ledger.write(dfd, "json")
+        os.close(lock)
+    for victim in victims.values():
+        assert victim.read_text() == "precious\n"
+    for name in (sweep_script.LOCK_NAME, sweep_script.LEDGER_NAME):
+        st = os.lstat(store / name)
+        assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
+    assert not (store / sweep_script.LEDGER_TMP).exists()
+
+
+def test_lock_that_is_a_fifo_a_hard_link_or_a_directory_is_replaced(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("precious\n")
+    for plant in ("fifo", "hardlink", "directory"):
+        store = tmp_path / plant
+        store.mkdir()
+        lock = store / sweep_script.LOCK_NAME
+        if plant == "fifo":
+            os.mkfifo(lock)
+        elif plant == "hardlink":
+            os.link(outside, lock)
+        else:
+            lock.mkdir()
+        with store_fd(store) as dfd:
+            fd, _ = sweep_script.take_lock(dfd)  # no hang on the FIFO, no write through the link
+            assert fd is not None
+            os.close(fd)
+        assert stat.S_ISREG(os.lstat(lock).st_mode) and os.lstat(lock).st_nlink == 1
+    assert outside.read_text() == "precious\n" and os.stat(outside).st_nlink == 1
+
+
+def test_ledger_that_is_not_our_file_is_not_read(tmp_path: Path) -> None:
+    good = sweep_script.Ledger()
+    good.add(7)
+    with store_fd(tmp_path) as dfd:
+        good.write(dfd, "json")
+        ledger = tmp_path / sweep_script.LEDGER_NAME
+        os.link(ledger, tmp_path / "second-name")  # a hard link: someone else may hold the other name
+        assert sweep_script.Ledger.read(dfd, "json") is None
+        os.unlink(tmp_path / "second-name")
+        assert sweep_script.Ledger.read(dfd, "json") is not None
+        ledger.unlink()
+        os.mkfifo(ledger)
+        assert sweep_script.Ledger.read(dfd, "json") is None  # and no hang
+
+
+def test_a_store_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "store").symlink_to(tmp_path / "real")
+    with pytest.raises(sweep_script.Fatal, match="is a symbolic link"):
+        sweep_script.open_store(str(tmp_path / "store"))
+    with pytest.raises(sweep_script.Fatal, match="does not exist"):
+        sweep_script.open_store(str(tmp_path / "nowhere"))
+
+
+def test_reports_name_sessions_by_a_hash_of_the_key() -> None:
+    key = "sessionid" + "k3y" * 10
+    job = sweep_with()
+    job.error(key, "cannot open: Permission denied")
+    job.error(sweep_script.LEDGER_NAME, "cannot write the ledger")
+    sample, ledger = job.error_samples
+    assert "k3y" not in sample and sweep_script.name_hash(key) in sample
+    assert sweep_script.name_hash(key) == hashlib.sha256(key.encode()).hexdigest()[:12]
+    assert ledger.startswith(sweep_script.LEDGER_NAME)
+
+
+# -- who runs the sweep ----------------------------------------------------------------
+
+
+NOBODY = 65534
+
+
+def file_target(store: Path, omerodir: Path) -> sessions.Target:
+    return sessions.Target(engine="django.contrib.sessions.backends.file", kind="file", store=store,
+                           omerodir=omerodir, python=Path("/v/bin/python"), manage=Path("/m"),
+                           settings=config_module.SessionsSettings())
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A root-owned directory others can enter (pytest's own is root's alone)."""
+    root = Path(tempfile.mkdtemp(prefix="omerowebd-runner-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+def test_not_root_runs_as_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    runner = sessions.runner_for(file_target(tmp_path / "nowhere", tmp_path))
+    assert runner == sessions.Runner() and runner.popen_args() == {}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root side of the rule needs root")
+def test_root_runs_the_sweep_as_the_stores_owner(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = shared_dir / "sessions"
+    store.mkdir()
+    os.chown(store, NOBODY, NOBODY)
+    monkeypatch.setenv("PYTHONPATH", "/root/evil")
+    monkeypatch.setenv("TMPDIR", "/root/tmp")
+    runner = sessions.runner_for(file_target(store, shared_dir))
+    nobody = pwd.getpwuid(NOBODY)
+    assert (runner.uid, runner.gid) == (NOBODY, nobody.pw_gid)
+    assert runner.popen_args() == {"user": NOBODY, "group": nobody.pw_gid, "extra_groups": []}
+    env = runner.env()
+    assert env["HOME"] == nobody.pw_dir and env["USER"] == nobody.pw_name and env["PYTHONHASHSEED"] == "0"
+    assert not {"PYTHONPATH", "TMPDIR"} & set(env)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root side of the rule needs root")
+def test_root_refuses_what_it_cannot_trust(shared_dir: Path) -> None:
+    real = shared_dir / "real"
+    real.mkdir()
+    os.chown(real, NOBODY, NOBODY)
+    link = shared_dir / "link"
+    link.symlink_to(real)
+    with pytest.raises(sessions.SweepRefused, match="is a symbolic link"):
+        sessions.runner_for(file_target(link, shared_dir))
+    with pytest.raises(sessions.SweepRefused, match="does not exist"):
+        sessions.runner_for(file_target(shared_dir / "missing", shared_dir))
+    # Root's store in a directory the service user can write: it could be swapped for any root directory.
+    swappable = shared_dir / "theirs"
+    swappable.mkdir()
+    os.chown(swappable, NOBODY, NOBODY)
+    (swappable / "sessions").mkdir()
+    with pytest.raises(sessions.SweepRefused, match="refusing to sweep as root: .*owned by uid 65534"):
+        sessions.runner_for(file_target(swappable / "sessions", shared_dir))
+    # Root's store, root's all the way, but the secret key (which signs what Django decodes) is theirs.
+    (shared_dir / "store").mkdir(mode=0o700)
+    (shared_dir / "var").mkdir()
+    key = shared_dir / "var" / "django_secret_key"
+    key.write_text("k")
+    os.chown(key, NOBODY, NOBODY)
+    with pytest.raises(sessions.SweepRefused, match="secret key"):
+        sessions.runner_for(file_target(shared_dir / "store", shared_dir))
+    os.chown(key, 0, 0)
+    assert sessions.runner_for(file_target(shared_dir / "store", shared_dir)) == sessions.Runner()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root side of the rule needs root")
+def test_refusal_is_the_sweeps_outcome_not_a_traceback(shared_dir: Path) -> None:
+    link = shared_dir / "link"
+    link.symlink_to("/etc")
+    result = sessions.sweep_sync(file_target(link, shared_dir))
+    assert "is a symbolic link" in result["error"] and result["store"] == str(link)
+    assert "symbolic link" in sessions.describe(result)
