@@ -98,6 +98,17 @@ def _parse_probe(venv: Path, returncode: int, stdout: bytes, stderr: bytes) -> V
         raise ConfigError(f"venv {venv}: asking OMERO.web for its settings failed: {last[0]}")
     if result.get("fatal"):
         raise ConfigError(f"venv {venv}: {result['fatal']}")
+    info = _info_from(venv, result)
+    if info is None:
+        raise ConfigError(f"venv {venv}: asking OMERO.web for its settings failed: the answer lacks what it must hold")
+    return info
+
+
+def _info_from(venv: Path, result: dict[str, Any]) -> VenvInfo | None:
+    """The answer as VenvInfo; None if it is not the shape venv_probe.py writes."""
+    shape = {"versions": dict, "omeroweb_dir": str, "catalogue": dict, "errors": dict}
+    if not all(isinstance(result.get(k), t) for k, t in shape.items()):
+        return None
     return VenvInfo(
         venv=venv,
         versions=result["versions"],
@@ -114,8 +125,9 @@ def _probe_command(venv: Path) -> list[str]:
     return [str(python_of(venv)), "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')", str(PROBE)]
 
 
-def _probe_input(properties: Mapping[str, str], omerodir: Path | None) -> bytes:
-    return json.dumps({"properties": dict(properties), "omerodir": str(omerodir) if omerodir else None}).encode()
+def _probe_input(properties: Mapping[str, str], omerodir: Path | None, number: int = 0) -> bytes:
+    return json.dumps({"properties": dict(properties), "omerodir": str(omerodir) if omerodir else None,
+                       "id": number}).encode()
 
 
 def probe_env() -> dict[str, str]:
@@ -129,12 +141,22 @@ class Prober:
     Importing omeroweb.settings costs about a second (Ice, Django); a reload
     should not pay it again. The process is replaced when the venv's packages
     change, and exits by itself when the daemon goes (its stdin closes).
+
+    Each question carries a number that the answer must echo, and a process
+    that did not answer the last question with one line of the expected JSON
+    (it printed something else, answered nothing, took too long, or the asker
+    was cancelled while waiting) is killed at once: a late answer to an old
+    question can never be read as the answer to a new one. The next question
+    starts a fresh process.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = PROBE_TIMEOUT) -> None:
+        self.timeout = timeout
         self._proc: asyncio.subprocess.Process | None = None
         self._key: tuple[Path, str] | None = None
         self._lock = asyncio.Lock()
+        self._reaping: set[asyncio.Task[Any]] = set()
+        self._asked = 0  # numbers the questions; the probe echoes the number in its answer
 
     async def probe(self, venv: Path, properties: Mapping[str, str], omerodir: Path | None = None) -> VenvInfo:
         problems = layout_problems(venv)
@@ -152,17 +174,53 @@ class Prober:
                 self._key = key
             proc = self._proc
             assert proc.stdin is not None and proc.stdout is not None
+            in_step = False
             try:
-                proc.stdin.write(_probe_input(properties, omerodir) + b"\n")
+                self._asked += 1
+                proc.stdin.write(_probe_input(properties, omerodir, self._asked) + b"\n")
                 await proc.stdin.drain()
-                line = await asyncio.wait_for(proc.stdout.readline(), PROBE_TIMEOUT)
-            except (OSError, asyncio.TimeoutError, ValueError) as e:
-                await self.close()
-                raise ConfigError(f"venv {venv}: asking OMERO.web for its settings failed: {e!r}") from None
-            if not line:  # it died: say why, from a one-shot run that shows stderr
-                await self.close()
-                return await asyncio.to_thread(probe_sync, venv, properties, omerodir)
-            return _parse_probe(venv, 0, line, b"")
+                line = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
+                if not line.endswith(b"\n"):  # it died: say why, from a one-shot run that shows stderr
+                    self._discard()
+                    return await asyncio.to_thread(probe_sync, venv, properties, omerodir)
+                try:
+                    result = json.loads(line)
+                except (ValueError, RecursionError):
+                    result = None
+                if not isinstance(result, dict) or result.get("id") != self._asked:
+                    result = {}  # not the answer to this question
+                info = _info_from(venv, result)
+                if result.get("fatal"):
+                    # In step, but a fresh process gets to try the import again next time.
+                    raise ConfigError(f"venv {venv}: {result['fatal']}")
+                if info is None:
+                    raise ConfigError(f"venv {venv}: the settings probe answered {len(line)} bytes that are not "
+                                      "its answer; it is restarted for the next check")
+                in_step = True
+                return info
+            except asyncio.TimeoutError:
+                raise ConfigError(f"venv {venv}: the settings probe did not answer within {self.timeout:.0f}s; "
+                                  "it is restarted for the next check") from None
+            except (OSError, ValueError) as e:  # a closed pipe, an over-long line
+                raise ConfigError(f"venv {venv}: asking OMERO.web for its settings failed: {type(e).__name__}; "
+                                  "the probe is restarted for the next check") from None
+            finally:
+                if not in_step:
+                    self._discard()
+
+    def _discard(self) -> None:
+        """Kill the process now (no await: this runs on cancellation too); it is reaped in the background."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+        task = asyncio.ensure_future(proc.wait())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
 
     async def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -174,6 +232,8 @@ class Prober:
             except asyncio.TimeoutError:
                 proc.kill()
                 await proc.wait()
+        if self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
 
 
 def probe_sync(venv: Path, properties: Mapping[str, str], omerodir: Path | None = None) -> VenvInfo:

@@ -162,10 +162,12 @@ def main():
         for line in sys.stdin if serve else [sys.stdin.read()]:
             if not line.strip():
                 continue
+            request = json.loads(line)
             if fatal:
                 result = {"versions": VERSIONS, "catalogue": {}, "errors": {}, "fatal": fatal}
             else:
-                result = answer(settings, leave_unset, omerodir, json.loads(line))
+                result = answer(settings, leave_unset, omerodir, request)
+            result["id"] = request.get("id")  # the daemon matches answers to questions by it
             out.write(json.dumps(result) + "\n")
             out.flush()
 
