@@ -76,6 +76,7 @@ def configure(requested: str = "auto", level: int = logging.INFO) -> str:
     else:
         processors += [
             structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            structlog.processors.format_exc_info,  # plain text, so that hide_secrets sees it
             hide_secrets,
             structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
         ]

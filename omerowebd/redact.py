@@ -237,15 +237,20 @@ class Secrets:
 
 
 def _forms(v: str) -> set[str]:
-    """``v`` as it may appear in a message: itself, quoted by repr() or JSON, escaped in XML."""
-    base = {v, json.dumps(v)[1:-1], json.dumps(v, ensure_ascii=False)[1:-1]}  # itself, or inside a JSON value
-    forms = set(base)
-    for b in base:
-        forms.add(repr(b)[1:-1])  # "not %r" of it, or of the JSON value around it
-        forms.add(b.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))
+    """``v`` as it may appear in a message: itself, quoted by repr() or JSON, escaped for XML; twice over
+    (a repr() of a JSON value that holds it, as OMERO.web's parsers word a refusal)."""
+    forms = {v}
+    for _ in range(2):
+        forms |= {quoted for form in forms for quoted in _quoted(form)}
     # A multi-line secret shows up line by line (a message keeps its first line).
     forms.update(line for line in v.splitlines() if line.strip())
     return forms
+
+
+def _quoted(v: str) -> tuple[str, ...]:
+    # repr() of a longer text that holds both quotes escapes ' where repr(v) alone would not.
+    return (repr(v)[1:-1], repr(v + '"')[1:-2], json.dumps(v)[1:-1], json.dumps(v, ensure_ascii=False)[1:-1],
+            v.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))
 
 
 def for_properties(props: Mapping[str, str]) -> Secrets:
