@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import os
 import ipaddress
+import os
 import re
-import types
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -178,15 +178,6 @@ def parse(data: bytes, path: Path) -> Config:
     )
 
 
-def _parse_message(e: Exception) -> str:
-    # tomlkit appends " at line L col C" to its messages; the prefix says it already.
-    return re.sub(r"\s+at line \d+ col \d+\Z", "", str(e))
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
 def _parse_toml(text: str, path: Path) -> Any:
     """The tomlkit document, or ConfigError with one line: file:line:column: what.
 
@@ -215,16 +206,18 @@ def _toml_error(text: str, path: Path, message: str) -> str:
     position = _POSITION.search(message)
     what = message[: position.start()] if position else message
     if position and position.group(1):
-        where = f"{path}:{position.group(1)}:{position.group(2)}"
+        line, column = position.group(1), f":{position.group(2)}"
     else:
-        where = f"{path}:{max(1, len(text.splitlines()))}"  # end of document: the last line
+        line, column = str(max(1, len(text.splitlines()))), ""  # end of document: the last line
+    # For a key or table given twice the line is right, the column is not (it is
+    # past the value): name the line only.
     declared = re.fullmatch(r"Cannot declare \((.*?),?\) twice", what)
     if declared:
         table = ".".join(part.strip().strip("'\"") for part in declared.group(1).split(","))
-        return f"{where}: table [{table}] is declared twice: merge the two into one"
+        return f"{path}:{line}: table [{table}] is declared twice: merge the two into one"
     if what.startswith(("Cannot overwrite a value", "Cannot mutate")):
-        return f"{where}: {_duplicate(text, what)}"
-    return f"{where}: TOML syntax error: {what}"
+        return f"{path}:{line}: {_duplicate(text, what)}"
+    return f"{path}:{line}{column}: TOML syntax error: {what}"
 
 
 def _duplicate(text: str, what: str) -> str:
@@ -240,6 +233,15 @@ def _duplicate(text: str, what: str) -> str:
     return f"a key or table is set twice: keep one (TOML allows each once; {what})"
 
 
+def _parse_message(e: Exception) -> str:
+    # tomlkit appends " at line L col C" to its messages; the prefix says it already.
+    return re.sub(r"\s+at line \d+ col \d+\Z", "", str(e))
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: _KeyLines, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
@@ -252,6 +254,8 @@ def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: 
             problems.append(f"{where}: unknown key {table}.{key}{_did_you_mean(key, list(fields))}")
             continue
         value = _unwrap(raw)
+        if fields[key].metadata.get("number_as_text") and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
         try:
             kwargs[key] = _coerce(value, hints[key])
         except ValueError as e:
@@ -261,8 +265,6 @@ def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: 
             problems.append(f"{path}: missing required key {table}.{name} ({f.metadata['doc']})")
             kwargs[name] = None
     if len(problems) > before:
-        if fields[key].metadata.get("number_as_text") and isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
         return None
     return _check(cls(**kwargs), table, path, lines, problems)
 
@@ -321,7 +323,7 @@ def _tname(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-_HOST = re.compile(r"[A-Za-z0-9_.-]+")
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, one of them the terminating NUL
 
 
@@ -430,6 +432,9 @@ def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: li
         found = settings_problems(settings)
         for key, message in found:
             bad(key, message)
+        problem = listen_problem(settings.listen)
+        if problem and "listen" not in {key for key, _ in found}:
+            bad("listen", f"has {problem}")
     return settings
 
 
@@ -445,9 +450,6 @@ class _KeyLines:
     _KEY = re.compile(r"""^\s*((?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+))*)\s*=""")
 
     def __init__(self, text: str) -> None:
-        problem = listen_problem(settings.listen)
-        if problem and "listen" not in {key for key, _ in found}:
-            bad("listen", f"has {problem}")
         self.entries: list[tuple[tuple[str, ...], int]] = []
         table: tuple[str, ...] = ()
         for number, line in enumerate(text.splitlines(), 1):
