@@ -12,6 +12,7 @@ from pathlib import Path
 from . import nginx, venv
 from .config import Config
 from .errors import ConfigErrors, UserError
+from .generation import PlanError, plan_gunicorn
 from .venv import VenvInfo
 
 
@@ -72,5 +73,20 @@ def _judge(config: Config, info: VenvInfo | None, error: UserError | None) -> tu
     if info is not None:
         errors, warnings = venv.property_problems(config, info)
         problems += errors
+        problems += plan_problems(config, info)
         problems += nginx.config_problems(config, info)
     return problems, warnings
+
+
+def plan_problems(config: Config, info: VenvInfo) -> list[str]:
+    """What gunicorn would refuse: the daemon's own plan is built, and its refusals reported.
+
+    A property OMERO.web itself refused (info.errors) is reported once, by the venv.
+    """
+    try:
+        plan_gunicorn(config.properties, info, omerodir=config.daemon.omerodir, app=config.daemon.app,
+                      graceful_timeout=config.daemon.graceful_timeout, health_path=config.daemon.health_path,
+                      where=config.where)
+    except PlanError as e:
+        return [p for p, name in zip(e.problems, e.names) if name not in info.errors]
+    return []

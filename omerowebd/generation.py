@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import log
+from .errors import ConfigErrors
 from .sockets import HeldSocket
 from .venv import VenvInfo, effective, probe_env, python_of
 
@@ -54,6 +55,40 @@ class GunicornPlan:
         return [str(python_of(self.venv)), "-m", "gunicorn", "-c", str(conf), *self.args, self.app]
 
 
+# The worker classes `omero web start` accepts (omero-py's plugins/web.py,
+# _build_run_cmd): anything else it refuses with "Invalid omero.web.wsgi_worker_class".
+WORKER_CLASSES = ("sync", "gevent")
+
+# gunicorn options omerowebd sets itself, from the properties named: the same
+# option in omero.web.wsgi_args would override them behind the daemon's back
+# (it counts workers to know a generation is ready), or break the generation
+# (--daemon forks away from the daemon, --bind/--config replace its sockets
+# and hooks). Long option -> the property to set instead (None: not settable).
+OWN_OPTIONS = {
+    "--workers": "omero.web.wsgi_workers",
+    "--worker-class": "omero.web.wsgi_worker_class",
+    "--threads": "omero.web.wsgi_threads",
+    "--worker-connections": "omero.web.wsgi_worker_connections",
+    "--timeout": "omero.web.wsgi_timeout",
+    "--max-requests": "omero.web.application_server.max_requests",
+    "--graceful-timeout": "daemon.graceful_timeout",
+    "--bind": "daemon.bind",
+    "--config": None,
+    "--daemon": None,
+    "--pid": None,
+}
+OWN_SHORT = {"-w": "--workers", "-k": "--worker-class", "-t": "--timeout", "-b": "--bind", "-c": "--config",
+             "-D": "--daemon", "-p": "--pid"}
+
+
+class PlanError(ConfigErrors):
+    """Properties gunicorn cannot be started with; ``names`` says which, for the checks."""
+
+    def __init__(self, problems: list[str], names: list[str]) -> None:
+        super().__init__(problems)
+        self.names = names
+
+
 def plan_gunicorn(
     properties: Mapping[str, str],
     info: VenvInfo,
@@ -62,25 +97,54 @@ def plan_gunicorn(
     app: str,
     graceful_timeout: float,
     health_path: str | None,
+    where: Callable[[str], str] | None = None,
 ) -> GunicornPlan:
-    """The gunicorn options ``omero web start`` derives from the same properties."""
+    """The gunicorn options ``omero web start`` derives from the same properties.
+
+    Raises PlanError (one line per property, placed by ``where``) for values
+    gunicorn or ``omero web start`` would refuse: ``omerowebctl check``, the
+    start and every reload call this one function, so they never disagree.
+    """
+    found: dict[str, str] = {}
 
     def prop(name: str, fallback: str) -> str:
         value = effective(properties, info, name, fallback)
         return fallback if value is None else value
 
+    def number(name: str, fallback: str, least: int, meaning: str = "") -> int:
+        text = prop(name, fallback)
+        try:
+            value = int(text)
+        except ValueError:
+            found[name] = f"must be an integer, not {text!r}"
+            return int(fallback)
+        if value < least:
+            found[name] = f"must be at least {least}{meaning}, not {value}"
+            return int(fallback)
+        return value
+
     worker_class = prop("omero.web.wsgi_worker_class", "sync")
+    if worker_class not in WORKER_CLASSES:
+        found["omero.web.wsgi_worker_class"] = (
+            f"must be one of {', '.join(map(repr, WORKER_CLASSES))} (what omero web start accepts), not {worker_class!r}")
+    elif worker_class == "gevent" and "gevent" not in info.versions:
+        found["omero.web.wsgi_worker_class"] = f"is 'gevent', which is not installed: run {info.venv}/bin/pip install gevent"
     settings: dict[str, Any] = {
-        "workers": int(prop("omero.web.wsgi_workers", "5")),
+        "workers": number("omero.web.wsgi_workers", "5", 1),
         "worker_class": worker_class,
-        "timeout": int(prop("omero.web.wsgi_timeout", "60")),
-        "max_requests": int(prop("omero.web.application_server.max_requests", "0")),
+        "timeout": number("omero.web.wsgi_timeout", "60", 0, " (0: no timeout)"),
+        "max_requests": number("omero.web.application_server.max_requests", "0", 0, " (0: never recycle)"),
         "graceful_timeout": int(graceful_timeout),
     }
     if worker_class == "gevent":
-        settings["worker_connections"] = int(prop("omero.web.wsgi_worker_connections", "1000"))
+        settings["worker_connections"] = number("omero.web.wsgi_worker_connections", "1000", 1)
     else:
-        settings["threads"] = int(prop("omero.web.wsgi_threads", "1"))
+        settings["threads"] = number("omero.web.wsgi_threads", "1", 1)
+    args = _wsgi_args(properties.get("omero.web.wsgi_args") or "", found)
+    if found:
+        place = where or (lambda name: "")
+        names = sorted(found)
+        raise PlanError([f"{place(n) + ': ' if place(n) else ''}{n} {found[n]}" for n in names], names)
     prefix = (properties.get("omero.web.prefix") or "").rstrip("/")
     env = {"OMERODIR": str(omerodir)}
     if prefix:
@@ -92,11 +156,34 @@ def plan_gunicorn(
         app=app,
         omeroweb_dir=info.omeroweb_dir,
         settings=settings,
-        args=tuple(shlex.split(properties.get("omero.web.wsgi_args") or "")),
+        args=args,
         env=env,
         health_path=health_path or f"{prefix}/webclient/login/",
         health_host=host,
     )
+
+
+def _wsgi_args(text: str, found: dict[str, str]) -> tuple[str, ...]:
+    name = "omero.web.wsgi_args"
+    try:
+        args = shlex.split(text)
+    except ValueError as e:  # "No closing quotation", "No escaped character"
+        found[name] = f"cannot be split into arguments as a shell would: {str(e).lower()} in {text!r}"
+        return ()
+    for arg in args:
+        option = arg.split("=", 1)[0]
+        if option.startswith("--"):
+            # gunicorn's argparse takes unambiguous abbreviations (--work for --workers)
+            owned = [o for o in OWN_OPTIONS if len(option) > 3 and o.startswith(option)]
+        else:
+            owned = [OWN_SHORT[arg[:2]]] if arg[:2] in OWN_SHORT else []
+        if owned:
+            instead = OWN_OPTIONS[owned[0]]
+            fix = f"set {instead} instead" if instead else "omerowebd runs gunicorn in the foreground with its own"
+            said = owned[0] if option == owned[0] else f"{arg!r} ({owned[0]})"
+            found[name] = f"sets {said}, which omerowebd sets itself: remove it ({fix})"
+            break
+    return tuple(args)
 
 
 def _json_list(text: str) -> list[Any]:

@@ -156,7 +156,13 @@ class Supervisor:
         info, warnings = await checks.run(config, self.prober)
         for warning in warnings:
             self.log.warning(warning)
-        target = self._target(config, info, fingerprint(config.daemon.venv))
+        try:
+            target = self._target(config, info, fingerprint(config.daemon.venv))
+        except UserError:
+            raise
+        except Exception as e:  # exit 78 with one line, not a traceback and a restart loop
+            self.log.debug("planning failed", exc_info=True)
+            raise ConfigError(f"{config.path}: cannot work out how to run gunicorn from it: {_one_line(e)}") from None
         for output in self.outputs.values():
             await output.apply(config, target.properties, info)
         self.notifier.status("starting gunicorn")
@@ -323,18 +329,27 @@ class Supervisor:
             self.reloads += 1
             self.state = "reloading"
             self.notifier.reloading(f"reloading ({source})")
+            result = _result(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
             try:
-                result = await self._reload(source)
+                try:
+                    result = await self._reload(source)
+                except UserError as e:  # one a check did not foresee: still the person's to fix
+                    result = _result(RELOAD_REJECTED, "rejected", str(e))
+                except Exception as e:  # a bug or an unforeseen fault: refused, the serving generation untouched
+                    self.log.exception("reload failed unexpectedly", source=source)
+                    result = _result(RELOAD_REJECTED, "rejected", f"the reload failed unexpectedly: {_one_line(e)}")
+                result["source"] = source
+                result["seconds"] = round(time.monotonic() - started, 3)
+                result["at"] = time.time()
+                self.last_reload = result
+                log_method = self.log.info if result["exit_code"] == RELOAD_APPLIED else self.log.error
+                log_method("reload", **{k: v for k, v in result.items() if k not in ("ok", "at")})
+                return result
             finally:
+                # Whatever happened (even a cancel), systemd hears the reload end:
+                # RELOADING=1 without READY=1 hangs `systemctl reload`.
                 self.state = "serving" if self.current else "restarting"
-            result["source"] = source
-            result["seconds"] = round(time.monotonic() - started, 3)
-            result["at"] = time.time()
-            self.last_reload = result
-            log_method = self.log.info if result["exit_code"] == RELOAD_APPLIED else self.log.error
-            log_method("reload", **{k: v for k, v in result.items() if k not in ("ok", "at")})
-            self.notifier.ready(f"{self._status_line()}; last reload: {result['outcome']}")
-            return result
+                self.notifier.ready(f"{self._status_line()}; last reload: {result['outcome']}")
 
     def _load_new_config(self) -> Config:
         config = config_module.load(self.config_path)
@@ -398,9 +413,12 @@ class Supervisor:
                 step = await output.apply(config, target.properties, info)
                 if step:
                     undo.append(step)
-        except UserError as e:
+        except Exception as e:  # UserError, or disk full, or a bug: the old files go back either way
             await _run_undo(undo)
-            return _result(RELOAD_REJECTED, "rejected", str(e), changes=changes)
+            if not isinstance(e, UserError):
+                self.log.exception("writing the derived files failed", source=source)
+            return _result(RELOAD_REJECTED, "rejected", str(e) if isinstance(e, UserError) else _one_line(e),
+                           changes=changes)
 
         new_sockets: list[HeldSocket] | None = None
         needs_generation = (
@@ -411,9 +429,10 @@ class Supervisor:
         if self._owns_sockets() and self._bind_addresses(config) != self._bind_addresses(old.config):
             try:
                 new_sockets = sockets.bind(self._bind_addresses(config))
-            except UserError as e:
+            except Exception as e:  # UserError (in use, refused), or anything getaddrinfo raises
                 await _run_undo(undo)
-                return _result(RELOAD_REJECTED, "rejected", str(e), changes=changes)
+                return _result(RELOAD_REJECTED, "rejected", str(e) if isinstance(e, UserError) else _one_line(e),
+                               changes=changes)
             needs_generation = True
 
         if needs_generation:
@@ -450,15 +469,19 @@ class Supervisor:
             generation = await self._spawn(target.plan, new_sockets)
             await generation.wait_ready(target.config.daemon.ready_timeout, self._extend_timeout)
             self.last_boot_seconds = round(time.monotonic() - spawned, 3)
-        except (GenerationFailed, UserError, OSError) as e:
+        except Exception as e:  # GenerationFailed, UserError, OSError, or a bug: all put back the same way
+            reason = str(e)
+            if not isinstance(e, (GenerationFailed, UserError, OSError)):
+                self.log.exception("starting the new generation failed unexpectedly")
+                reason = _one_line(e)
             if generation is not None:
                 await generation.kill()
             if previous_xml is not None:
                 omero_config.write_config_bytes(config_xml, previous_xml)
             else:
                 config_xml.unlink(missing_ok=True)
-            self.log.error("new generation failed; the running one keeps serving", reason=str(e))
-            return str(e)
+            self.log.error("new generation failed; the running one keeps serving", reason=reason)
+            return reason
         retiring = self.current
         self.current = generation
         if new_sockets is not None:
@@ -494,13 +517,16 @@ class Supervisor:
                     return  # a reload brought a generation up meanwhile
                 assert self.applied is not None
                 self.notifier.status(f"gunicorn master exited with status {dead.exit_status}; restarting")
-                generation = await self._spawn(self.applied.plan)
+                generation: Generation | None = None
                 try:
+                    generation = await self._spawn(self.applied.plan)
                     await generation.wait_ready(self.applied.config.daemon.ready_timeout)
-                except GenerationFailed as e:
-                    await generation.kill()
+                except Exception as e:  # not only GenerationFailed: spawning raises OSError while the venv is replaced
+                    if generation is not None:
+                        await generation.kill()
                     delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_FIRST)
-                    self.log.error("restart failed", reason=str(e), retry_in=delay)
+                    self.log.error("restart failed", reason=str(e) if isinstance(e, GenerationFailed) else _one_line(e),
+                                   retry_in=delay)
                     continue
                 self.current = generation
                 self.state = "serving"
@@ -528,6 +554,7 @@ class Supervisor:
             properties, info,
             omerodir=config.daemon.omerodir, app=config.daemon.app,
             graceful_timeout=config.daemon.graceful_timeout, health_path=config.daemon.health_path,
+            where=config.where,
         )
         return Applied(config=config, info=info, properties=properties, plan=plan, packages=packages)
 
@@ -544,7 +571,12 @@ class Supervisor:
         generation = Generation(number=number, plan=plan, directory=self.runtime_dir / f"gen-{number}",
                                 on_exit=self.handle_generation_exit)
         self.generations[number] = generation
-        await generation.start(held or self.sockets, self.runtime_dir / "events.sock")
+        try:
+            await generation.start(held or self.sockets, self.runtime_dir / "events.sock")
+        except BaseException:
+            self.generations.pop(number, None)  # never started: nothing to watch or stop
+            await generation.kill()
+            raise
         self.log.info("gunicorn started", generation=number, pid=generation.pid, workers=plan.workers)
         return generation
 
@@ -635,6 +667,12 @@ def _changes(old: Config, new: Config) -> list[str]:
     names = set(old.properties) | set(new.properties)
     changed += sorted(n for n in names if old.properties.get(n) != new.properties.get(n))
     return changed
+
+
+def _one_line(error: BaseException) -> str:
+    """An unforeseen exception as one line: its type and its words."""
+    words = " ".join(str(error).split())
+    return f"{type(error).__name__}: {words}" if words else type(error).__name__
 
 
 def _result(exit_code: int, outcome: str, message: str, **extra: Any) -> dict[str, Any]:
