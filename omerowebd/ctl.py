@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from . import __version__, redact
 from .errors import UserError
 
 # One line per command module; the order is the order of --help.
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UserError as e:
-        print(f"omerowebctl: {e}", file=sys.stderr)
+        print(f"omerowebctl: {redact.scrub_known(str(e))}", file=sys.stderr)  # no secret of a config it read
         return e.exit_code
     except KeyboardInterrupt:
         return 130

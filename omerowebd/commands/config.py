@@ -100,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--file", metavar="FILE", help="read the value from FILE ('-': standard input), as "
                         "`omero config set --file` does; keeps secrets off the command line")
     source.add_argument("--stdin", action="store_true",
-                        help="read the value from standard input (one value; the trailing newline is dropped)")
+                        help="read the value from standard input (one value; trailing white space and the newline are "
+                        "dropped, as with --file)")
     set_.add_argument("--text", action="store_true", help="store VALUE as text, whatever the property's type")
     _edit_options(set_)
     set_.set_defaults(func=run_set)
