@@ -99,13 +99,14 @@ def test_socket_is_named_and_on_loopback_4080():
     assert unit("omerowebd.socket")["Install"]["WantedBy"] == "sockets.target"
 
 
-def test_nginx_reload_runs_as_root_on_change_of_the_daemons_files():
-    path = unit("omerowebd-nginx.path")["Path"]
-    assert path["PathChanged"] == "/var/lib/omerowebd/nginx"
-    assert path["Unit"] == "omerowebd-nginx.service"
+def test_nginx_publisher_runs_as_root_when_the_config_or_the_daemons_marker_changes():
+    assert all_values("omerowebd-nginx.path", "Path", "PathChanged") == [
+        "/etc/omerowebd/omerowebd.toml", "/var/lib/omerowebd/nginx/applied.json"]
+    assert unit("omerowebd-nginx.path")["Path"]["Unit"] == "omerowebd-nginx.service"
     service = unit("omerowebd-nginx.service")
     assert "User" not in service["Service"]
-    starts = all_values("omerowebd-nginx.service", "Service", "ExecStart")
-    # Checked copies first (they run nginx -t), then the reload.
-    assert starts[0] == "/usr/libexec/omerowebd-nginx-publish"
-    assert "reload" in starts[-1] and "nginx.service" in starts[-1]
+    # The publisher runs nginx -t and the reload itself, only when it published something.
+    assert all_values("omerowebd-nginx.service", "Service", "ExecStart") == ["/usr/libexec/omerowebd-nginx-publish"]
+    # A flood of path events cannot become a root reload storm, and a run cannot hang.
+    assert int(service["Unit"]["StartLimitIntervalSec"]) > 0 and int(service["Unit"]["StartLimitBurst"]) > 0
+    assert 0 < int(service["Service"]["TimeoutStartSec"]) < 3600
