@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import hashlib
 import ipaddress
 import os
@@ -67,6 +68,10 @@ class DaemonSettings:
     watch_config: bool = _doc("reload when the config file changes on disk", default=True)
     health_path: str | None = _doc("path probed for health; default PREFIX/webclient/login/", default=None)
     log_format: Literal["auto", "console", "json", "journal"] = _doc("log output", default="auto")
+    admin_group: str | None = _doc(
+        "group whose members may reload and sweep over the control socket, besides root and the daemon's user",
+        default=None,
+    )
 
 
 @dataclass(frozen=True)
@@ -415,6 +420,12 @@ def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: li
                 bad(key, "must be more than 0")
         if settings.health_path is not None and not settings.health_path.startswith("/"):
             bad("health_path", f"must start with '/', not {settings.health_path!r}")
+        if settings.admin_group is not None:
+            try:
+                grp.getgrnam(settings.admin_group)
+            except (KeyError, ValueError):  # ValueError: a NUL in the name
+                bad("admin_group", f"names no group on this system ({settings.admin_group!r}): create it "
+                    "(groupadd --system NAME) or remove the setting")
     if isinstance(settings, SessionsSettings):
         from .schedule import parse_schedule  # one parser, shared with the sweeper
 

@@ -3,23 +3,43 @@
 A request is ``{"cmd": "status"}`` (plus arguments); the reply is one JSON
 object. The server lives in the daemon's loop; the client is blocking, for
 omerowebctl.
+
+Whoever connects is judged by the kernel's record of the peer (see
+:mod:`omerowebd.access`), and nothing a client sends or fails to send can
+hold up another: a request line has a size limit and a deadline, a reply a
+write deadline, and the number of clients a cap well below the daemon's file
+limit, at which the longest-idle client of the same or a lower standing
+makes room for a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import resource
 import socket
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import log
+from . import access, log
+from .access import Level, Peer, Policy
 from .errors import UserError
 
 EXIT_UNREACHABLE = 3
-MAX_LINE = 1 << 20
+EXIT_NOPERM = 77  # EX_NOPERM from sysexits.h
+
+MAX_LINE = 64 << 10  # a request is a few dozen bytes; asyncio buffers at most twice this per client
+MAX_CLIENTS = 64
+BACKLOG = 64  # connections the kernel queues (without a descriptor of ours) while we admit others
+ACCEPT_RETRY = 0.5
+CONNECT_TIMEOUT = 5.0
+LINE_TIMEOUT = 15.0  # seconds from the last reply (or connect) to a whole request line
+WRITE_TIMEOUT = 10.0  # seconds a client may take to read a reply
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -28,72 +48,276 @@ class DaemonUnreachable(UserError):
     exit_code = EXIT_UNREACHABLE
 
 
+class PermissionDenied(UserError):
+    """The daemon answered, and refused: the peer lacks the standing the command needs."""
+
+    exit_code = EXIT_NOPERM
+
+
+@dataclass(eq=False)
+class _Client:
+    sock: socket.socket
+    peer: Peer
+    level: Level | None
+    writer: asyncio.StreamWriter | None = None  # once its streams are set up
+    busy: bool = False  # a request is being answered: never evicted then
+    evicted: bool = False
+    since: float = field(default_factory=time.monotonic)
+
+    def drop(self) -> None:
+        """Close the connection now, dropping whatever it has not read."""
+        if self.writer is not None:
+            self.writer.transport.abort()
+        else:
+            self.evicted = True  # its task closes the socket as soon as it runs
+
+
+def fd_budget() -> int:
+    """Clients the daemon can afford: an eighth of its file limit, for everything else it holds."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(4, soft // 8) if soft != resource.RLIM_INFINITY else MAX_CLIENTS
+
+
 class ControlServer:
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, *, policy: Policy | None = None,
+                 max_clients: int = MAX_CLIENTS, line_timeout: float = LINE_TIMEOUT,
+                 write_timeout: float = WRITE_TIMEOUT) -> None:
         self.path = path
         self.handler = handler
-        self._server: asyncio.AbstractServer | None = None
+        self.policy = policy or access.policy(None)  # replaced when daemon.admin_group changes
+        self.max_clients = min(max_clients, fd_budget())
+        self.line_timeout = line_timeout
+        self.write_timeout = write_timeout
+        self.log = log.get()
+        self._clients: set[_Client] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
 
     async def start(self) -> None:
         if self.path.is_socket():
             self.path.unlink()  # left by a daemon that was killed; the runtime dir is ours
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o117)  # the socket is born 0660: no window where others may connect
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE)
+            listener.bind(str(self.path))
+        except OSError:
+            listener.close()
+            raise
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o660)
+        listener.listen(BACKLOG)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accepting = asyncio.ensure_future(self._accept_loop())
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        """Stop listening; idle clients go now, busy ones after their reply (or after a few seconds)."""
+        self._closing = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        for client in list(self._clients):
+            if not client.busy:
+                client.drop()
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.write_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # -- admission ---------------------------------------------------------
+
+    async def _accept_loop(self) -> None:
+        """One connection at a time, each admitted (or turned away) before the next is taken:
+        the descriptors the daemon holds for clients stay at the cap, whatever floods in."""
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of descriptors or memory: the queue waits in the kernel; try again shortly.
+                self.log.warning("control socket cannot accept", error=e.strerror)
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
+            self._admit(conn)
+            # sock_accept returns at once while the queue is full: let the evicted close first.
+            await asyncio.sleep(0)
+
+    def _admit(self, conn: socket.socket) -> None:
         try:
-            while line := await reader.readline():
+            peer = access.peer_of(conn)
+        except OSError:
+            conn.close()
+            return
+        level = self.policy.level(peer)
+        if len(self._clients) >= self.max_clients and not self._evict(level):
+            # Every slot is busy answering, or held by peers of higher standing: say so, never wait.
+            try:
+                conn.send(_encode({"ok": False, "error": f"omerowebd is busy: {self.max_clients} control clients "
+                                   "connected; try again"}), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            conn.close()
+            self.log.warning("control client turned away", uid=peer.uid, pid=peer.pid, clients=len(self._clients))
+            return
+        client = _Client(sock=conn, peer=peer, level=level)
+        self._clients.add(client)
+        task = asyncio.ensure_future(self._serve(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _evict(self, level: Level | None) -> bool:
+        """Close the longest-idle client of at most ``level``'s standing; False if there is none."""
+        rank = int(level or 0)
+        idle = [c for c in self._clients if not c.busy and int(c.level or 0) <= rank]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: (int(c.level or 0), c.since))
+        self._clients.discard(victim)
+        victim.drop()  # its readline sees EOF and its task ends
+        return True
+
+    # -- one client --------------------------------------------------------
+
+    async def _serve(self, client: _Client) -> None:
+        try:
+            if client.evicted:
+                return
+            reader, writer = await asyncio.open_unix_connection(sock=client.sock, limit=MAX_LINE)
+            client.writer = writer
+            if client.evicted:
+                return
+            while True:
+                client.busy, client.since = False, time.monotonic()
                 try:
-                    request = json.loads(line)
-                    if not isinstance(request, dict):
-                        raise ValueError("not an object")
-                except ValueError:
-                    reply: dict[str, Any] = {"ok": False, "error": "bad request: one JSON object per line"}
-                else:
-                    try:
-                        reply = await self.handler(request)
-                    except Exception as e:  # a bug: keep serving, say so
-                        log.get().exception("control request failed", cmd=request.get("cmd"))
-                        reply = {"ok": False, "error": f"internal error: {e}"}
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+                    # One deadline for the whole line: a client trickling a byte at a time gets no longer.
+                    line = await asyncio.wait_for(reader.readline(), self.line_timeout)
+                except asyncio.TimeoutError:
+                    break
+                except ValueError:  # over MAX_LINE: asyncio dropped part of it, the stream is out of step
+                    await self._reply(client, {"ok": False, "error": f"bad request: a line is at most {MAX_LINE} bytes"})
+                    break
+                if not line:
+                    break
+                client.busy = True
+                if not await self._reply(client, await self._answer(client, line)) or self._closing:
+                    break
+        except ConnectionError:
             pass
         finally:
-            writer.close()
+            self._clients.discard(client)
+            if client.writer is not None:
+                if client.evicted:
+                    client.writer.transport.abort()
+                else:
+                    client.writer.close()
+            else:
+                client.sock.close()
+
+    async def _answer(self, client: _Client, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except RecursionError:
+            return {"ok": False, "error": "bad request: JSON nested too deeply"}
+        except ValueError:  # also UnicodeDecodeError
+            return {"ok": False, "error": "bad request: one JSON object per line"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "bad request: one JSON object per line"}
+        cmd = request.get("cmd")
+        shown = repr(cmd)[:60]  # as the log and the reply show it: quoted, escaped, short
+        peer = client.peer
+        need = access.required(request)
+        level = self.policy.level(peer)
+        if level is None or (need is not None and level < need):
+            self.log.warning("control request refused", cmd=shown, uid=peer.uid, pid=peer.pid)
+            who = self.policy.who(need or Level.READ)
+            return {"ok": False, "refused": "permission",
+                    "error": f"permission denied: {'the control socket' if need is None else shown} is for {who}; "
+                             f"you are uid {peer.uid}"}
+        if need is None:
+            return {"ok": False, "error": f"unknown command {shown}"}
+        if need is Level.ADMIN:
+            self.log.info("control request", cmd=shown, uid=peer.uid, pid=peer.pid)
+        try:
+            return await self.handler(request)
+        except Exception:  # a bug: keep serving, say so
+            self.log.exception("control request failed", cmd=shown)
+            return {"ok": False, "error": "internal error: see the daemon's log"}
+
+    async def _reply(self, client: _Client, reply: dict[str, Any]) -> bool:
+        writer = client.writer
+        assert writer is not None
+        try:
+            data = _encode(reply)
+        except (TypeError, ValueError):
+            self.log.exception("control reply cannot be encoded")
+            data = _encode({"ok": False, "error": "internal error: see the daemon's log"})
+        try:
+            writer.write(data)
+            await asyncio.wait_for(writer.drain(), self.write_timeout)
+        except asyncio.TimeoutError:  # it does not read: drop it and what it did not read
+            writer.transport.abort()
+            return False
+        except ConnectionError:
+            return False
+        return True
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply).encode() + b"\n"
+
+
+def _connect(s: socket.socket, path: Path) -> None:
+    """connect(), waiting for room while the daemon's queue is full (a flood of clients)."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        try:
+            s.connect(str(path))
+            return
+        except BlockingIOError:  # a unix socket says EAGAIN, not "in progress", when the queue is full
+            if time.monotonic() > deadline:
+                raise OSError(errno.EAGAIN, f"its queue stayed full for {CONNECT_TIMEOUT:.0f}s") from None
+            time.sleep(0.01)
 
 
 def request(path: Path, payload: dict[str, Any], timeout: float | None = 30.0) -> dict[str, Any]:
-    """Send one request, return the reply; DaemonUnreachable if nobody answers."""
+    """Send one request, return the reply.
+
+    DaemonUnreachable if nobody answers; PermissionDenied if the daemon refuses the caller."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5.0)
+        s.settimeout(CONNECT_TIMEOUT)
         try:
-            s.connect(str(path))
+            _connect(s, path)
         except FileNotFoundError:
             raise DaemonUnreachable(f"omerowebd is not running (no control socket at {path})") from None
         except PermissionError:
-            raise DaemonUnreachable(
+            raise PermissionDenied(
                 f"no permission to use {path}: run as root or as a member of the daemon's group"
             ) from None
         except OSError as e:
             raise DaemonUnreachable(f"omerowebd does not answer on {path}: {e.strerror}") from None
         s.settimeout(timeout)
-        s.sendall(json.dumps(payload).encode() + b"\n")
         buf = b""
         try:
+            try:
+                s.sendall(json.dumps(payload).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it may have said why it closed (too busy) before we sent: read that
             while not buf.endswith(b"\n"):
                 chunk = s.recv(65536)
                 if not chunk:
@@ -101,6 +325,17 @@ def request(path: Path, payload: dict[str, Any], timeout: float | None = 30.0) -
                 buf += chunk
         except socket.timeout:
             raise DaemonUnreachable(f"omerowebd did not answer within {timeout:.0f}s") from None
+        except OSError as e:
+            if not buf:
+                raise DaemonUnreachable(f"omerowebd closed {path} without answering: {e.strerror}") from None
     if not buf:
         raise DaemonUnreachable(f"omerowebd closed {path} without answering")
-    return json.loads(buf)
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise DaemonUnreachable(f"what answers on {path} does not speak omerowebd's protocol")
+    if reply.get("refused") == "permission":
+        raise PermissionDenied(str(reply.get("error", "permission denied")))
+    return reply

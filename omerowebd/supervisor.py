@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import checks, log, omero_config, redact, sockets
+from . import access, checks, log, omero_config, redact, sockets
 from . import config as config_module
 from .config import Config
 from .control import ControlServer
@@ -42,7 +42,7 @@ RELOAD_RESTART_REQUIRED = 4
 # Settings that a running daemon cannot take over: they name its own sockets and files.
 RESTART_KEYS = ("daemon.runtime_dir", "daemon.state_dir")
 # Daemon settings a reload applies without a new gunicorn generation.
-LIVE_DAEMON_KEYS = ("daemon.ready_timeout", "daemon.watch_config", "daemon.log_format")
+LIVE_DAEMON_KEYS = ("daemon.ready_timeout", "daemon.watch_config", "daemon.log_format", "daemon.admin_group")
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
@@ -150,7 +150,8 @@ class Supervisor:
             directory.mkdir(mode=mode, parents=True, exist_ok=True)
         self.sockets = self._acquire_sockets(config)
         await self._open_event_socket()
-        self._control = ControlServer(self.runtime_dir / "control.sock", self.handle_request)
+        self._control = ControlServer(self.runtime_dir / "control.sock", self.handle_request,
+                                      policy=access.policy(config.daemon.admin_group))
         await self._control.start()
         self.notifier.status("checking the config and the OMERO.web venv")
         info, warnings = await checks.run(config, self.prober)
@@ -449,6 +450,8 @@ class Supervisor:
         self._follow_config_file(config)
         if config.daemon.log_format != old.config.daemon.log_format:
             log.configure(config.daemon.log_format)
+        if config.daemon.admin_group != old.config.daemon.admin_group and self._control:
+            self._control.policy = access.policy(config.daemon.admin_group)
         if not needs_generation:
             return _result(RELOAD_APPLIED, "applied", "applied without a new generation", changes=changes)
         return _result(RELOAD_APPLIED, "applied", "new generation serving", changes=changes,
