@@ -29,6 +29,7 @@ exit codes:
   2  usage error; reload: new generation failed and was rolled back
   3  the daemon is not reachable
   4  reload: the change needs a daemon restart (systemctl restart omerowebd)
+ 77  the daemon refused the caller (who may do what: man omerowebctl)
  78  the config file cannot be used (a person must fix it)
 
 examples:
