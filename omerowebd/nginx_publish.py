@@ -302,9 +302,13 @@ class Destination:
         if problems:
             raise Refused(f"{self.path}: {problems[0]}")
         self.fd = _open_own_dir(None, str(self.path), self.path)
-        # One publisher at a time (the unit, or an admin by hand).
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        self.page_fd = _open_own_dir(self.fd, MAINTENANCE_DIR, self.path / MAINTENANCE_DIR)
+        try:
+            # One publisher at a time (the unit, or an admin by hand).
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.page_fd = _open_own_dir(self.fd, MAINTENANCE_DIR, self.path / MAINTENANCE_DIR)
+        except BaseException:
+            os.close(self.fd)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
