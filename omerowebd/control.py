@@ -38,6 +38,7 @@ MAX_CLIENTS = 64
 BACKLOG = 64  # connections the kernel queues (without a descriptor of ours) while we admit others
 ACCEPT_RETRY = 0.5
 CONNECT_TIMEOUT = 5.0
+CLOSE_GRACE = 2.0  # seconds a reply in progress gets when the daemon stops (the unit's stop timeout is short)
 LINE_TIMEOUT = 15.0  # seconds from the last reply (or connect) to a whole request line
 WRITE_TIMEOUT = 10.0  # seconds a client may take to read a reply
 
@@ -111,13 +112,14 @@ class ControlServer:
             raise
         finally:
             os.umask(old)
+        os.chmod(self.path, 0o660)  # a default ACL on the directory would have overridden the umask
         listener.listen(BACKLOG)
         listener.setblocking(False)
         self._listener = listener
         self._accepting = asyncio.ensure_future(self._accept_loop())
 
     async def close(self) -> None:
-        """Stop listening; idle clients go now, busy ones after their reply (or after a few seconds)."""
+        """Stop listening; idle clients go now, busy ones after their reply (or after CLOSE_GRACE)."""
         self._closing = True
         if self._accepting is not None:
             self._accepting.cancel()
@@ -132,7 +134,7 @@ class ControlServer:
             if not client.busy:
                 client.drop()
         if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=self.write_timeout)
+            _, late = await asyncio.wait(set(self._tasks), timeout=CLOSE_GRACE)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
@@ -148,10 +150,8 @@ class ControlServer:
             try:
                 conn, _ = await loop.sock_accept(self._listener)
             except OSError as e:
-                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                # Out of descriptors or memory: the queue waits in the kernel; try again shortly.
-                self.log.warning("control socket cannot accept", error=e.strerror)
+                # Out of descriptors or memory, say: the queue waits in the kernel; try again shortly.
+                self.log.warning("control socket cannot accept", error=e.strerror or repr(e))
                 await asyncio.sleep(ACCEPT_RETRY)
                 continue
             self._admit(conn)
