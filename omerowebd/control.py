@@ -41,6 +41,7 @@ CONNECT_TIMEOUT = 5.0
 CLOSE_GRACE = 2.0  # seconds a reply in progress gets when the daemon stops (the unit's stop timeout is short)
 LINE_TIMEOUT = 15.0  # seconds from the last reply (or connect) to a whole request line
 WRITE_TIMEOUT = 10.0  # seconds a client may take to read a reply
+REFUSALS_LOGGED = 20  # a minute, per uid
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -95,6 +96,7 @@ class ControlServer:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._closing = False
+        self._refusals: dict[int, tuple[float, int]] = {}  # uid -> (start of the minute, refusals in it)
 
     @property
     def clients(self) -> int:
@@ -244,7 +246,7 @@ class ControlServer:
         need = access.required(request)
         level = self.policy.level(peer)
         if level is None or (need is not None and level < need):
-            self.log.warning("control request refused", cmd=shown, uid=peer.uid, pid=peer.pid)
+            self._log_refusal(shown, peer)
             who = self.policy.who(need or Level.READ)
             return {"ok": False, "refused": "permission",
                     "error": f"permission denied: {'the control socket' if need is None else shown} is for {who}; "
@@ -258,6 +260,22 @@ class ControlServer:
         except Exception:  # a bug: keep serving, say so
             self.log.exception("control request failed", cmd=shown)
             return {"ok": False, "error": "internal error: see the daemon's log"}
+
+    def _log_refusal(self, shown: str, peer: Peer) -> None:
+        """One line per refusal, but no more than REFUSALS_LOGGED a minute per uid: a caller
+        looping on a refused command must not flood the journal."""
+        now = time.monotonic()
+        if len(self._refusals) > 1024:  # only group members can connect: a bound that is never reached
+            self._refusals.clear()
+        start, count = self._refusals.get(peer.uid, (now, 0))
+        if now - start > 60:
+            start, count = now, 0
+        self._refusals[peer.uid] = (start, count + 1)
+        if count < REFUSALS_LOGGED:
+            self.log.warning("control request refused", cmd=shown, uid=peer.uid, pid=peer.pid)
+        elif count == REFUSALS_LOGGED:
+            self.log.warning("control requests refused; more from this uid are not logged for a minute",
+                             uid=peer.uid, pid=peer.pid)
 
     async def _reply(self, client: _Client, reply: dict[str, Any]) -> bool:
         writer = client.writer

@@ -203,6 +203,15 @@ def test_a_peer_outside_the_daemons_group_may_do_nothing(make_server, sock_dir):
     assert all(f["uid"] == NOBODY and f["pid"] > 0 for _, f in refusals)
 
 
+def test_a_caller_looping_on_refusals_does_not_flood_the_log(make_server, sock_dir):
+    r = make_server()
+    replies = as_peer(sock_dir / "control.sock", *[{"cmd": "reload"}] * 50, group=DAEMON_GID)
+    assert all(reply["refused"] == "permission" for reply in replies) and len(replies) == 50
+    logged = [event for level, event, _ in r.log.lines if level == "warning"]
+    assert logged == ["control request refused"] * control.REFUSALS_LOGGED + [
+        "control requests refused; more from this uid are not logged for a minute"]
+
+
 def test_the_daemons_group_reads_but_does_not_change(make_server, sock_dir):
     r = make_server()
     for how in ({"group": DAEMON_GID}, {"groups": [DAEMON_GID]}):  # primary, or supplementary
