@@ -27,12 +27,12 @@ from pathlib import Path
 MAX_LINKS = 40
 
 
-def _mode_problem(path: str, st: os.stat_result, what: str) -> str | None:
+def _mode_problem(path: str, st: os.stat_result, what: str, sticky_ok: bool = True) -> str | None:
     if st.st_uid != 0:
         return f"{what} {path} is owned by uid {st.st_uid}, not root"
-    if st.st_mode & stat.S_IWOTH and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+    if st.st_mode & stat.S_IWOTH and not (sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
         return f"{what} {path} is writable by everyone"
-    if st.st_mode & stat.S_IWGRP and st.st_gid != 0 and not stat.S_ISLNK(st.st_mode):
+    if st.st_mode & stat.S_IWGRP and st.st_gid != 0:
         return f"{what} {path} is writable by group {st.st_gid}"
     return None
 
@@ -117,7 +117,8 @@ def _tree(top: str, what: str, seen: set[tuple[int, int]]) -> Iterator[str]:
                 if os.path.isdir(target):
                     yield from _tree(target, what, seen)
                 continue
-            problem = _mode_problem(entry.path, est, what)
+            # No sticky exception inside a tree: anyone could add a module there.
+            problem = _mode_problem(entry.path, est, what, sticky_ok=False)
             if problem:
                 yield problem
             elif stat.S_ISDIR(est.st_mode):

@@ -60,7 +60,7 @@ def layout_problems(venv: Path) -> list[str]:
         return [f"venv {venv} has no runnable bin/python: recreate it (python3.10 -m venv {venv})"]
     # Root runs the venv's Python only if root alone controls what it runs
     # (the service user must not be able to plant code root imports).
-    refusal = venv_refusal(venv, f"run {python}")
+    refusal = _root_refusal(venv, python)
     if refusal:
         return [refusal]
     sites = site_packages(venv)
@@ -69,6 +69,28 @@ def layout_problems(venv: Path) -> list[str]:
         if not any((site / module).is_dir() for site in sites):
             problems.append(f"venv {venv} has no {dist}: run {venv}/bin/pip install {dist}")
     return problems
+
+
+_TRUSTED: set[tuple[Path, str]] = set()
+
+
+def _root_refusal(venv: Path, python: Path) -> str | None:
+    """trust.venv_refusal, remembered per package set: the walk costs most of a second.
+
+    Once root alone controls the venv only root can change that, and an
+    install by root changes the fingerprint, so a passed check stays valid
+    until then."""
+    if os.geteuid() != 0:
+        return None
+    # A `chown -R` or `chmod -R` of the venv shows in its top directories.
+    tops = [venv, *site_packages(venv)]
+    key = (venv, fingerprint(venv) + "".join(f":{st.st_uid}.{st.st_gid}.{st.st_mode}" for st in map(os.stat, tops)))
+    if key in _TRUSTED:
+        return None
+    refusal = venv_refusal(venv, f"run {python}")
+    if refusal is None:
+        _TRUSTED.add(key)
+    return refusal
 
 
 def fingerprint(venv: Path) -> str:

@@ -178,3 +178,9 @@ def test_not_root_means_no_refusal(root_dir: Path, monkeypatch: pytest.MonkeyPat
     os.chown(venv, NOBODY, -1)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert trust.venv_refusal(venv, "probe") is None
+
+
+def test_sticky_world_writable_directory_inside_a_venv_is_refused(root_dir: Path) -> None:
+    venv = fake_venv(root_dir)
+    os.chmod(venv / "lib/python3.10/site-packages", 0o1777)
+    assert "writable by everyone" in trust.venv_problems(venv)[0]
