@@ -149,7 +149,7 @@ def parse(data: bytes, path: Path) -> Config:
     for name in doc:
         if name not in TABLES and name != "omero":
             problems.append(
-                f"{path}:{lines.find((), name)}: unknown table [{name}]{_did_you_mean(name, [*TABLES, 'omero'])}"
+                f"{path}:{lines.find((), name)}: unknown table [{_shown(name)}]{_did_you_mean(name, [*TABLES, 'omero'])}"
             )
     sections: dict[str, Any] = {}
     for name, cls in TABLES.items():
@@ -232,7 +232,7 @@ def _duplicate(text: str, what: str) -> str:
     except tomlkit.exceptions.TOMLKitError as e:
         named = re.match(r'Key "(.*)" already exists', str(e))
         if named:
-            return f"{named.group(1)} is set twice: keep one (TOML allows each key and table once)"
+            return f"{_shown(named.group(1))} is set twice: keep one (TOML allows each key and table once)"
     except (ValueError, RecursionError):
         pass
     return f"a key or table is set twice: keep one (TOML allows each once; {what})"
@@ -241,6 +241,11 @@ def _duplicate(text: str, what: str) -> str:
 def _parse_message(e: Exception) -> str:
     # tomlkit appends " at line L col C" to its messages; the prefix says it already.
     return re.sub(r"\s+at line \d+ col \d+\Z", "", str(e))
+
+
+def _shown(name: str) -> str:
+    """A key from the file as an error names it: as written when plain, quoted otherwise (a line break stays one line)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_.-]+", name) else repr(name)
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -256,7 +261,7 @@ def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: 
     for key, raw in values.items():
         where = f"{path}:{lines.find((table,), key)}"
         if key not in fields:
-            problems.append(f"{where}: unknown key {table}.{key}{_did_you_mean(key, list(fields))}")
+            problems.append(f"{where}: unknown key {table}.{_shown(key)}{_did_you_mean(key, list(fields))}")
             continue
         value = _unwrap(raw)
         if fields[key].metadata.get("number_as_text") and isinstance(value, int) and not isinstance(value, bool):

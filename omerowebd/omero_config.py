@@ -60,13 +60,12 @@ def _flatten(
             yield from _flatten(path, item, out, seen)
             continue
         name = ".".join(path)
+        if not all(_NAME_PART.fullmatch(part) for part in name.split(".")):
+            yield f"{name!r} is not an OMERO property name: letters, digits, '_' and '-' between dots", path
+            continue
         if name in seen:
             first = ".".join(seen[name])
             yield f"{name} is set twice (also as {first}); keep one", path
-            continue
-        problem = xml_problem(name)
-        if problem:
-            yield f"the property name {name!r} {problem}", path
             continue
         try:
             value = encode_value(_plain(item))
@@ -79,6 +78,10 @@ def _flatten(
             continue
         out[name] = value
         seen[name] = path
+
+
+# What `omero config` names are made of (and what omerowebctl config set takes).
+_NAME_PART = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _is_namespace(item: Any) -> bool:
