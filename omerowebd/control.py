@@ -18,6 +18,7 @@ import asyncio
 import errno
 import json
 import os
+import re
 import resource
 import socket
 import time
@@ -42,6 +43,9 @@ CLOSE_GRACE = 2.0  # seconds a reply in progress gets when the daemon stops (the
 LINE_TIMEOUT = 15.0  # seconds from the last reply (or connect) to a whole request line
 WRITE_TIMEOUT = 10.0  # seconds a client may take to read a reply
 REFUSALS_LOGGED = 20  # a minute, per uid
+
+# A reply is one line; status with every worker and sweep fits in far less.
+MAX_REPLY = 16 << 20
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -336,11 +340,19 @@ def request(path: Path, payload: dict[str, Any], timeout: float | None = 30.0) -
                 s.sendall(json.dumps(payload).encode() + b"\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass  # it may have said why it closed (too busy) before we sent: read that
-            while not buf.endswith(b"\n"):
+            chunks: list[bytes] = []
+            size = 0
+            while True:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
-                buf += chunk
+                chunks.append(chunk)
+                size += len(chunk)
+                if chunk.endswith(b"\n"):
+                    break
+                if size > MAX_REPLY:
+                    raise DaemonUnreachable(f"what answers on {path} sent a reply over {MAX_REPLY >> 20} MiB")
+            buf = b"".join(chunks)
         except socket.timeout:
             raise DaemonUnreachable(f"omerowebd did not answer within {timeout:.0f}s") from None
         except OSError as e:
@@ -349,11 +361,27 @@ def request(path: Path, payload: dict[str, Any], timeout: float | None = 30.0) -
     if not buf:
         raise DaemonUnreachable(f"omerowebd closed {path} without answering")
     try:
-        reply = json.loads(buf)
-    except ValueError:
+        reply = _printable(json.loads(buf))
+    except (ValueError, RecursionError):
         reply = None
     if not isinstance(reply, dict):
         raise DaemonUnreachable(f"what answers on {path} does not speak omerowebd's protocol")
     if reply.get("refused") == "permission":
         raise PermissionDenied(str(reply.get("error", "permission denied")))
     return reply
+
+
+# The daemon runs as the service user, which must be assumed compromised: it
+# could answer root's omerowebctl with terminal escape sequences that rewrite
+# what the admin sees. Replies are data to print, so control characters go.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return _CONTROL.sub("?", value)
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
