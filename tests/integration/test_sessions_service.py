@@ -201,6 +201,7 @@ def test_database_engine_runs_clearsessions(site: Site, tmp_path: Path) -> None:
         return int(count.stdout.strip().splitlines()[-1])
 
     assert rows() == 2
+    (tmp_path / "state").mkdir()  # the daemon makes it; clearsessions runs as its owner (here root)
     service = SessionService(Log())
     config = make_config(site, tmp_path, omero='[omero.web]\nsession_engine = "django.contrib.sessions.backends.db"\n')
     service.update(config, properties, venv_info(site.venv))
