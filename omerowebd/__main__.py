@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from . import __version__, log, redact
+from . import __version__, log, redact, runlock
 from . import config as config_module
 from .errors import EXIT_FAILURE, ConfigErrors, UserError
 from .supervisor import Supervisor
@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="omerowebd",
         description="Run OMERO.web under gunicorn, supervised: zero-downtime reloads, systemd notify, "
         "nginx includes, session sweeping. Runs in the foreground; drive it with systemctl or omerowebctl.",
-        epilog="exit codes: 0 stopped cleanly, 1 failed, 78 the config must be fixed (nothing was started)",
+        epilog="exit codes: 0 stopped cleanly, 1 failed, 75 another omerowebd runs on the same runtime_dir, "
+        "78 the config must be fixed (nothing was started)",
     )
     parser.add_argument("--version", action="version", version=f"omerowebd {__version__}")
     parser.add_argument("--config", metavar="FILE", help="the TOML file (default: $OMEROWEBD_CONFIG, else /etc/omerowebd/omerowebd.toml)")
@@ -31,11 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e, notifier)
     log.configure(config.daemon.log_format)
     try:
+        # Before anything touches the runtime dir: a second daemon would take
+        # over the first one's control and event sockets.
+        lock = runlock.acquire(config.daemon.runtime_dir)
+    except UserError as e:
+        return _fail(e, notifier)
+    if lock.previous:
+        log.get().warning("the previous omerowebd did not stop cleanly; taking over its runtime directory",
+                          pid=lock.previous, runtime_dir=str(config.daemon.runtime_dir))
+    try:
         return asyncio.run(Supervisor(config, notifier).run())
     except UserError as e:
         return _fail(e, notifier)
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    finally:
+        lock.release()
 
 
 def _fail(error: UserError, notifier: Notifier) -> int:
