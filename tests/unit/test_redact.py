@@ -230,3 +230,26 @@ def test_export_leaves_out_additional_settings_with_passwords_but_shows_what_is_
     full, _ = migrate.export_text(props, show_secrets=True, source="x")
     assert f"{ADDITIONAL_SETTINGS}={MAIL_AND_DB}" in full.splitlines()
     assert f"omero.web.secret_key={CANARY}" in full.splitlines()
+
+
+# -- errors about the file itself ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("omero", [
+    f'secret_key = "{CANARY}" trailing\n',                      # junk after the value
+    f'secret_key = {CANARY}\n',                                 # not quoted
+    f'secret_key = "{CANARY}\n',                                # not closed
+    f'secret_key = "{CANARY}\x01"\n',                           # a control character
+    f'secret_key = "{CANARY}"\nsecret_key = "{CANARY}2"\n',     # set twice
+    f'"secret_key" = "{CANARY}"\n[omero.web.secret_key]\nx = 1\n',  # a value and a table
+    f"django_additional_settings = '[[\"EMAIL_HOST_PASSWORD\", \"{CANARY}\"]'\nprefix = 7.5e999\n",
+])
+def test_a_broken_file_is_reported_without_its_secrets(tmp_path: Path, omero: str):
+    toml = tmp_path / "omerowebd.toml"
+    toml.write_text(f'[daemon]\nomerodir = "/o"\nvenv = "/v"\n\n[omero.web]\n{omero}')
+    with pytest.raises(config_module.ConfigError) as caught:
+        config_module.load(toml)
+    problems = getattr(caught.value, "problems", None) or [str(caught.value)]
+    assert str(toml) in problems[0]
+    for problem in [str(caught.value), *problems]:
+        assert CANARY not in problem  # as `omerowebctl check` prints it
