@@ -48,7 +48,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -368,9 +368,11 @@ class SessionService:
         self._lock = asyncio.Lock()
 
     def update(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> None:
-        target = target_for(config, properties, info)
-        if target != self.target:
-            self.target = target
+        target, old = target_for(config, properties, info), self.target
+        self.target = target  # the newest settings for the next sweep, whatever changed
+        # Only what decides when and where to sweep restarts the schedule: a reload that
+        # changes some other property must not push the next sweep further out.
+        if old is None or replace(old, config_xml=None) != replace(target, config_xml=None):
             self.schedule = parse_schedule(target.settings.schedule)
             self._changed.set()  # the schedule loop works out the next sweep again
 

@@ -525,3 +525,17 @@ def test_refusal_is_the_sweeps_outcome_not_a_traceback(shared_dir: Path) -> None
     result = sessions.sweep_sync(file_target(link, shared_dir))
     assert "is a symbolic link" in result["error"] and result["store"] == str(link)
     assert "symbolic link" in sessions.describe(result)
+
+
+def test_a_reload_that_changes_another_property_keeps_the_schedule() -> None:
+    service = sessions.SessionService(SimpleNamespace())
+    first = parse("")
+    service.update(first, sessions.pinned_properties(first), info())
+    service._changed.clear()
+    other = parse("", '[omero.web]\nprefix = "/omero"\n')
+    service.update(other, sessions.pinned_properties(other), info())
+    assert not service._changed.is_set()
+    assert service.target is not None and "/omero" in (service.target.config_xml or "")  # next sweep's settings
+    moved = parse('schedule = "1h"', "")
+    service.update(moved, sessions.pinned_properties(moved), info())
+    assert service._changed.is_set()
