@@ -357,6 +357,7 @@ class Generation:
             "master_pid": self.pid,
             "worker_pids": self.worker_pids(),
             "workers": self.plan.workers,
+            "ready_workers": len(self.ready_workers),  # have loaded the app (omerowebctl reload's progress)
             "started_at": self.started_at,
             "ready_at": self.ready_at,
         }

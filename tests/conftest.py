@@ -305,3 +305,44 @@ class Load:
     def wait_requests(self, n: int, timeout: float = 60) -> None:
         start = self.ok
         wait_for(lambda: self.ok >= start + n, timeout, f"{n} more successful requests")
+
+
+def run_in_pty(argv: list[str], env: dict[str, str] | None = None, timeout: float = 180) -> tuple[int, str]:
+    """Run a command on a terminal (a pty, 200 columns) as a person would: its exit code and all the
+    terminal got (stdout and stderr, \\r and escape sequences included)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    env = dict(os.environ if env is None else env)
+    env.pop("COLUMNS", None)
+    env.setdefault("TERM", "xterm")
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer on the terminal's side has gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, out.decode(errors="replace")

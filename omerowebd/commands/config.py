@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_module
-from .. import control, edit, migrate, redact, venv
+from .. import control, edit, migrate, progress, redact, venv
 from ..errors import EXIT_FAILURE, EXIT_USAGE, UserError
 from ..files import write_atomic
+from . import reload as reload_command
 from . import socket_path
 
 EXIT_NOT_SET = 1
@@ -256,9 +257,11 @@ def run_unset(args: argparse.Namespace) -> int:
 
 
 def _edit(args: argparse.Namespace, mutate: edit.Mutation, *, dry_run: bool = False,
-          describe: Callable[[edit.Change, edit.Outcome, bool], str] | None = None) -> int:
+          describe: Callable[[edit.Change, edit.Outcome, bool], str] | None = None,
+          meter: progress.Progress | None = None) -> int:
     try:
-        outcome = edit.edit(_path(args), mutate, venv_check=not args.skip_venv_check, dry_run=dry_run)
+        with meter or progress.Progress("", enabled=False):
+            outcome = edit.edit(_path(args), mutate, venv_check=not args.skip_venv_check, dry_run=dry_run)
     except edit.EditRefused as e:
         print(f"omerowebctl: {e}", file=sys.stderr)
         for problem in e.problems[1:]:
@@ -292,7 +295,7 @@ def _describe(change: edit.Change, outcome: edit.Outcome, show: bool) -> str:
 
 def _reload(args: argparse.Namespace, path: Path) -> int:
     try:
-        reply = control.request(socket_path(args), {"cmd": "reload", "wait": True}, timeout=None)
+        reply = reload_command.request(socket_path(args), {"cmd": "reload", "wait": True})
     except (control.DaemonUnreachable, control.PermissionDenied) as e:
         print(f"not applied: {e}", file=sys.stderr)
         return e.exit_code
@@ -326,18 +329,23 @@ def _live_digest(args: argparse.Namespace) -> str | None:
 def run_import(args: argparse.Namespace) -> int:
     source = migrate.read_source(args.file)
     report: list[migrate.Imported] = []
+    count = len(source.properties)
+    # OMERO.web is asked (in the venv) for the types before, and for its verdict after.
+    meter = progress.Progress(f"importing {count} properties: asking OMERO.web for their types")
 
     def mutate(doc: edit.Document, knowledge: edit.Knowledge) -> list[edit.Change]:
         if knowledge.info is None:
-            print(f"warning: every value is written as text: OMERO.web could not be asked for the types "
-                  f"({knowledge.why_not})", file=sys.stderr)
+            meter.echo(f"warning: every value is written as text: OMERO.web could not be asked for the types "
+                       f"({knowledge.why_not})", file=sys.stderr)
+        meter.set(f"importing {count} properties: typing and writing them into the TOML")
         result = migrate.import_properties(doc, source, knowledge, merge=args.merge, skip=args.skip)
         report.append(result)
+        meter.set(f"importing {count} properties: checking the result with OMERO.web")
         return result.changes
 
     where = f" (profile {source.profile})" if source.profile else ""
-    print(f"importing {len(source.properties)} properties from {source.path}, {source.format}{where}")
-    code = _edit(args, mutate, dry_run=args.dry_run, describe=_describe_import)
+    print(f"importing {count} properties from {source.path}, {source.format}{where}")
+    code = _edit(args, mutate, dry_run=args.dry_run, describe=_describe_import, meter=meter)
     if report:
         result = report[0]
         typed = sum(1 for c in result.changes if c.after is not None and c.written_as != "text")

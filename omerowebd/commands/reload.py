@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
-from .. import control
+from .. import control, progress
 from . import socket_path
 
 
@@ -21,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    reply = control.request(socket_path(args), {"cmd": "reload", "wait": not args.no_wait, "dry_run": args.dry_run},
-                            timeout=None)
+    payload = {"cmd": "reload", "wait": not args.no_wait, "dry_run": args.dry_run}
+    reply = request(socket_path(args), payload, show_progress=not (args.no_wait or args.dry_run))
     if "exit_code" not in reply:
         print(f"omerowebctl: {reply.get('error', 'unexpected reply')}")
         return 1
@@ -30,3 +32,34 @@ def run(args: argparse.Namespace) -> int:
     for change in reply.get("changes") or []:
         print(f"  changed: {change}")
     return int(reply["exit_code"])
+
+
+def request(path: Path, payload: dict[str, Any], *, show_progress: bool = True) -> dict[str, Any]:
+    """The reload request; on a terminal, a line of what the daemon is doing while it works.
+
+    The progress comes from status requests on a second connection: the
+    reload request and its one-line reply stay what they always were."""
+    def poll() -> str | None:
+        return describe(control.request(path, {"cmd": "status"}, timeout=5))
+
+    with progress.Progress("reloading: waiting for the daemon", poll=poll, enabled=None if show_progress else False):
+        return control.request(path, payload, timeout=None)
+
+
+def describe(status: dict[str, Any]) -> str | None:
+    """What a reload in progress is at, from the daemon's status; None when it cannot tell."""
+    state = status.get("state")
+    if state != "reloading":
+        return f"reloading: waiting for the daemon (it is {state})" if isinstance(state, str) else None
+    serving = (status.get("generation") or {}).get("number")
+    generations = [g for g in status.get("generations") or [] if isinstance(g, dict)]
+    booting = [g for g in generations if g.get("state") in ("new", "booting") and g.get("number") != serving]
+    retiring = [g for g in generations if g.get("state") == "retiring"]
+    if booting:
+        g = booting[-1]
+        ready, workers = g.get("ready_workers"), g.get("workers")
+        loaded = f", {ready} of {workers} workers have loaded OMERO.web" if isinstance(ready, int) else ""
+        return f"reloading: generation {g.get('number')} is starting{loaded}"
+    if retiring:
+        return f"reloading: generation {serving} serves, retiring generation {retiring[-1].get('number')}"
+    return "reloading: checking the new config"

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .. import control, sessions, trust
+from .. import control, progress, sessions, trust
 from ..errors import UserError
 from ..venv import probe_sync
 from . import load_config, socket_path
@@ -42,19 +42,39 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_clear(args: argparse.Namespace) -> int:
     path = socket_path(args)
+    show = progress.wanted(json=args.json)
+    what = "dry run: counting expired sessions" if args.dry_run else "sweeping expired sessions"
     if daemon_listens(path):
-        reply = control.request(path, {"cmd": "sessions_clear", "dry_run": args.dry_run}, timeout=None)
+        with progress.Progress(f"{what}: asking the daemon", enabled=show,
+                               poll=lambda: sweep_progress(path, what)):
+            reply = control.request(path, {"cmd": "sessions_clear", "dry_run": args.dry_run}, timeout=None)
         if reply.get("ok") is False:
             print(f"omerowebctl: {reply.get('error', 'unexpected reply')}")
             return EXIT_SWEEP_FAILED
         result = reply
     else:
-        result = sweep_here(args)
+        with progress.Progress(f"{what} (no daemon runs: sweeping here)", enabled=show):
+            result = sweep_here(args)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k not in ("ok", "snapshot")}, indent=2, sort_keys=True))
     else:
         print(render(result))
     return EXIT_SWEEP_FAILED if result.get("error") else 0
+
+
+def sweep_progress(path: Path, what: str) -> str | None:
+    """The line shown while the daemon sweeps: the store, and what the last sweep took as a guide."""
+    s = control.request(path, {"cmd": "status"}, timeout=5).get("sessions") or {}
+    running = s.get("running")
+    if not isinstance(running, dict):
+        return None
+    line = f"{what} in {s.get('store')}" if s.get("store") else what
+    if running.get("trigger") != "omerowebctl":
+        line += f" (after the {running.get('trigger')} sweep in progress)"
+    last = s.get("last")
+    if isinstance(last, dict) and "scanned" in last:
+        line += f"; the last sweep scanned {last.get('scanned')} files in {last.get('duration', 0):.0f}s"
+    return line
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -92,8 +112,8 @@ def sweep_here(args: argparse.Namespace) -> dict[str, Any]:
         # acts on it only if nobody but root can have written it.
         problems = trust.file_problems(config.path, "config")
         if problems:
-            raise UserError(f"refusing to sweep as root: {problems[0]}; the config and every directory above it "
-                            "must be root's and writable by root alone", exit_code=EXIT_SWEEP_FAILED)
+            raise UserError(f"refusing to sweep as root: {problems[0]}; make it root's (chown root: {config.path} "
+                            f"&& chmod go-w {config.path})", exit_code=EXIT_SWEEP_FAILED)
     properties = sessions.pinned_properties(config)
     info = probe_sync(config.daemon.venv, properties, config.daemon.omerodir)
     target = sessions.target_for(config, properties, info)
