@@ -24,7 +24,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, i
             return False
     except FileNotFoundError:
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror, str(path)) from e
     try:
         with os.fdopen(fd, "wb") as f:
             if owner is not None:
@@ -32,16 +35,29 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, i
             os.fchmod(f.fileno(), mode)  # after fchown, which clears set-id bits
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # a full disk shows here at the latest, before the rename
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(e.errno, e.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
     return True
+
+
+class WriteError(OSError):
+    """An output could not be written (disk full, read-only, no permission); the old file is untouched.
+
+    Its text names the file and says so, because it reaches status and the
+    log as it is: "[Errno 28] No space left on device" alone says neither.
+    """
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror} (the previous file is kept whole)"
 
 
 def fsync_dir(path: Path) -> None:

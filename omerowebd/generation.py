@@ -208,6 +208,10 @@ class Generation:
     on_exit: Callable[[Generation], None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _boot_failure: str | None = None
+    # Workers that died or hung while serving (gunicorn replaces them): a count and the last one.
+    worker_faults: int = 0
+    last_worker_fault: dict[str, Any] | None = None
+    _leaving: set[int] = field(default_factory=set)  # workers that said they exit on their own
 
     @property
     def pid(self) -> int | None:
@@ -289,11 +293,27 @@ class Generation:
         pid = message.get("pid")
         if event == "worker_ready" and isinstance(pid, int):
             self.ready_workers.add(pid)
+        elif event == "worker_leaving" and isinstance(pid, int):
+            self._leaving.add(pid)  # max_requests, a graceful stop: nothing wrong
         elif event == "worker_exit" and isinstance(pid, int):
             if self.state == "booting" and pid not in self.ready_workers:
                 self._boot_failure = "a worker exited before it had loaded the app (see gunicorn's log above)"
+            elif self.state == "serving" and (message.get("timeout") or pid not in self._leaving):
+                self._worker_fault(pid, hung=bool(message.get("timeout")))
             self.ready_workers.discard(pid)
+            self._leaving.discard(pid)
         self._changed.set()
+
+    def _worker_fault(self, pid: int, *, hung: bool) -> None:
+        # gunicorn's master starts another worker at once; the requests the
+        # lost one held are lost with it. Said once, here, in the daemon's words.
+        self.worker_faults += 1
+        if hung:
+            why = "hung past omero.web.wsgi_timeout and was killed by gunicorn"
+        else:
+            why = "died (killed, or crashed: out of memory?)"
+        self.last_worker_fault = {"at": time.time(), "pid": pid, "why": why}
+        log.get().warning(f"gunicorn worker {why}; gunicorn starts another", generation=self.number, pid=pid)
 
     async def wait_ready(self, timeout: float, on_slow: Any = None) -> None:
         """Return once every worker has loaded the app and the probe answers; else raise."""
@@ -360,6 +380,8 @@ class Generation:
             "ready_workers": len(self.ready_workers),  # have loaded the app (omerowebctl reload's progress)
             "started_at": self.started_at,
             "ready_at": self.ready_at,
+            "worker_faults": self.worker_faults,
+            "last_worker_fault": self.last_worker_fault,
         }
 
 

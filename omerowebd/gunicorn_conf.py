@@ -78,5 +78,12 @@ def post_worker_init(worker):
     _tell_daemon("worker_ready", pid=os.getpid())
 
 
+def worker_exit(server, worker):
+    # In the worker, as it leaves on its own (max_requests, a graceful stop,
+    # the master's timeout abort): a worker killed outright never gets here.
+    _tell_daemon("worker_leaving", pid=os.getpid())
+
+
 def child_exit(server, worker):
-    _tell_daemon("worker_exit", pid=worker.pid)
+    # In the master, once the worker is gone; ``aborted``: gunicorn killed it for hanging past its timeout.
+    _tell_daemon("worker_exit", pid=worker.pid, timeout=bool(getattr(worker, "aborted", False)))

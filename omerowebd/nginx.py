@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import errno
 import html
 import json
 import os
@@ -737,8 +738,9 @@ def _write_changed(files: Mapping[Path, bytes]) -> dict[Path, bytes | None]:
             write_atomic(path, data, mode=0o644)
     except OSError as e:
         _restore(previous)
-        raise UserError(f"cannot write the nginx file {e.filename}: {e.strerror}"
-                        " (the daemon's user must own nginx.output_dir and STATE_DIR/maintenance)") from None
+        hint = (" (the daemon's user must own nginx.output_dir and STATE_DIR/maintenance)"
+                if e.errno in (errno.EACCES, errno.EPERM) else "; the previous files are kept")
+        raise UserError(f"cannot write the nginx file {e.filename}: {e.strerror}{hint}") from None
     return previous
 
 

@@ -29,6 +29,7 @@ from .nginx import NginxOutput, mark_applied
 from .sessions import SessionService
 from .sockets import HeldSocket
 from .static import ensure_collected
+from .store_watch import StoreWatch
 from .systemd import Notifier
 from .venv import Prober, VenvInfo, fingerprint
 from .watch import ConfigWatcher
@@ -98,7 +99,7 @@ class Supervisor:
         self.reloads = 0  # reloads that ran (requests that shared one count once)
         self.last_boot_seconds: float | None = None  # spawn -> serving, of the newest generation
         self.outputs: dict[str, Output] = {"nginx": NginxOutput(self.log, addresses=self._upstream_addresses)}
-        self.services: dict[str, Service] = {"sessions": SessionService(self.log)}
+        self.services: dict[str, Service] = {"sessions": SessionService(self.log), "session_store": StoreWatch(self.log)}
         self.prober = Prober()
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()  # the first generation serves
@@ -640,7 +641,8 @@ class Supervisor:
             "generation": self.current.describe() if self.current else None,
             "generations": [g.describe() for g in self.generations.values()],
             "sockets": [s.describe() for s in self.sockets],
-            "config": {"path": str(self.config_path), "digest": applied.config.digest if applied else None},
+            "config": {"path": str(self.config_path), "digest": applied.config.digest if applied else None,
+                       "problem": self._watcher.problem if self._watcher else None},
             "last_reload": self.last_reload,
             "crashes": self.crashes,
             "last_crash": self.last_crash or None,

@@ -30,6 +30,7 @@ class ConfigWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._observer: Observer | None = None
+        self.problem: str | None = None  # why the file cannot be read now, for status
 
     def seen(self, digest: str) -> None:
         """The supervisor loaded this content; saving it again is not a change."""
@@ -69,13 +70,22 @@ class ConfigWatcher:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            log.get().warning("config file removed; keeping the running config until it is back", path=str(self.path))
+            self._trouble("removed")
             return
-        except OSError as e:
-            log.get().warning("config file unreadable; keeping the running config", path=str(self.path), error=e.strerror)
+        except OSError as e:  # a directory in its place, no permission
+            self._trouble(f"unreadable: {e.strerror}")
             return
+        if self.problem is not None:
+            log.get().info("config file readable again", path=str(self.path))
+            self.problem = None
         digest = hashlib.sha256(data).hexdigest()
         if digest == self.digest:
             return
         self.digest = digest
         self.on_change()
+
+    def _trouble(self, problem: str) -> None:
+        if problem != self.problem:
+            log.get().warning(f"config file {problem}; the running config keeps serving until the file is back",
+                              path=str(self.path))
+        self.problem = problem

@@ -33,6 +33,10 @@ def render(s: dict[str, Any]) -> str:
     if g:
         lines.append(f"generation:  {g['number']} ({g['state']}), master {g['master_pid']}, "
                      f"workers {' '.join(map(str, g['worker_pids'])) or 'none'}")
+        fault = g.get("last_worker_fault")
+        if fault:
+            lines.append(f"             {g['worker_faults']} worker(s) lost and replaced; last {_when(fault['at'])}: "
+                         f"pid {fault['pid']} {fault['why']}")
     else:
         lines.append("generation:  none serving")
     for sock in s.get("sockets", []):
@@ -40,6 +44,8 @@ def render(s: dict[str, Any]) -> str:
         lines.append(f"socket:      {sock['address']} (from {sock['origin']}{name})")
     cfg = s.get("config") or {}
     lines.append(f"config:      {cfg.get('path')} sha256:{(cfg.get('digest') or '')[:12]}")
+    if cfg.get("problem"):
+        lines.append(f"             the file is {cfg['problem']}: the running config keeps serving until it is back")
     r = s.get("last_reload")
     if r:
         lines.append(f"last reload: {_when(r['at'])} {r['outcome']} ({r['source']}, {r['seconds']}s): {r['message']}")
@@ -52,6 +58,13 @@ def render(s: dict[str, Any]) -> str:
                      f"(written {_when(nginx.get('written_at'))}, validation {checked})")
     if "sessions" in s:
         lines += sessions.render_status(s["sessions"])
+    store = s.get("session_store") or {}
+    if store.get("available") is False:
+        problems = "; ".join(f"{where}: {why}" for where, why in store["problems"].items())
+        lines.append(f"session store: UNAVAILABLE since {_when(store['unavailable_since'])} ({problems}): "
+                     "signed-in users get errors until it is back")
+    elif store.get("available"):
+        lines.append(f"session store: available ({', '.join(store['checked'])}, checked {_when(store['checked_at'])})")
     crash = s.get("last_crash")
     if crash:
         lines.append(f"crashes:     {s['crashes']} since start; last {_when(crash['at'])}: generation {crash['generation']} "
