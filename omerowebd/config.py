@@ -124,6 +124,21 @@ class Config:
         line = self.property_lines.get(name)
         return f"{self.path}:{line}" if line else str(self.path)
 
+    def bind_addresses(self) -> tuple[str, ...]:
+        """Where gunicorn listens without systemd's sockets: daemon.bind, else where `omero web start` binds."""
+        return self.daemon.bind or (derived_bind(self.properties),)
+
+
+HOST_PROPERTY = "omero.web.application_server.host"
+PORT_PROPERTY = "omero.web.application_server.port"
+
+
+def derived_bind(properties: Mapping[str, str]) -> str:
+    """omero.web.application_server.host:port, with OMERO.web's defaults."""
+    host = properties.get(HOST_PROPERTY, "127.0.0.1")
+    port = properties.get(PORT_PROPERTY, "4080")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and check the file; raise ConfigError with one line per problem."""
@@ -172,6 +187,14 @@ def parse(data: bytes, path: Path) -> Config:
     # Every message from here on (an error, a reload result, a log line) may
     # quote a value: the scrubber must know this file's secrets.
     redact.remember(properties)
+    if sections["daemon"] is not None and not sections["daemon"].bind and isinstance(omero, Mapping):
+        # getaddrinfo takes port 70000 as 4464 and fails on a host label over 63
+        # characters with UnicodeError: what gunicorn would bind is checked here.
+        problem = address_problem(derived_bind(properties))
+        if problem:
+            name = PORT_PROPERTY if PORT_PROPERTY in properties and "port" in problem else HOST_PROPERTY
+            line = where.get(name) or lines.find((), "omero")
+            problems.append(f"{path}:{line}: {name} makes gunicorn bind {problem}: fix it, or set daemon.bind")
     if problems:
         raise ConfigErrors(problems)
     return Config(
@@ -352,6 +375,8 @@ def host_problem(host: str) -> str | None:
         return None
     if not _HOST.fullmatch(host):
         return f"{host!r} is not a host name or IPv4 address (IPv6 goes in brackets: [::1])"
+    if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
+        return f"{host!r} is not a host name: at most 253 characters, 63 between dots"
     return None
 
 

@@ -367,11 +367,7 @@ class Rendered:
 
 def backends_of(config: Config) -> list[str]:
     """Where gunicorn listens, as nginx addresses: daemon.bind, else application_server.host:port."""
-    if config.daemon.bind:
-        return list(config.daemon.bind)
-    host = config.properties.get("omero.web.application_server.host", "127.0.0.1")
-    port = config.properties.get("omero.web.application_server.port", "4080")
-    return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    return list(config.bind_addresses())
 
 
 def output_dir(config: Config) -> Path:

@@ -200,11 +200,7 @@ class Supervisor:
 
     @staticmethod
     def _bind_addresses(config: Config) -> tuple[str, ...]:
-        if config.daemon.bind:
-            return config.daemon.bind
-        host = config.properties.get("omero.web.application_server.host", "127.0.0.1")
-        port = config.properties.get("omero.web.application_server.port", "4080")
-        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}",)
+        return config.bind_addresses()  # the one derivation, which config.py checks
 
     async def _open_event_socket(self) -> None:
         path = self.runtime_dir / "events.sock"

@@ -346,3 +346,23 @@ def test_harmless_wsgi_args_pass_through():
     p = plan({"omero.web.wsgi_args": "--log-level debug --access-logfile - --max-requests-jitter 10 --worker-tmp-dir /dev/shm"})
     assert p.args == ("--log-level", "debug", "--access-logfile", "-", "--max-requests-jitter", "10",
                       "--worker-tmp-dir", "/dev/shm")
+
+
+@pytest.mark.parametrize("line, name, message", [
+    ('"application_server.port" = 70000', "port", "not '70000'"),  # getaddrinfo would bind port 4464
+    ('"application_server.port" = 0', "port", "not '0'"),
+    ('"application_server.host" = "127.0.0.1;"', "host", "'127.0.0.1;' is not a host name"),
+    ('"application_server.host" = "' + "a" * 64 + '"', "host", "63 between dots"),  # getaddrinfo: UnicodeError
+])
+def test_without_daemon_bind_the_address_gunicorn_would_bind_is_checked(line, name, message):
+    found = problems(HEAD + "[omero.web]\n" + line + "\n")
+    assert len(found) == 1, found
+    assert found[0].startswith(f"/etc/omerowebd/omerowebd.toml:5: omero.web.application_server.{name} makes gunicorn bind")
+    assert message in found[0] and "set daemon.bind" in found[0]
+    assert load(HEAD + 'bind = ["127.0.0.1:4080"]\n[omero.web]\n' + line + "\n").bind_addresses() == ("127.0.0.1:4080",)
+
+
+def test_bind_addresses_follow_omero_web_start():
+    assert load(HEAD).bind_addresses() == ("127.0.0.1:4080",)
+    assert load(HEAD + '[omero.web]\n"application_server.host" = "::"\n"application_server.port" = 4090\n'
+                ).bind_addresses() == ("[::]:4090",)
