@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the demo and the tests need on a fresh Debian 12 machine (as root):
 # Debian packages, the daemon's venvs, and the OMERO.web venv (with --tests, a
-# second one on gunicorn 20.1). Idempotent and quick when all is already there.
+# second one on gunicorn 20.1 and a third with an earlier omero-web). Idempotent and quick when all is already there.
 #   .venv         the daemon on the newest PyPI releases of its libraries, plus pytest
 #   .venv-debian  the daemon on Debian 12's own python3-systemd/-watchdog/-tomlkit/-structlog
 set -euo pipefail
@@ -43,4 +43,7 @@ if [ "${1:-}" = "--tests" ]; then
     # Debian 12 packages gunicorn 20.1: the core daemon is tested on it too.
     scripts/setup-omero-web.sh "${OMEROWEBD_TEST_VENV_GUNICORN20:-/opt/omero/web/venv-gunicorn20}" \
         scripts/omero-web-requirements-gunicorn20.txt
+    # An earlier omero-web: the static-files test upgrades a running site from it.
+    scripts/setup-omero-web.sh "${OMEROWEBD_TEST_VENV_PREVIOUS:-/opt/omero/web/venv-previous}" \
+        scripts/omero-web-requirements-previous.txt
 fi
