@@ -36,6 +36,9 @@ def _writable_dir_problem(path: Path) -> str | None:
     if not probe.is_dir():
         return f"{probe} is not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:  # no chown helps: a read-only mount, ProtectSystem=
+            where = "is" if probe == path else f"cannot be created: {probe} is"
+            return f"{where} on a read-only file system (under systemd: list it in ReadWritePaths=)"
         who = f"uid {os.getuid()}"
         if probe == path:
             return f"not writable by {who} (chown it to the service user)"
