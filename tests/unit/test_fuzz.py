@@ -317,7 +317,7 @@ def command_lines(draw: st.DrawFn) -> list[str]:
         ["nginx", "server"], ["nginx", "location"], ["config", "get"], ["config", "get", "--json"],
         ["config", "set"], ["config", "set", "--text"], ["config", "set", "--skip-venv-check"],
         ["config", "append"], ["config", "unset"], ["config", "export"], ["config", "import", "--dry-run"],
-        ["diagnostics", "--json"], ["sessions", "status"], ["bogus"], [],
+        ["diagnostics", "--json"], ["sessions", "status"], ["sessions", "clear", "--dry-run"], ["bogus"], [],
     ]))
     # No NUL: a real command line cannot hold one (argv is C strings).
     rest = [w.replace("\x00", "") for w in draw(st.lists(words, max_size=3))]
