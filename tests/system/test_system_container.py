@@ -235,8 +235,14 @@ def test_start_serves_the_login_page(box, omero_venv):
     assert status == 200, body[-2000:]
     assert c.run(["test", "-s", f"{WALKTHROUGH_OMERODIR}/etc/grid/config.xml"], check=False).returncode == 0
     assert c.run(["omerowebctl", "status"], check=False).returncode == 0
-    users = {user for _, user, cmd in c.processes() if "gunicorn" in cmd or "omerowebd" in cmd}
-    assert users == {"omero-web"}, c.processes()
+    # Every process of the service (the daemon, gunicorn, the venv probe) runs
+    # as the service user. (omerowebd-nginx.service, root, may be rendering
+    # nginx's files at this moment: it is another unit.)
+    in_unit = "for p in /proc/[0-9]*; do grep -qs '/omerowebd.service$' $p/cgroup && echo ${p#/proc/}; done"
+    pids = {int(p) for p in c.sh(in_unit, check=False).stdout.split()}
+    service = [p for p in c.processes() if p[0] in pids]
+    assert any("gunicorn" in cmd for _, _, cmd in service), service
+    assert {user for _, user, _ in service} == {"omero-web"}, service
     box.serving = True
 
 
@@ -349,8 +355,11 @@ def test_nginx_in_front_serves_from_the_daemons_files(serving):
     hand-over: test_system_nginx_publish.py.)"""
     c = serving.c
     # What the service renders for itself, and root's rendering nginx includes.
+    # Root publishes once the reloaded daemon serves (and has probed the venv
+    # itself): wait for the config the earlier test applied, not just a file.
+    listen = f"listen 127.0.0.1:{NGINX_PORT};"
     for conf in ("/var/lib/omerowebd/nginx/omero-web.conf", "/var/lib/omerowebd-nginx/omero-web.conf"):
-        wait_for(f"{conf} to be written", lambda conf=conf: c.run(["test", "-s", conf], check=False).returncode == 0, 60)
+        wait_for(f"{conf} to be written", lambda conf=conf: listen in c.run(["cat", conf], check=False).stdout, 60)
     assert c.run(["stat", "-c", "%U", "/var/lib/omerowebd-nginx/omero-web.conf"]).stdout.strip() == "root"
     c.write("/etc/nginx/conf.d/omero-web.conf", "include /var/lib/omerowebd-nginx/omero-web*.conf;\n")
     started = c.systemctl("start", "nginx.service", check=False)
