@@ -112,8 +112,8 @@ def sweep_here(args: argparse.Namespace) -> dict[str, Any]:
         # acts on it only if nobody but root can have written it.
         problems = trust.file_problems(config.path, "config")
         if problems:
-            raise UserError(f"refusing to sweep as root: {problems[0]}; make it root's (chown root: {config.path} "
-                            f"&& chmod go-w {config.path})", exit_code=EXIT_SWEEP_FAILED)
+            raise UserError(f"refusing to sweep as root: {problems[0]}; the config and every directory above it "
+                            "must be root's and writable by root alone", exit_code=EXIT_SWEEP_FAILED)
     properties = sessions.pinned_properties(config)
     info = probe_sync(config.daemon.venv, properties, config.daemon.omerodir)
     target = sessions.target_for(config, properties, info)
