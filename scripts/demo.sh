@@ -34,12 +34,17 @@ for name, value in {
     "state_dir": c.daemon.state_dir,
     "site_dir": c.nginx.output_dir or c.daemon.state_dir / "nginx",
     "url": f"http://{address}{prefix}/webclient/login/",
+    "reload_command": " ".join(c.nginx.reload_command or ()),
 }.items():
     print(f"{name}={shlex.quote(str(value))}")
 EOF
 )
 eval "$values"
 nginx_dir=$state_dir/demo-nginx
+case " $reload_command " in
+    *" $nginx_dir/nginx.conf "*) ;;
+    *) echo "demo: $config: nginx.reload_command must reload the demo's nginx: -c $nginx_dir/nginx.conf" >&2; exit 78 ;;
+esac
 ctl=(.venv/bin/omerowebctl --config "$config")
 
 # nginx's workers run unprivileged: they read the static files below OMERODIR,
