@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.omeroweb
 
 
 def reload(daemon, *args):
-    out = daemon.ctl("reload", *args)
+    out = daemon.ctl(*args, "reload")
     return out.returncode, out.stdout + out.stderr
 
 
@@ -69,3 +70,104 @@ def test_a_daemon_killed_with_sigkill_is_reported_by_the_next_one(daemon):
     assert daemon.stop() == 0
     daemon.start()  # after a clean stop: nothing to report
     assert daemon.log().count("did not stop cleanly") == 1
+
+
+# -- gunicorn's workers ---------------------------------------------------------
+
+
+def test_workers_that_die_or_hang_are_replaced_and_said_once_and_recycling_is_not_a_fault(daemon):
+    daemon.write_config(workers=2, daemon="watch_config = false",
+                        omero='wsgi_timeout = 20\n"application_server.max_requests" = 30\n')
+    daemon.start()
+    # No load until the end: no worker is on its way out (max_requests) when one is picked.
+    _wait_all_ready(daemon)
+    victim = daemon.status()["generation"]["worker_pids"][0]
+    os.kill(victim, signal.SIGKILL)  # the OOM killer, an admin's kill -9
+    state = wait_for(lambda: (s := daemon.status())["generation"]["worker_faults"] == 1 and s, 60,
+                     "the daemon to count the killed worker")
+    assert state["generation"]["last_worker_fault"]["pid"] == victim
+
+    _wait_all_ready(daemon)
+    hung = daemon.status()["generation"]["worker_pids"][0]
+    os.kill(hung, signal.SIGSTOP)  # stuck in a call that never returns
+    try:
+        state = wait_for(lambda: (s := daemon.status())["generation"]["worker_faults"] == 2 and s, 120,
+                         "gunicorn to kill the hung worker after wsgi_timeout")
+    finally:
+        try:
+            os.kill(hung, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert state["generation"]["last_worker_fault"]["pid"] == hung
+    assert "hung past omero.web.wsgi_timeout" in state["generation"]["last_worker_fault"]["why"]
+
+    _wait_all_ready(daemon)
+    with Load(daemon.port, clients=3) as load:
+        load.wait_requests(100, timeout=180)  # every worker is recycled by max_requests at least once
+    assert load.refused == 0 and load.failed == []
+    state = daemon.status()
+    assert state["generation"]["worker_faults"] == 2  # recycling is no fault
+    # The master never left: the same generation served throughout.
+    assert state["generation"]["number"] == 1 and state["crashes"] == 0
+    lines = [line for line in daemon.log().splitlines() if "gunicorn worker" in line]
+    assert len(lines) == 2, lines
+    assert "died" in lines[0] and str(victim) in lines[0] and "gunicorn starts another" in lines[0]
+    assert "hung past omero.web.wsgi_timeout" in lines[1] and str(hung) in lines[1]
+    shown = daemon.ctl("status").stdout
+    assert "2 worker(s) lost and replaced" in shown and f"pid {hung} hung past" in shown
+
+
+def _wait_all_ready(daemon):
+    """Every worker has loaded OMERO.web (gunicorn's timeout watches a worker only from then on)."""
+    def ready():
+        g = daemon.status()["generation"]
+        return len(g["worker_pids"]) == g["workers"] == g["ready_workers"]
+    wait_for(ready, 120, "every worker to have loaded the app")
+
+
+# -- the config file --------------------------------------------------------------
+
+
+def test_config_file_removed_or_replaced_by_a_directory_keeps_the_running_config(daemon):
+    """Unreadable for the service user takes the same path as a directory (an OSError on
+    read); as root no mode makes a file unreadable, so the directory stands for both here."""
+    daemon.write_config(workers=1)
+    daemon.start()
+    master = daemon.status()["generation"]["master_pid"]
+    text = daemon.config_path.read_text()
+
+    # With the file gone omerowebctl cannot read where the socket is (under systemd it is the default).
+    sock = ("--socket", str(daemon.runtime_dir / "control.sock"))
+    daemon.config_path.unlink()
+    state = wait_for(lambda: (s := daemon.status())["config"]["problem"] and s, 30, "status to say the file is gone")
+    assert state["config"]["problem"] == "removed"
+    assert "the file is removed: the running config keeps serving" in daemon.ctl(*sock, "status").stdout
+    code, out = reload(daemon, *sock)
+    assert code == 1 and "config file not found" in out, out
+
+    daemon.config_path.mkdir()
+    wait_for(lambda: daemon.status()["config"]["problem"] == "unreadable: Is a directory", 30,
+             "status to say the file is a directory")
+    code, out = reload(daemon, *sock)
+    assert code == 1 and "cannot read the config file: Is a directory" in out, out
+
+    daemon.config_path.rmdir()
+    daemon.save(text)  # back as it was: nothing to apply
+    wait_for(lambda: daemon.status()["config"]["problem"] is None, 30, "status to see the file back")
+    state = daemon.status()
+    assert state["generation"]["master_pid"] == master and state["serving"]
+    assert http_get(daemon.port)[0] == 200
+    log = daemon.log()
+    assert log.count("config file removed; the running config keeps serving") == 1
+    assert log.count("config file unreadable: Is a directory; the running config keeps serving") == 1
+    assert log.count("config file readable again") == 1
+
+    # A port already in use: the new address is refused, the old one keeps serving.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        daemon.save(text.replace(f"127.0.0.1:{daemon.port}", f"127.0.0.1:{taken.getsockname()[1]}"))
+        state = wait_for(lambda: "address already in use" in (s := daemon.status())["last_reload"]["message"] and s,
+                         60, "the reload to the taken port to be rejected")
+    assert state["last_reload"]["outcome"] == "rejected"
+    assert state["generation"]["master_pid"] == master and http_get(daemon.port)[0] == 200
