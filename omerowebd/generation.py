@@ -23,6 +23,7 @@ from typing import Any
 
 from . import log
 from .errors import ConfigErrors
+from .files import write_atomic
 from .sockets import HeldSocket
 from .venv import VenvInfo, effective, probe_env, python_of
 
@@ -206,6 +207,9 @@ class Generation:
     ready_workers: set[int] = field(default_factory=set)
     exit_status: int | None = None
     on_exit: Callable[[Generation], None] | None = None
+    # This generation's config.xml: it reads its own copy, in its own OMERODIR
+    # view, for its whole life (see prepare_view). None: the site's OMERODIR.
+    config_xml: bytes | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _boot_failure: str | None = None
     # Workers that died or hung while serving (gunicorn replaces them): a count and the last one.
@@ -216,6 +220,36 @@ class Generation:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    @property
+    def omerodir(self) -> Path:
+        """What OMERODIR this generation's processes get."""
+        return self.directory / "omerodir" if self.config_xml is not None else Path(self.plan.env["OMERODIR"])
+
+    def prepare_view(self) -> Path:
+        """Build this generation's OMERODIR: its own etc/grid/config.xml, the site's var/.
+
+        gunicorn respawns a worker (max_requests, timeout, a kill) by forking
+        the master, and the new worker reads OMERODIR/etc/grid/config.xml as
+        it is then. A shared file would hand the old generation's new workers
+        the config of a reload still in progress, and one that cannot boot
+        halts the old master. Below OMERODIR, OMERO.web reads that file and
+        uses var/ (log/, django_secret_key, static/ by default): var/ is the
+        site's, through a link, so logs and the secret key stay shared.
+        """
+        view = self.omerodir
+        if self.config_xml is None:
+            return view
+        self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        site = Path(self.plan.env["OMERODIR"])
+        (site / "var").mkdir(parents=True, exist_ok=True)  # else OMERO.web's makedirs(var/log) fails on the link
+        grid = view / "etc" / "grid"
+        grid.mkdir(mode=0o750, parents=True, exist_ok=True)
+        write_atomic(grid / "config.xml", self.config_xml, mode=0o600)
+        var = view / "var"
+        if not var.is_symlink():
+            var.symlink_to(site / "var", target_is_directory=True)
+        return view
 
     @property
     def probe_path(self) -> Path:
@@ -238,6 +272,7 @@ class Generation:
     async def start(self, sockets: list[HeldSocket], events_path: Path) -> None:
         """Spawn the master on duplicates of ``sockets`` plus a probe socket of its own."""
         self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self.prepare_view()
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if self.probe_path.exists():
@@ -258,7 +293,7 @@ class Generation:
             }
             snapshot_path = self.directory / "snapshot.json"
             snapshot_path.write_text(json.dumps(snapshot))
-            env = _child_env(self.plan.env)
+            env = _child_env({**self.plan.env, "OMERODIR": str(self.omerodir)})
             env.update(
                 OMEROWEBD_SNAPSHOT=str(snapshot_path),
                 OMEROWEBD_FDS=",".join(map(str, fds)),

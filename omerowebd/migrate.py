@@ -130,20 +130,32 @@ def parse_config_get(text: str, path: Path) -> dict[str, str]:
 
 
 def import_properties(
-    doc: Document, source: Source, knowledge: Knowledge, *, merge: bool = False, skip: Sequence[str] = ()
+    doc: Document, source: Source, knowledge: Knowledge, *, merge: bool = False, skip: Sequence[str] = (),
+    only: Sequence[str] = (),
 ) -> Imported:
     """Write ``source``'s properties into the [omero] tree of ``doc``.
 
     Without ``merge`` the tree ends up holding exactly the imported
     properties: the ones only the TOML had are removed (their comments stay).
+    With ``only`` (patterns), just the matching properties are taken: set as
+    the source has them, removed where it has none (how the edits someone
+    made with `omero config set|unset` in the site's config.xml are taken over).
     """
     result = Imported()
     wanted: dict[str, str] = {}
     for name, value in source.properties.items():
         if any(fnmatchcase(name, pattern) for pattern in skip):
             result.skipped.append(name)
-        else:
+        elif not only or any(fnmatchcase(name, pattern) for pattern in only):
             wanted[name] = value
+    if only:
+        for name, value in sorted(doc.properties().items()):
+            if name not in wanted and any(fnmatchcase(name, p) for p in only) \
+                    and not any(fnmatchcase(name, p) for p in skip):
+                doc.unset_property(name)
+                result.removed.append(name)
+                result.changes.append(Change(name, value, None, "removed"))
+        merge = True
     foreign = sorted(n for n in wanted if not n.startswith("omero."))
     if foreign:
         raise MigrationError(

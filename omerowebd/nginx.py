@@ -575,6 +575,7 @@ def maintenance_page(config: Config, web: WebSettings) -> str:
 # -- write, validate, reload --------------------------------------------------------
 
 Undo = Callable[[], Awaitable[None]]
+Switch = Callable[[], Awaitable[Undo]]  # make staged files live; returns how to put the old ones back
 
 
 @dataclass(frozen=True)
@@ -636,7 +637,18 @@ class NginxOutput:
         self.warnings: tuple[str, ...] = ()
 
     async def apply(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> Undo | None:
-        """Render; write what changed; validate; reload nginx. Return how to put the old files back."""
+        """Stage and switch at once (a change that waits for nothing). Return how to put the old files back."""
+        switch = await self.stage(config, properties, info)
+        return await switch() if switch else None
+
+    async def stage(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> Switch | None:
+        """Render and validate the files; nginx keeps what it has. Return the switch to them (None: no change).
+
+        Files that depend on a new generation (a new prefix, static files)
+        must not reach nginx before it serves, but a change nginx refuses
+        must cost nothing: so everything is rendered and checked here, and
+        the supervisor calls the switch once the new generation serves.
+        """
         self.enabled = config.nginx.enabled
         if not config.nginx.enabled:
             return None
@@ -648,28 +660,38 @@ class NginxOutput:
             if warning not in self.warnings:
                 self.log.warning(warning)
         self.warnings = rendered.warnings
-        previous = await asyncio.to_thread(_write_changed, rendered.files)
-        if not previous:
+        changed = await asyncio.to_thread(_changed, rendered.files)
+        if not changed:
             return None
-        self.written_at = time.time()
-        self.log.info("nginx files written", files=[str(p) for p in previous])
         nginx = config.nginx
         if nginx.validate_command:
-            self.validation = await run_command(nginx.validate_command)
-            if not self.validation.ok:
+            # The check reads the files where nginx includes them; nginx itself
+            # reads them only when reloaded. So: write them, check, and put the
+            # old ones back: nginx goes on with the old until the switch.
+            previous = await asyncio.to_thread(_write_changed, changed)
+            try:
+                self.validation = await run_command(nginx.validate_command)
+            finally:
                 await asyncio.to_thread(_restore, previous)
-                self.log.error("nginx rejected the new config; previous files restored",
-                               message=self.validation.message)
+            if not self.validation.ok:
+                self.log.error("nginx rejected the new config; previous files kept", message=self.validation.message)
                 raise UserError(f"nginx rejected the new config: {self.validation.message}", exit_code=EXIT_FAILURE)
-        await self._reload_nginx(nginx)
 
-        async def undo() -> None:
-            await asyncio.to_thread(_restore, previous)
+        async def switch() -> Undo:
+            previous = await asyncio.to_thread(_write_changed, changed)
             self.written_at = time.time()
-            self.log.info("nginx files restored", files=[str(p) for p in previous])
+            self.log.info("nginx files written", files=[str(p) for p in previous])
             await self._reload_nginx(nginx)
 
-        return undo
+            async def undo() -> None:
+                await asyncio.to_thread(_restore, previous)
+                self.written_at = time.time()
+                self.log.info("nginx files restored", files=[str(p) for p in previous])
+                await self._reload_nginx(nginx)
+
+            return undo
+
+        return switch
 
     async def _reload_nginx(self, nginx: NginxSettings) -> None:
         if not nginx.reload_command:
@@ -716,6 +738,19 @@ def mark_applied(config: Config, log: Any) -> None:
         write_atomic(path, data, mode=0o644)
     except OSError as e:
         log.warning("cannot write the applied marker for the nginx publisher", path=str(path), error=e.strerror)
+
+
+def _changed(files: Mapping[Path, bytes]) -> dict[Path, bytes]:
+    """The files whose content (or mode) differs from what is on disk."""
+    out = {}
+    for path, data in files.items():
+        try:
+            if path.read_bytes() == data and (path.stat().st_mode & 0o777) == 0o644:
+                continue
+        except OSError:
+            pass  # missing, or unreadable: writing it says what is wrong
+        out[path] = data
+    return out
 
 
 def _write_changed(files: Mapping[Path, bytes]) -> dict[Path, bytes | None]:

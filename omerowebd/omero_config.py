@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import io
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.etree.ElementTree import Comment, Element, ElementTree, SubElement, fromstring
+from xml.etree.ElementTree import Comment, Element, ElementTree, ParseError, SubElement, fromstring
 
 import tomlkit.items
 
@@ -250,3 +253,152 @@ def read_config_xml(path: Path) -> dict[str, str]:
         for p in block.findall("./property")
         if "name" in p.attrib and p.get("name") not in (VERSION_KEY, PROFILE_KEY)
     }
+
+
+# -- the site's config.xml: written by omerowebd, and maybe by someone else ----------
+#
+# Every generation reads its own copy (generation.py's view); the site's file
+# is for `omero config get` and the admins, written once a generation serves.
+# Admins run `omero config set` out of habit: what the daemon wrote is
+# remembered (a digest per property, no values) so an edit by anyone else is
+# noticed, named, and never overwritten silently.
+
+LEDGER = "config-xml.json"
+MAX_CONFIG_XML = 4 * 1024 * 1024  # a bigger file is not one omero config wrote
+
+
+class UnreadableConfigXml(Exception):
+    """The site's config.xml cannot be read as omero-py would; the message says why."""
+
+
+def _digest(name: str, value: str) -> str:
+    return hashlib.sha256(json.dumps([name, value]).encode()).hexdigest()
+
+
+def property_digests(properties: Mapping[str, str]) -> dict[str, str]:
+    """name -> a digest of its value: enough to say which differ, and no secret on disk twice."""
+    return {name: _digest(name, value) for name, value in properties.items()
+            if name not in (VERSION_KEY, PROFILE_KEY)}
+
+
+def read_site_properties(path: Path) -> dict[str, str] | None:
+    """The active profile of the file at ``path`` (not following a link); None if there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UnreadableConfigXml(f"cannot read it: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnreadableConfigXml("not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_CONFIG_XML + 1)
+    if len(data) > MAX_CONFIG_XML:
+        raise UnreadableConfigXml(f"over {MAX_CONFIG_XML // 1024 // 1024} MiB")
+    try:
+        return properties_of(data)
+    except (ParseError, ValueError) as e:
+        raise UnreadableConfigXml(f"not a config.xml omero-py can read: {e}") from None
+
+
+def properties_of(data: bytes) -> dict[str, str]:
+    root = fromstring(data)
+    if root.tag != "icegrid":
+        raise ValueError(f"the root element is <{root.tag}>, not <icegrid>")
+    blocks = {p.get("id"): p for p in root.findall("./properties")}
+    profile = PROFILE
+    active = blocks.get(ACTIVE)
+    for prop in active.findall("./property") if active is not None else ():
+        if prop.get("name") == PROFILE_KEY:
+            profile = prop.get("value") or PROFILE
+    block = blocks.get(profile)
+    if block is None:
+        return {}
+    return {
+        str(p.get("name")): p.get("value", "")
+        for p in block.findall("./property")
+        if "name" in p.attrib and p.get("name") not in (VERSION_KEY, PROFILE_KEY)
+    }
+
+
+def read_ledger(state_dir: Path) -> dict[str, str] | None:
+    """The digests of what omerowebd last wrote to the site's config.xml; None if it never did."""
+    try:
+        record = json.loads((state_dir / LEDGER).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+    digests = record.get("properties") if isinstance(record, dict) else None
+    if not isinstance(digests, dict):
+        return None
+    return {str(k): str(v) for k, v in digests.items()}
+
+
+@dataclass(frozen=True)
+class ForeignEdits:
+    """The site's config.xml holds what omerowebd did not write there."""
+
+    path: Path
+    names: tuple[str, ...]  # properties that differ from what omerowebd wrote (or would write)
+    current: Mapping[str, str] = field(repr=False)  # the file's properties (values: never shown)
+    problem: str | None = None  # the file cannot be read at all
+
+    def lost_by(self, properties: Mapping[str, str], toml: Mapping[str, str]) -> list[str]:
+        """The edited properties that writing ``properties`` would throw away.
+
+        An edit is kept when the new config has the file's value (taken into
+        the TOML, or the daemon's own addition to it, e.g. the session path).
+        """
+        if self.problem:
+            return [self.path.name]
+        def kept(name: str) -> bool:
+            value = self.current.get(name)
+            return value == properties.get(name) or (toml.get(name) is not None and value == toml.get(name))
+
+        return [n for n in self.names if not kept(n)]
+
+    def describe(self) -> str:
+        if self.problem:
+            return f"{self.path} was changed outside omerowebd: {self.problem}"
+        names = ", ".join(self.names) if len(self.names) <= 8 else ", ".join(self.names[:8]) + f" and {len(self.names) - 8} more"
+        return f"{self.path} was edited outside omerowebd: {names} differ from what omerowebd wrote"
+
+    def ways_out(self, config_path: Path | str) -> str:
+        only = " ".join(f"--only {n}" for n in self.names[:20])
+        take = f"take the edits into {config_path} with `omerowebctl config import {self.path} {only}`"
+        if self.problem:
+            take = f"fix or remove {self.path}"
+        return f"{take}, or drop them with `omerowebctl reload --discard-foreign-edits`"
+
+
+def foreign_edits(omerodir: Path, state_dir: Path, wanted: Mapping[str, str], toml: Mapping[str, str]) -> ForeignEdits | None:
+    """What someone else changed in the site's config.xml, or None.
+
+    Compared with what omerowebd last wrote there; with no record of that
+    (the first start, or a site moved over from `omero web start`), with what
+    it would write now.
+    """
+    path = config_xml_path(omerodir)
+    try:
+        current = read_site_properties(path)
+    except UnreadableConfigXml as e:
+        return ForeignEdits(path, (), {}, str(e))
+    if current is None:
+        return None  # gone: writing it again loses nothing
+    mine = read_ledger(state_dir)
+    if mine is None:
+        names = sorted(n for n in current if current[n] != wanted.get(n) and current[n] != toml.get(n))
+    else:
+        theirs = property_digests(current)
+        names = sorted(n for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
+    return ForeignEdits(path, tuple(names), current) if names else None
+
+
+def write_site_config_xml(omerodir: Path, state_dir: Path, data: bytes) -> bool:
+    """Write the site's config.xml and remember what it holds; True if the file changed."""
+    changed = write_config_bytes(config_xml_path(omerodir), data)
+    record = {"path": str(config_xml_path(omerodir)), "properties": property_digests(properties_of(data))}
+    write_atomic(state_dir / LEDGER, json.dumps(record, sort_keys=True).encode() + b"\n", mode=0o600)
+    return changed

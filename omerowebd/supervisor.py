@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -25,7 +27,7 @@ from .config import Config
 from .control import ControlServer
 from .errors import ConfigError, UserError
 from .generation import Generation, GenerationFailed, GunicornPlan, http_probe, plan_gunicorn
-from .nginx import NginxOutput, mark_applied
+from .nginx import NginxOutput, Switch, mark_applied
 from .sessions import SessionService
 from .sockets import HeldSocket
 from .static import ensure_collected
@@ -54,7 +56,9 @@ Undo = Callable[[], Awaitable[None]]
 class Output(Protocol):
     """A file the daemon derives from the config (the nginx includes)."""
 
-    async def apply(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> Undo | None: ...
+    async def stage(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> Switch | None:
+        """Render and check, changing nothing live; the switch runs once the new generation serves."""
+        ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -110,6 +114,12 @@ class Supervisor:
         self._control: ControlServer | None = None
         self._watcher: ConfigWatcher | None = None
         self._startup: asyncio.Task[None] | None = None
+        # The site's config.xml: who else wrote it (omerowebd writes it only once a generation serves).
+        self.foreign: omero_config.ForeignEdits | None = None
+        self.foreign_since: float | None = None
+        self.config_xml_written_at: float | None = None
+        self._discard_foreign = False  # the next reload may overwrite edits made outside omerowebd
+        self._xml_watcher: ConfigWatcher | None = None
 
     # -- paths -------------------------------------------------------------
 
@@ -165,18 +175,18 @@ class Supervisor:
         except Exception as e:  # exit 78 with one line, not a traceback and a restart loop
             self.log.debug("planning failed", exc_info=True)
             raise ConfigError(f"{config.path}: cannot work out how to run gunicorn from it: {_one_line(e)}") from None
-        for output in self.outputs.values():
-            await output.apply(config, target.properties, info)
+        switches = [s for s in [await o.stage(config, target.properties, info) for o in self.outputs.values()] if s]
         self.notifier.status("starting gunicorn")
-        await self._write_config_xml(target)
-        await ensure_collected(info, target.properties, target.packages, config.daemon.omerodir, self.state_dir)
-        generation = await self._spawn(target.plan)
+        generation = await self._spawn(target)
         try:
             await generation.wait_ready(config.daemon.ready_timeout, self._extend_timeout)
         except GenerationFailed as e:
             await generation.kill()
             raise UserError(f"OMERO.web did not start: {e}", exit_code=1) from None
+        for switch in switches:
+            await switch()
         self.applied = target
+        self._publish_config_xml(target, at_start=True)
         mark_applied(config, self.log)  # serving now: the root publisher may render this TOML for nginx
         self.current = generation
         self.state = "serving"
@@ -220,6 +230,8 @@ class Supervisor:
             self.log.info("stopping")
         if self._watcher:
             self._watcher.stop()
+        if self._xml_watcher:
+            self._xml_watcher.stop()
         for task in list(self._tasks):
             task.cancel()
         grace = (self.applied.config if self.applied else self.initial).daemon.graceful_timeout
@@ -278,6 +290,7 @@ class Supervisor:
                            "restart": "now"}
         self.log.error("gunicorn master exited", generation=generation.number, status=generation.exit_status)
         _signal_group(generation.pid, signal.SIGTERM)
+        shutil.rmtree(generation.directory, ignore_errors=True)  # its OMERODIR view goes with it
         self.current = None
         self.state = "restarting"
         self._spawn_task(self._restart_after_crash(generation))
@@ -289,6 +302,8 @@ class Supervisor:
         if cmd == "reload":
             if request.get("dry_run"):
                 return await self.dry_run()
+            if request.get("discard_foreign_edits"):
+                self._discard_foreign = True  # read by the reload that runs next (this one, or one it joins)
             task = self._spawn_task(self.reload("omerowebctl"))
             if not request.get("wait", True):
                 return {"ok": True, "exit_code": RELOAD_APPLIED, "outcome": "accepted", "message": "reload accepted"}
@@ -373,6 +388,9 @@ class Supervisor:
             config = config_module.load(self.config_path)
         except ConfigError as e:
             return _result(RELOAD_REJECTED, "rejected", str(e))
+        foreign = self._check_config_xml(self._properties(config), config.properties)
+        if foreign:
+            return _result(RELOAD_REJECTED, "rejected", foreign)
         changes, packages, decided = self._assess(config)
         if decided:
             return decided
@@ -388,12 +406,22 @@ class Supervisor:
     async def _reload(self, source: str) -> dict[str, Any]:
         assert self.applied is not None
         old = self.applied
+        discard, self._discard_foreign = self._discard_foreign, False
         try:
             config = self._load_new_config()
         except ConfigError as e:
             return _result(RELOAD_REJECTED, "rejected", str(e))
+        # Someone ran `omero config set`: a reload would overwrite it. Say so and stop, unless told to drop it.
+        foreign = self._check_config_xml(self._properties(config), config.properties)
+        if foreign and not discard:
+            return _result(RELOAD_REJECTED, "rejected", foreign)
         changes, packages, decided = self._assess(config)
         if decided:
+            if discard and self.foreign is not None and decided["exit_code"] == RELOAD_APPLIED:
+                dropped = ", ".join(self.foreign.names) or self.foreign.path.name
+                self._publish_config_xml(self.applied, discard=True)
+                return _result(RELOAD_APPLIED, "applied", f"edits made outside omerowebd dropped ({dropped});"
+                               " config.xml holds the running config again", changes=[])
             return decided
         t0 = time.monotonic()
         try:
@@ -405,18 +433,18 @@ class Supervisor:
             self.log.warning(warning)
         target = self._target(config, info, packages)
 
-        undo: list[Undo] = []
+        switches: list[Switch] = []
         try:
             for output in self.outputs.values():
-                step = await output.apply(config, target.properties, info)
-                if step:
-                    undo.append(step)
-        except Exception as e:  # UserError, or disk full, or a bug: the old files go back either way
-            await _run_undo(undo)
+                switch = await output.stage(config, target.properties, info)
+                if switch:
+                    switches.append(switch)
+        except Exception as e:  # UserError, or disk full, or a bug: nothing live has changed
             if not isinstance(e, UserError):
-                self.log.exception("writing the derived files failed", source=source)
+                self.log.exception("preparing the derived files failed", source=source)
             return _result(RELOAD_REJECTED, "rejected", str(e) if isinstance(e, UserError) else _one_line(e),
                            changes=changes)
+        undo: list[Undo] = []
 
         new_sockets: list[HeldSocket] | None = None
         needs_generation = (
@@ -428,19 +456,22 @@ class Supervisor:
             try:
                 new_sockets = sockets.bind(self._bind_addresses(config))
             except Exception as e:  # UserError (in use, refused), or anything getaddrinfo raises
-                await _run_undo(undo)
                 return _result(RELOAD_REJECTED, "rejected", str(e) if isinstance(e, UserError) else _one_line(e),
                                changes=changes)
             needs_generation = True
 
         if needs_generation:
-            failure = await self._replace_generation(old, target, new_sockets)
+            failure = await self._replace_generation(old, target, new_sockets, switches)
             if failure:
-                await _run_undo(undo)
                 if new_sockets:
                     sockets.release(new_sockets)
                 return _result(RELOAD_ROLLED_BACK, "rolled back", failure, changes=changes)
+        else:
+            failure = await self._switch_outputs(switches, undo)
+            if failure:
+                return _result(RELOAD_REJECTED, "rejected", failure, changes=changes)
         self.applied = target
+        self._publish_config_xml(target, discard=discard)
         mark_applied(config, self.log)  # the new generation serves: the root publisher may follow
         for service in self.services.values():
             service.update(config, target.properties, info)
@@ -454,19 +485,17 @@ class Supervisor:
         return _result(RELOAD_APPLIED, "applied", "new generation serving", changes=changes,
                        generation=self.current.number if self.current else None, boot_seconds=self.last_boot_seconds)
 
-    async def _replace_generation(self, old: Applied, target: Applied, new_sockets: list[HeldSocket] | None) -> str | None:
-        """Bring up a generation for ``target``; retire the current one only once it serves.
+    async def _replace_generation(self, old: Applied, target: Applied, new_sockets: list[HeldSocket] | None,
+                                  switches: list[Switch]) -> str | None:
+        """Bring up a generation for ``target``; switch nginx to it and retire the current one only once it serves.
 
+        The serving generation is not touched before that: it reads its own
+        config.xml (its OMERODIR view), and nginx's files stay as they are.
         Returns None on success, else why it failed (everything put back)."""
-        config_xml = omero_config.config_xml_path(target.config.daemon.omerodir)
-        previous_xml = config_xml.read_bytes() if config_xml.exists() else None
         generation: Generation | None = None
         try:
-            await self._write_config_xml(target)
-            await ensure_collected(target.info, target.properties, target.packages, target.config.daemon.omerodir,
-                                   self.state_dir)
             spawned = time.monotonic()
-            generation = await self._spawn(target.plan, new_sockets)
+            generation = await self._spawn(target, new_sockets)
             await generation.wait_ready(target.config.daemon.ready_timeout, self._extend_timeout)
             self.last_boot_seconds = round(time.monotonic() - spawned, 3)
         except Exception as e:  # GenerationFailed, UserError, OSError, or a bug: all put back the same way
@@ -476,12 +505,12 @@ class Supervisor:
                 reason = _one_line(e)
             if generation is not None:
                 await generation.kill()
-            if previous_xml is not None:
-                omero_config.write_config_bytes(config_xml, previous_xml)
-            else:
-                config_xml.unlink(missing_ok=True)
             self.log.error("new generation failed; the running one keeps serving", reason=reason)
             return reason
+        failure = await self._switch_outputs(switches, [])
+        if failure:  # nginx could not follow: the new generation goes, the old one never stopped
+            await generation.kill()
+            return failure
         retiring = self.current
         self.current = generation
         if new_sockets is not None:
@@ -492,6 +521,17 @@ class Supervisor:
             self._spawn_task(self._retire(retiring, old.config.daemon.graceful_timeout, replaced))
         elif replaced:
             sockets.release(replaced)
+        return None
+
+    async def _switch_outputs(self, switches: list[Switch], undo: list[Undo]) -> str | None:
+        """Make the staged files live; on failure put back what was switched and say why."""
+        try:
+            for switch in switches:
+                undo.append(await switch())
+        except Exception as e:  # disk full, or a bug
+            await _run_undo(undo)
+            self.log.exception("switching the derived files failed")
+            return str(e) if isinstance(e, UserError) else _one_line(e)
         return None
 
     async def _retire(self, generation: Generation, grace: float, replaced_sockets: list[HeldSocket] | None) -> None:
@@ -519,7 +559,7 @@ class Supervisor:
                 self.notifier.status(f"gunicorn master exited with status {dead.exit_status}; restarting")
                 generation: Generation | None = None
                 try:
-                    generation = await self._spawn(self.applied.plan)
+                    generation = await self._spawn(self.applied)
                     await generation.wait_ready(self.applied.config.daemon.ready_timeout)
                 except Exception as e:  # not only GenerationFailed: spawning raises OSError while the venv is replaced
                     if generation is not None:
@@ -548,8 +588,85 @@ class Supervisor:
         if self._watcher is not None:
             self._watcher.seen(config.digest)
 
+    def _properties(self, config: Config) -> dict[str, str]:
+        """The properties OMERO.web gets for ``config``: the TOML's, with the session store pinned."""
+        return omero_config.with_session_path(config.properties, self.session_dir)
+
+    def _check_config_xml(self, properties: Mapping[str, str], toml: Mapping[str, str]) -> str | None:
+        """Why writing ``properties`` to the site's config.xml would lose someone's edit; None if it would not."""
+        self._look_at_config_xml()
+        if self.foreign is None or not self.foreign.lost_by(properties, toml):
+            return None
+        return f"{self.foreign.describe()}; a reload would overwrite them: {self.foreign.ways_out(self.config_path)}"
+
+    def _look_at_config_xml(self) -> None:
+        """Compare the site's config.xml with what omerowebd wrote; report a change of what is found."""
+        applied = self.applied
+        config = applied.config if applied else self.initial
+        wanted = applied.properties if applied else self._properties(config)
+        try:
+            found = omero_config.foreign_edits(config.daemon.omerodir, self.state_dir, wanted, config.properties)
+        except Exception as e:  # a bug must not stop a reload or a status: report it, assume nothing foreign
+            self.log.warning("cannot compare config.xml with what omerowebd wrote", error=_one_line(e))
+            found = None
+        before = self.foreign
+        self.foreign = found
+        if found is None:
+            if before is not None:
+                self.foreign_since = None
+                self.log.info("config.xml holds what omerowebd wrote again", path=str(before.path))
+                self.notifier.status(self._status_line())
+            return
+        if before is None or (before.names, before.problem) != (found.names, found.problem):
+            self.foreign_since = self.foreign_since or time.time()
+            self.log.warning("config.xml edited outside omerowebd; the running generations do not read it",
+                             path=str(found.path), properties=list(found.names), problem=found.problem,
+                             fix=found.ways_out(self.config_path))
+            self.notifier.status(self._status_line())
+
+    def _publish_config_xml(self, target: Applied, *, at_start: bool = False, discard: bool = False) -> None:
+        """Write the site's config.xml (what `omero config get` shows) for the generation that now serves.
+
+        Never over someone else's edit unless told to: at start the file is
+        left as it is (and reported); a reload got here only if the edit is
+        kept by the new config, or dropped on purpose.
+        """
+        config = target.config
+        self._follow_config_xml(config)
+        self._look_at_config_xml()
+        if self.foreign is not None and not discard and self.foreign.lost_by(target.properties, config.properties):
+            if at_start:
+                self.log.warning("config.xml left as it is: it holds edits made outside omerowebd",
+                                 path=str(self.foreign.path), fix=self.foreign.ways_out(self.config_path))
+            return
+        data = omero_config.render_config_xml(target.properties, str(config.path))
+        path = omero_config.config_xml_path(config.daemon.omerodir)
+        if self._xml_watcher is not None:
+            self._xml_watcher.seen(hashlib.sha256(data).hexdigest())
+        try:
+            changed = omero_config.write_site_config_xml(config.daemon.omerodir, self.state_dir, data)
+        except OSError as e:  # disk full, permissions: the generations have their own copies and serve on
+            self.log.error("cannot write config.xml; OMERO.web serves on from its own copy", path=str(path),
+                           error=e.strerror)
+            return
+        if changed:
+            self.config_xml_written_at = time.time()
+            self.log.info("config.xml written", path=str(path))
+        self._look_at_config_xml()
+
+    def _follow_config_xml(self, config: Config) -> None:
+        """Notice an edit of the site's config.xml when it happens, not at the next reload."""
+        path = omero_config.config_xml_path(config.daemon.omerodir)
+        if self._xml_watcher is not None and self._xml_watcher.path == path:
+            return
+        if self._xml_watcher is not None:
+            self._xml_watcher.stop()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._xml_watcher = ConfigWatcher(path, self._look_at_config_xml)
+        self._xml_watcher.start()
+
     def _target(self, config: Config, info: VenvInfo, packages: str) -> Applied:
-        properties = omero_config.with_session_path(config.properties, self.session_dir)
+        properties = self._properties(config)
         plan = plan_gunicorn(
             properties, info,
             omerodir=config.daemon.omerodir, app=config.daemon.app,
@@ -558,20 +675,19 @@ class Supervisor:
         )
         return Applied(config=config, info=info, properties=properties, plan=plan, packages=packages)
 
-    async def _write_config_xml(self, target: Applied) -> None:
-        changed = await asyncio.to_thread(
-            omero_config.write_config_xml, target.config.daemon.omerodir, target.properties, str(target.config.path)
-        )
-        if changed:
-            self.log.info("config.xml written", path=str(omero_config.config_xml_path(target.config.daemon.omerodir)))
-
-    async def _spawn(self, plan: GunicornPlan, held: list[HeldSocket] | None = None) -> Generation:
+    async def _spawn(self, target: Applied, held: list[HeldSocket] | None = None) -> Generation:
         number = self.next_number
         self.next_number += 1
+        plan = target.plan
         generation = Generation(number=number, plan=plan, directory=self.runtime_dir / f"gen-{number}",
-                                on_exit=self.handle_generation_exit)
+                                on_exit=self.handle_generation_exit,
+                                config_xml=omero_config.render_config_xml(target.properties, str(target.config.path)))
         self.generations[number] = generation
         try:
+            await asyncio.to_thread(generation.prepare_view)
+            # collectstatic reads the settings from the new generation's view: the site's file is still the old one.
+            await ensure_collected(target.info, target.properties, target.packages, generation.omerodir,
+                                   self.state_dir)
             await generation.start(held or self.sockets, self.runtime_dir / "events.sock")
         except BaseException:
             self.generations.pop(number, None)  # never started: nothing to watch or stop
@@ -624,7 +740,10 @@ class Supervisor:
         if g is None:
             return self.state
         addresses = ", ".join(s.address for s in self.sockets)
-        return f"serving on {addresses}: generation {g.number}, {g.plan.workers} workers, master {g.pid}"
+        line = f"serving on {addresses}: generation {g.number}, {g.plan.workers} workers, master {g.pid}"
+        if self.foreign is not None:
+            line += f"; config.xml edited outside omerowebd ({', '.join(self.foreign.names) or self.foreign.problem})"
+        return line
 
     def status(self) -> dict[str, Any]:
         applied = self.applied
@@ -639,6 +758,7 @@ class Supervisor:
             "sockets": [s.describe() for s in self.sockets],
             "config": {"path": str(self.config_path), "digest": applied.config.digest if applied else None,
                        "problem": self._watcher.problem if self._watcher else None},
+            "config_xml": self._config_xml_status(),
             "last_reload": self.last_reload,
             "crashes": self.crashes,
             "last_crash": self.last_crash or None,
@@ -646,6 +766,20 @@ class Supervisor:
             "versions": dict(applied.info.versions) if applied else {},
             **{name: output.status() for name, output in self.outputs.items()},
             **{name: service.status() for name, service in self.services.items()},
+        }
+
+
+    def _config_xml_status(self) -> dict[str, Any]:
+        config = self.applied.config if self.applied else self.initial
+        found = self.foreign
+        return {
+            "path": str(omero_config.config_xml_path(config.daemon.omerodir)),
+            "written_at": self.config_xml_written_at,
+            # Names only: the values may be secrets, and they are someone else's.
+            "foreign_edits": None if found is None else {
+                "properties": list(found.names), "problem": found.problem, "since": self.foreign_since,
+                "message": found.describe(), "fix": found.ways_out(self.config_path),
+            },
         }
 
 

@@ -264,8 +264,8 @@ def daemon(tmp_path: Path, omero_venv: Path, notify: NotifyListener) -> Iterator
 class Load:
     """Several clients looping on a page; counts what went wrong, by kind."""
 
-    def __init__(self, port: int, clients: int = 4, path: str = "/webclient/login/") -> None:
-        self.port, self.path = port, path
+    def __init__(self, port: int, clients: int = 4, path: str = "/webclient/login/", timeout: float = 30) -> None:
+        self.port, self.path, self.timeout = port, path, timeout  # timeout: per request
         self.ok = 0
         self.refused = 0
         self.failed: list[str] = []
@@ -287,7 +287,7 @@ class Load:
         deadline = time.monotonic() + 600  # bounded, whatever the test does
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                status, _ = http_get(self.port, self.path, timeout=30)
+                status, _ = http_get(self.port, self.path, timeout=self.timeout)
             except ConnectionRefusedError:
                 with self._lock:
                     self.refused += 1

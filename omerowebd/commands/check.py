@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from .. import checks
+from .. import checks, control, omero_config, trust
 from .. import config as config_module
+from ..config import Config
 from ..errors import ConfigErrors, UserError
 
 
@@ -29,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}")
         return 1
     problems, warnings, info = checks.run_sync(config)
+    foreign, note = foreign_edits(config)
+    problems += foreign
+    warnings += note
     for problem in problems:
         print(f"error: {problem}")
     for warning in warnings:
@@ -38,3 +43,40 @@ def run(args: argparse.Namespace) -> int:
     assert info is not None
     print(f"ok: {path} (omero-web {info.versions.get('omero-web', '?')}, gunicorn {info.versions.get('gunicorn', '?')})")
     return 0
+
+
+def foreign_edits(config: Config) -> tuple[list[str], list[str]]:
+    """(problems, warnings): edits of the site's config.xml that a reload of ``config`` would stop at.
+
+    The file is the service user's: root reads it only where root owns the
+    whole path (else whatever that user links there would be read and named
+    by root), and otherwise asks the running daemon, which reads it as that user.
+    """
+    d = config.daemon
+    path = omero_config.config_xml_path(d.omerodir)
+    if not os.path.lexists(path):
+        return [], []  # nothing there to lose
+    if os.geteuid() == 0 and trust.path_problems(path, "config.xml"):
+        return _foreign_edits_from_daemon(config)
+    wanted = omero_config.with_session_path(config.properties, omero_config.default_session_dir(d.state_dir))
+    try:
+        found = omero_config.foreign_edits(d.omerodir, d.state_dir, wanted, config.properties)
+    except OSError as e:
+        return [], [f"{path}: not compared with what omerowebd wrote: {e.strerror}"]
+    if found is None or not found.lost_by(wanted, config.properties):
+        return [], []
+    return [f"{found.describe()}; a reload of {config.path} would stop: {found.ways_out(config.path)}"], []
+
+
+def _foreign_edits_from_daemon(config: Config) -> tuple[list[str], list[str]]:
+    try:
+        status = control.request(config.daemon.runtime_dir / "control.sock", {"cmd": "status"}, timeout=10)
+    except UserError:
+        return [], [f"{omero_config.config_xml_path(config.daemon.omerodir)}: not compared with what omerowebd wrote"
+                    " (root does not read the service user's files, and the daemon does not answer): run"
+                    " `omerowebctl check` as the service user, or start the daemon"]
+    foreign = (status.get("config_xml") or {}).get("foreign_edits")
+    if not foreign:
+        return [], []
+    return [], [f"{foreign['message']} (the daemon says); a reload stops unless {config.path} has taken them over:"
+                f" {foreign['fix']}"]

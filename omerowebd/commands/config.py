@@ -133,6 +133,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--merge", action="store_true", help="keep properties the TOML has and FILE has not")
     imp.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                      help="leave out properties matching PATTERN (shell-style, e.g. 'omero.db.*'); repeatable")
+    imp.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                     help="take only properties matching PATTERN, removing those FILE does not have; the rest of "
+                     "the TOML stays (how edits made with `omero config set` are taken over); repeatable")
     imp.add_argument("--dry-run", action="store_true", help="report what would be written; write nothing")
     _edit_options(imp)
     imp.set_defaults(func=run_import)
@@ -338,7 +341,7 @@ def run_import(args: argparse.Namespace) -> int:
             meter.echo(f"warning: every value is written as text: OMERO.web could not be asked for the types "
                        f"({knowledge.why_not})", file=sys.stderr)
         meter.set(f"importing {count} properties: typing and writing them into the TOML")
-        result = migrate.import_properties(doc, source, knowledge, merge=args.merge, skip=args.skip)
+        result = migrate.import_properties(doc, source, knowledge, merge=args.merge, skip=args.skip, only=args.only)
         report.append(result)
         meter.set(f"importing {count} properties: checking the result with OMERO.web")
         return result.changes

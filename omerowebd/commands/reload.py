@@ -19,11 +19,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-wait", action="store_true", help="return once the daemon has accepted the request")
     p.add_argument("--dry-run", action="store_true", help="print what changed and what would be done")
+    p.add_argument("--discard-foreign-edits", action="store_true",
+                   help="overwrite edits someone made to OMERODIR/etc/grid/config.xml (`omero config set`); without "
+                   "it such a reload stops and names them (take them over with `omerowebctl config import --only`)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     payload = {"cmd": "reload", "wait": not args.no_wait, "dry_run": args.dry_run}
+    if args.discard_foreign_edits:
+        payload["discard_foreign_edits"] = True
     reply = request(socket_path(args), payload, show_progress=not (args.no_wait or args.dry_run))
     if "exit_code" not in reply:
         print(f"omerowebctl: {reply.get('error', 'unexpected reply')}")

@@ -44,6 +44,11 @@ def render(s: dict[str, Any]) -> str:
         lines.append(f"socket:      {sock['address']} (from {sock['origin']}{name})")
     cfg = s.get("config") or {}
     lines.append(f"config:      {cfg.get('path')} sha256:{(cfg.get('digest') or '')[:12]}")
+    foreign = (s.get("config_xml") or {}).get("foreign_edits")
+    if foreign:
+        lines.append(f"config.xml:  {foreign['message']} (since {_when(foreign.get('since'))}); the running"
+                     " generations do not read it; a reload stops until you")
+        lines.append(f"             {foreign['fix']}")
     if cfg.get("problem"):
         lines.append(f"             the file is {cfg['problem']}: the running config keeps serving until it is back")
     r = s.get("last_reload")
