@@ -64,7 +64,11 @@ class DaemonSettings:
         default=None,
     )
     ready_timeout: float = _doc("seconds a new generation may take to serve", default=120.0)
-    graceful_timeout: float = _doc("seconds gunicorn lets in-flight requests finish", default=30.0)
+    graceful_timeout: float | None = _doc(
+        "seconds requests in flight may take to finish when a generation retires or the service stops;"
+        " default omero.web.wsgi_timeout (60)",
+        default=None,
+    )
     watch_config: bool = _doc("reload when the config file changes on disk", default=True)
     health_path: str | None = _doc("path probed for health; default PREFIX/webclient/login/", default=None)
     log_format: Literal["auto", "console", "json", "journal"] = _doc("log output", default="auto")
@@ -446,7 +450,8 @@ def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: li
         if settings.bind == ():
             bad("bind", "must name at least one address")
         for key in ("ready_timeout", "graceful_timeout"):
-            if getattr(settings, key) <= 0:
+            value = getattr(settings, key)
+            if value is not None and value <= 0:
                 bad(key, "must be more than 0")
         if settings.health_path is not None and not settings.health_path.startswith("/"):
             bad("health_path", f"must start with '/', not {settings.health_path!r}")

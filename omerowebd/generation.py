@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shlex
 import shutil
@@ -29,6 +30,8 @@ from .venv import VenvInfo, effective, probe_env, python_of
 
 CONF = Path(__file__).with_name("gunicorn_conf.py")
 PROBE_TIMEOUT = 10.0
+# daemon.graceful_timeout when neither it nor omero.web.wsgi_timeout bounds a request (wsgi_timeout = 0).
+DEFAULT_GRACEFUL_TIMEOUT = 60
 
 
 class GenerationFailed(Exception):
@@ -51,6 +54,11 @@ class GunicornPlan:
     @property
     def workers(self) -> int:
         return int(self.settings["workers"])
+
+    @property
+    def graceful_timeout(self) -> float:
+        """Seconds requests in flight get when this generation retires or the service stops."""
+        return float(self.settings["graceful_timeout"])
 
     def command(self, conf: Path) -> list[str]:
         return [str(python_of(self.venv)), "-m", "gunicorn", "-c", str(conf), *self.args, self.app]
@@ -96,7 +104,7 @@ def plan_gunicorn(
     *,
     omerodir: Path,
     app: str,
-    graceful_timeout: float,
+    graceful_timeout: float | None,
     health_path: str | None,
     where: Callable[[str], str] | None = None,
 ) -> GunicornPlan:
@@ -135,8 +143,11 @@ def plan_gunicorn(
         "worker_class": worker_class,
         "timeout": number("omero.web.wsgi_timeout", "60", 0, " (0: no timeout)"),
         "max_requests": number("omero.web.application_server.max_requests", "0", 0, " (0: never recycle)"),
-        "graceful_timeout": int(graceful_timeout),
     }
+    # Unset: as long as a request may run (wsgi_timeout), so a reload or a stop
+    # never cuts a download that the worker timeout would have let finish.
+    settings["graceful_timeout"] = math.ceil(graceful_timeout if graceful_timeout is not None
+                                             else settings["timeout"] or DEFAULT_GRACEFUL_TIMEOUT)
     if worker_class == "gevent":
         settings["worker_connections"] = number("omero.web.wsgi_worker_connections", "1000", 1)
     else:

@@ -234,8 +234,8 @@ class Supervisor:
             self._xml_watcher.stop()
         for task in list(self._tasks):
             task.cancel()
-        grace = (self.applied.config if self.applied else self.initial).daemon.graceful_timeout
-        await asyncio.gather(*(g.stop(grace + 5, state="stopping") for g in list(self.generations.values())),
+        await asyncio.gather(*(g.stop(g.plan.graceful_timeout + 5, state="stopping")
+                               for g in list(self.generations.values())),
                              return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._control:
@@ -518,7 +518,7 @@ class Supervisor:
         else:
             replaced = None
         if retiring is not None:
-            self._spawn_task(self._retire(retiring, old.config.daemon.graceful_timeout, replaced))
+            self._spawn_task(self._retire(retiring, retiring.plan.graceful_timeout, replaced))
         elif replaced:
             sockets.release(replaced)
         return None

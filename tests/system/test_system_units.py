@@ -85,8 +85,8 @@ def test_service_speaks_the_daemons_contract():
     assert service["User"] == service["Group"] == "omero-web"
     assert service["RuntimeDirectory"] == service["StateDirectory"] == "omerowebd"
     assert int(service["WatchdogSec"]) > 0
-    # The daemon gives gunicorn graceful_timeout (30 s by default) to finish.
-    assert int(service["TimeoutStopSec"]) > 30
+    # The daemon gives requests in flight graceful_timeout (wsgi_timeout, 60 s, by default) + 5 s to finish.
+    assert int(service["TimeoutStopSec"]) > 65
     assert service["CapabilityBoundingSet"] == ""
     assert service["ProtectSystem"] == "strict"
     assert "/opt/omero/web/omero-web" in service["ReadWritePaths"]
