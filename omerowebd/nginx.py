@@ -48,6 +48,7 @@ from typing import Any
 from .config import Config, NginxSettings, address_problem
 from .errors import EXIT_FAILURE, UserError
 from .files import write_atomic
+from .static import static_location
 from .venv import VenvInfo, effective, probe_env
 
 # omerowebctl's names -> omero-web's template names (`omero web config TYPE`).
@@ -117,12 +118,7 @@ def web_settings(properties: Mapping[str, str], info: VenvInfo, omerodir: Path |
         raise bad("omero.web.application_server.port", f"must be an integer, not {port_text!r}") from None
     # omero.web.prefix, else its deprecated name (omeroweb.settings' DEPRECATED_SETTINGS_MAPPINGS).
     prefix = properties.get("omero.web.prefix", properties.get("omero.web.force_script_name"))
-    # str_slash: a non-empty value gets a trailing slash.
-    static_url = prop("omero.web.static_url", "/static/") or ""
-    if static_url and not static_url.endswith("/"):
-        static_url += "/"
-    # The default depends on OMERODIR, so it is worked out here, not taken from the catalogue.
-    static_root = os.path.normpath(properties.get("omero.web.static_root", os.path.join(root, "var", "static")))
+    static_url, static_root = static_location(properties, info, root)
     extra_text = prop("omero.web.nginx_server_extra_config", "[]") or "[]"
     try:
         extra = json.loads(extra_text)

@@ -30,7 +30,7 @@ from .generation import Generation, GenerationFailed, GunicornPlan, http_probe, 
 from .nginx import NginxOutput, Switch, mark_applied
 from .sessions import SessionService
 from .sockets import HeldSocket
-from .static import ensure_collected
+from .static import StaticFiles, release_for
 from .store_watch import StoreWatch
 from .systemd import Notifier
 from .venv import Prober, VenvInfo, fingerprint
@@ -105,6 +105,7 @@ class Supervisor:
         self.outputs: dict[str, Output] = {"nginx": NginxOutput(self.log, addresses=self._upstream_addresses)}
         self.services: dict[str, Service] = {"sessions": SessionService(self.log), "session_store": StoreWatch(self.log)}
         self.prober = Prober()
+        self.static = StaticFiles(config.daemon.state_dir)  # one collected directory per release
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()  # the first generation serves
         self._reload_lock = asyncio.Lock()
@@ -189,6 +190,8 @@ class Supervisor:
         self._publish_config_xml(target, at_start=True)
         mark_applied(config, self.log)  # serving now: the root publisher may render this TOML for nginx
         self.current = generation
+        self.static.cut_over(generation.number)
+        self._spawn_task(self.static.prune(self.generations))  # what an earlier run left, but the previous release
         self.state = "serving"
         self._started.set()
         for service in self.services.values():
@@ -513,6 +516,7 @@ class Supervisor:
             return failure
         retiring = self.current
         self.current = generation
+        self.static.cut_over(generation.number)  # the unversioned static names: the new release's files from now
         if new_sockets is not None:
             replaced, self.sockets = self.sockets, new_sockets
         else:
@@ -539,6 +543,7 @@ class Supervisor:
         if replaced_sockets:
             sockets.release(replaced_sockets)
         self.log.info("generation retired", generation=generation.number)
+        await self.static.prune(n for n in self.generations if n != generation.number)
 
     async def _restart_after_crash(self, dead: Generation) -> None:
         """Bring a generation back, waiting longer after each failed attempt.
@@ -569,6 +574,7 @@ class Supervisor:
                                    retry_in=delay)
                     continue
                 self.current = generation
+                self.static.cut_over(generation.number)
                 self.state = "serving"
                 self.last_crash["restart"] = f"done, generation {generation.number}"
                 self.notifier.status(f"{self._status_line()}; restarted after gunicorn exited with status {dead.exit_status}")
@@ -679,15 +685,17 @@ class Supervisor:
         number = self.next_number
         self.next_number += 1
         plan = target.plan
+        # The generation's own STATIC_ROOT and STATIC_URL: its release's directory (static.py says why).
+        release = release_for(target.info, target.properties, target.packages, target.config.daemon.omerodir)
+        view = {**target.properties, **release.properties()}
         generation = Generation(number=number, plan=plan, directory=self.runtime_dir / f"gen-{number}",
                                 on_exit=self.handle_generation_exit,
-                                config_xml=omero_config.render_config_xml(target.properties, str(target.config.path)))
+                                config_xml=omero_config.render_config_xml(view, str(target.config.path)))
         self.generations[number] = generation
         try:
             await asyncio.to_thread(generation.prepare_view)
             # collectstatic reads the settings from the new generation's view: the site's file is still the old one.
-            await ensure_collected(target.info, target.properties, target.packages, generation.omerodir,
-                                   self.state_dir)
+            await self.static.collect(number, release, target.info, generation.omerodir)
             await generation.start(held or self.sockets, self.runtime_dir / "events.sock")
         except BaseException:
             self.generations.pop(number, None)  # never started: nothing to watch or stop
@@ -764,6 +772,7 @@ class Supervisor:
             "last_crash": self.last_crash or None,
             "reloads": self.reloads,
             "versions": dict(applied.info.versions) if applied else {},
+            "static": self.static.status(),
             **{name: output.status() for name, output in self.outputs.items()},
             **{name: service.status() for name, service in self.services.items()},
         }
