@@ -10,6 +10,8 @@ fails to boot (test_reload.py).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
 import socket
@@ -171,3 +173,91 @@ def test_config_file_removed_or_replaced_by_a_directory_keeps_the_running_config
                          60, "the reload to the taken port to be rejected")
     assert state["last_reload"]["outcome"] == "rejected"
     assert state["generation"]["master_pid"] == master and http_get(daemon.port)[0] == 200
+
+
+# -- disk full ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path, size="1m", mode="0755"):
+    """A small file system of its own at ``path``: filling it gives a real ENOSPC to everything writing there."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory):
+    """Write until the file system says no: what is left is less than a block."""
+    filler = directory / ".filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
+
+
+def leftovers(directory):
+    """Temp files a failed write left behind (there must be none)."""
+    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_disk_full_keeps_every_old_file_whole_and_the_site_serving(daemon):
+    grid = daemon.omerodir / "etc" / "grid"
+    sessions = daemon.root / "state" / "sessions"
+    nginx_dir = daemon.root / "nginx"
+    with contextlib.ExitStack() as mounts:
+        mounts.callback(daemon.cleanup)  # stopped before the file systems go
+        for path, mode in ((daemon.runtime_dir, "0750"), (grid, "0755"), (sessions, "0700"), (nginx_dir, "0755")):
+            mounts.enter_context(tmpfs(path, mode=mode))
+        nginx = f'[nginx]\nenabled = true\noutput_dir = "{nginx_dir}"\nserver_name = "a.example"\n'
+        text = daemon.write_config(workers=1, daemon="watch_config = false").replace("[nginx]\nenabled = false\n", nginx)
+        daemon.save(text)
+        daemon.start()
+        ledger = sessions / ".omerowebd-sweep.ledger"
+        wait_for(lambda: ledger.exists() and daemon.status()["sessions"]["last"], 120, "the first sweep's ledger")
+        master = daemon.status()["generation"]["master_pid"]
+        before = {p: p.read_bytes() for p in [grid / "config.xml", ledger, *nginx_dir.glob("omero-web*")]}
+        fillers = [fill(d) for d in (daemon.runtime_dir, grid, sessions, nginx_dir)]
+
+        # An nginx-only change: refused, the old files stay.
+        daemon.save(text.replace("a.example", "b.example"))
+        code, out = reload(daemon)
+        assert code == 1 and "No space left on device" in out and str(nginx_dir) in out, out
+        # A new generation: its files cannot be written, so it never starts; the old one serves on.
+        daemon.save(text.replace("[omero.web]\n", '[omero.web]\nlogin_logo = "/static/full.png"\n'))
+        code, out = reload(daemon)
+        assert code == 2 and "No space left on device" in out, out
+        # The session sweep cannot write its ledger: it says so, the old ledger stays.
+        out = daemon.ctl("sessions", "clear")
+        assert "cannot write the ledger: No space left on device" in out.stdout + out.stderr, out
+        assert daemon.status()["sessions"]["last"]["errors"] >= 1
+
+        # Room in the runtime dir only: whatever the daemon does with the site's
+        # full OMERODIR, the old config.xml stays whole and the log says why.
+        fillers[0].unlink()
+        mark = len(daemon.log())
+        code, out = reload(daemon)
+        assert "No space left on device" in daemon.log()[mark:], out
+
+        for path, data in before.items():
+            assert path.read_bytes() == data, f"{path} changed"
+        for directory in (daemon.runtime_dir, grid, sessions, nginx_dir):
+            assert leftovers(directory) == [], directory
+        assert daemon.status()["serving"] and http_get(daemon.port)[0] == 200
+        assert daemon.status()["generation"]["master_pid"] == master or code == 0  # rolled back, or applied
+
+        for filler in fillers[1:]:
+            filler.unlink()
+        daemon.save(text.replace("a.example", "c.example").replace("[omero.web]\n", '[omero.web]\nlogin_logo = "/static/room.png"\n'))
+        code, out = reload(daemon)
+        assert code == 0, out
+        assert b"/static/room.png" in (grid / "config.xml").read_bytes()
+        assert b"c.example" in (nginx_dir / "omero-web.conf").read_bytes()
+        assert b"/static/room.png" in http_get(daemon.port)[1]
+        out = daemon.ctl("sessions", "clear")
+        assert out.returncode == 0 and daemon.status()["sessions"]["last"]["errors"] == 0, out
