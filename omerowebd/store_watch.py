@@ -119,7 +119,7 @@ async def check(endpoint: Endpoint) -> str | None:
     except asyncio.TimeoutError:
         return "no answer"
     except OSError as e:
-        return (e.strerror or str(e)).lower()
+        return _why(e)
     try:
         if not endpoint.ping:
             return None
@@ -129,7 +129,7 @@ async def check(endpoint: Endpoint) -> str | None:
     except asyncio.TimeoutError:
         return "no answer to PING"
     except OSError as e:
-        return (e.strerror or str(e)).lower()
+        return _why(e)
     finally:
         writer.close()
 
@@ -185,3 +185,8 @@ class StoreWatch:
             "unavailable_since": self.since,
             "checked_at": self.checked_at,
         }
+
+
+def _why(error: OSError) -> str:
+    # asyncio's connect error text is "Connect call failed (host, port)": the errno says more.
+    return (os.strerror(error.errno) if error.errno else str(error)).lower()

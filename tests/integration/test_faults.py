@@ -261,3 +261,78 @@ def test_disk_full_keeps_every_old_file_whole_and_the_site_serving(daemon):
         assert b"/static/room.png" in http_get(daemon.port)[1]
         out = daemon.ctl("sessions", "clear")
         assert out.returncode == 0 and daemon.status()["sessions"]["last"]["errors"] == 0, out
+
+
+# -- the session store ------------------------------------------------------------
+
+
+class Redis:
+    """redis-server on 127.0.0.1, no persistence; stop() and start() again on the same port."""
+
+    def __init__(self, tmp_path, password):
+        self.port, self.password, self.dir = free_port(), password, tmp_path
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--requirepass", self.password, "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._answers, 30, "redis-server to answer")
+
+    def _answers(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith((b"+", b"-"))
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def redis(tmp_path):
+    r = Redis(tmp_path, password="canary-redis-pw")
+    r.start()
+    yield r
+    r.stop()
+
+
+def test_redis_session_store_going_away_is_said_and_the_site_keeps_serving(daemon, redis):
+    """What OMERO.web's docs suggest for sessions: Django's cache session engine on Redis.
+    Without Redis the login page still answers (no session yet) and so does the daemon's
+    probe; signed-in users get errors. Nothing a restart of OMERO.web would mend: the
+    daemon keeps serving, says so once, and once more when Redis is back."""
+    location = f"redis://:{redis.password}@127.0.0.1:{redis.port}/0"
+    daemon.write_config(workers=1, daemon="watch_config = false", omero=f'''
+        session_engine = "django.contrib.sessions.backends.cache"
+        caches = {{default = {{BACKEND = "django.core.cache.backends.redis.RedisCache", LOCATION = "{location}"}}}}
+        ''')
+    daemon.start()
+    where = f"redis at 127.0.0.1:{redis.port}"
+    store = wait_for(lambda: (s := daemon.status()["session_store"])["checked_at"] and s, 60, "the first check")
+    assert store["available"] is True and store["checked"] == [where]
+    assert f"session store: available ({where}" in daemon.ctl("status").stdout
+
+    redis.stop()
+    store = wait_for(lambda: (s := daemon.status()["session_store"])["available"] is False and s, 60,
+                     "status to say the store is gone")
+    assert "connection refused" in store["problems"][where]
+    assert "session store: UNAVAILABLE since" in daemon.ctl("status").stdout
+    assert http_get(daemon.port)[0] == 200  # the site serves what needs no session
+    daemon.save(daemon.config_path.read_text() + 'login_logo = "/static/no-redis.png"\n')
+    code, out = reload(daemon)  # and a reload still applies: its probe needs no session either
+    assert code == 0, out
+    assert b"/static/no-redis.png" in http_get(daemon.port)[1]
+
+    redis.start()
+    wait_for(lambda: daemon.status()["session_store"]["available"] is True, 60, "status to see the store back")
+    log = daemon.log()
+    assert log.count("session store unavailable") == 1 and log.count("session store available again") == 1
+    line = next(line for line in log.splitlines() if "session store unavailable" in line)
+    assert where in line and "OMERO.web keeps serving" in line
+    assert redis.password not in log and redis.password not in daemon.ctl("status", "--json").stdout
