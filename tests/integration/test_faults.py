@@ -336,3 +336,51 @@ def test_redis_session_store_going_away_is_said_and_the_site_keeps_serving(daemo
     line = next(line for line in log.splitlines() if "session store unavailable" in line)
     assert where in line and "OMERO.web keeps serving" in line
     assert redis.password not in log and redis.password not in daemon.ctl("status", "--json").stdout
+
+
+# -- directories the daemon writes ------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """``path`` on a read-only bind mount: EROFS for everyone, root included (a disk remounted
+    read-only after I/O errors, a ProtectSystem= that does not list it)."""
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_omerodir_and_state_dir_read_only_refuse_changes_and_the_site_serves_on(daemon):
+    daemon.write_config(workers=1, daemon="watch_config = false")
+    daemon.start()
+    _wait_all_ready(daemon)
+    master = daemon.status()["generation"]["master_pid"]
+    text = daemon.config_path.read_text()
+    state_dir = daemon.root / "state"
+    with read_only(daemon.omerodir), read_only(state_dir):
+        daemon.save(text + 'login_logo = "/static/ro.png"\n')
+        code, out = reload(daemon)
+        assert code == 1 and "rejected" in out, out
+        assert f"daemon.omerodir {daemon.omerodir}: is on a read-only file system" in out
+        assert f"daemon.state_dir {state_dir}: is on a read-only file system" in out
+        out = daemon.ctl("sessions", "clear")
+        assert "Read-only file system" in out.stdout + out.stderr, out
+        store = wait_for(lambda: (s := daemon.status()["session_store"])["available"] is False and s, 60,
+                         "status to say the session store cannot be written")
+        assert list(store["problems"].values()) == ["on a read-only file system"]
+        # A worker lost now is replaced: OMERO.web boots without writing its log file.
+        worker = daemon.status()["generation"]["worker_pids"][0]
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: daemon.status()["generation"]["worker_faults"] == 1, 60, "the lost worker to be counted")
+        _wait_all_ready(daemon)
+        state = daemon.status()
+        assert state["serving"] and state["generation"]["master_pid"] == master
+        assert http_get(daemon.port)[0] == 200
+    # Writable again.
+    wait_for(lambda: daemon.status()["session_store"]["available"] is True, 60, "the store to be writable again")
+    code, out = reload(daemon)
+    assert code == 0, out
+    assert b"/static/ro.png" in http_get(daemon.port)[1]
