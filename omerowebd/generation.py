@@ -30,6 +30,11 @@ from .venv import VenvInfo, effective, probe_env, python_of
 
 CONF = Path(__file__).with_name("gunicorn_conf.py")
 PROBE_TIMEOUT = 10.0
+# gunicorn's own exit statuses (Arbiter.WORKER_BOOT_ERROR, APP_LOAD_ERROR), in words.
+GUNICORN_EXITS = {
+    3: "a worker could not boot: the venv or the app is broken, see gunicorn's log above",
+    4: "the app could not be loaded, see gunicorn's log above",
+}
 # daemon.graceful_timeout when neither it nor omero.web.wsgi_timeout bounds a request (wsgi_timeout = 0).
 DEFAULT_GRACEFUL_TIMEOUT = 60
 
@@ -327,7 +332,9 @@ class Generation:
         assert self.proc is not None
         self.exit_status = await self.proc.wait()
         if self.state == "booting":
-            self._boot_failure = self._boot_failure or f"gunicorn master exited with status {self.exit_status} while booting"
+            why = GUNICORN_EXITS.get(self.exit_status or 0, "see gunicorn's log above")
+            self._boot_failure = self._boot_failure or (
+                f"gunicorn master exited with status {self.exit_status} while booting ({why})")
         if self.state not in ("failed", "retiring", "stopping"):
             self.state = "exited"
         self._changed.set()
