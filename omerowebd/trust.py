@@ -19,21 +19,53 @@ use it before trusting anything else.
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import stat
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 MAX_LINKS = 40
+_HARMLESS_DEVICES = {os.makedev(1, 3), os.makedev(1, 5)}  # /dev/null, /dev/zero
 
 
 def _mode_problem(path: str, st: os.stat_result, what: str, sticky_ok: bool = True) -> str | None:
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev in _HARMLESS_DEVICES:
+        return None  # systemd's masks and the like: /dev/null holds no code
     if st.st_uid != 0:
         return f"{what} {path} is owned by uid {st.st_uid}, not root"
     if st.st_mode & stat.S_IWOTH and not (sticky_ok and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
         return f"{what} {path} is writable by everyone"
     if st.st_mode & stat.S_IWGRP and st.st_gid != 0:
         return f"{what} {path} is writable by group {st.st_gid}"
+    if not stat.S_ISLNK(st.st_mode):
+        who = _acl_writers(path, stat.S_ISDIR(st.st_mode))
+        if who:
+            return f"{what} {path} is writable by {who} through an ACL (setfacl -b to remove it)"
+    return None
+
+
+# POSIX ACLs as the kernel stores them (system.posix_acl_access/_default):
+# a 4-byte version, then 8-byte entries (tag u16, perm u16, id u32). With an
+# ACL, the mode's group bits are the mask, so a `setfacl -m u:omero-web:rw`
+# hides behind an innocent-looking `root:root 0664`.
+_ACL_USER, _ACL_GROUP, _ACL_WRITE = 0x02, 0x08, 0x02
+_ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+def _acl_writers(path: str, is_dir: bool) -> str | None:
+    """Who other than root a named ACL entry lets write ``path`` (or, for a directory, what is created in it)."""
+    for name in _ACL_NAMES if is_dir else _ACL_NAMES[:1]:
+        try:
+            data = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:  # no ACL (ENODATA), or a file system without them
+            continue
+        for offset in range(4, len(data) - 7, 8):
+            tag, perm, ident = struct.unpack_from("<HHI", data, offset)
+            if tag in (_ACL_USER, _ACL_GROUP) and perm & _ACL_WRITE and ident != 0:
+                return f"{'uid' if tag == _ACL_USER else 'gid'} {ident}"
     return None
 
 
@@ -112,9 +144,12 @@ def _tree(top: str, what: str, seen: set[tuple[int, int]]) -> Iterator[str]:
                 yield f"{what} {entry.path}: {e.strerror}"
                 continue
             if stat.S_ISLNK(est.st_mode):
+                # Walk the link as Python will: every link on the way is
+                # checked, not just where it leads today.
+                problems = path_problems(entry.path, what)
+                yield from problems
                 target = os.path.realpath(entry.path)
-                yield from path_problems(target, what)
-                if os.path.isdir(target):
+                if not problems and os.path.isdir(target):
                     yield from _tree(target, what, seen)
                 continue
             # No sticky exception inside a tree: anyone could add a module there.
@@ -146,8 +181,13 @@ def _base_prefix(venv: Path) -> Path | None:
     return None
 
 
-def _pth_directories(site: Path) -> Iterator[Path]:
-    """Directories that ``.pth`` files in ``site`` put on sys.path (``import`` lines are code in the file itself)."""
+def _pth_entries(site: Path) -> Iterator[Path]:
+    """Paths that ``.pth`` files in ``site`` put on sys.path, as written (not resolved).
+
+    ``import`` lines are code in a file the tree walk has checked; what they
+    load lives in site-packages too, except the finders of editable installs
+    (``__editable__.*.pth``), whose MAPPING names source trees elsewhere.
+    """
     try:
         names = sorted(n for n in os.listdir(site) if n.endswith(".pth"))
     except OSError:
@@ -159,9 +199,65 @@ def _pth_directories(site: Path) -> Iterator[Path]:
             continue
         for line in text.splitlines():
             line = line.strip()
-            if not line or line.startswith(("#", "import ", "import\t")):
+            if not line or line.startswith("#"):
                 continue
-            yield (site / line).resolve()
+            if line.startswith(("import ", "import\t")):
+                yield from _editable_paths(site, line)
+                continue
+            yield Path(os.path.normpath(site / line))
+
+
+def _editable_paths(site: Path, line: str) -> Iterator[Path]:
+    """Source directories an editable install's finder maps its packages to (setuptools >= 64)."""
+    for module in _finder_modules(line):
+        try:
+            tree = ast.parse((site / f"{module}.py").read_text(errors="replace"))
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in ("MAPPING", "NAMESPACES")
+                                                    for t in node.targets):
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+                for paths in value.values() if isinstance(value, dict) else ():
+                    for path in [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else ():
+                        if isinstance(path, str):
+                            yield Path(os.path.normpath(path))
+
+
+def _finder_modules(line: str) -> list[str]:
+    return [word for word in line.replace(";", " ").split() if word.startswith("__editable___") and word.isidentifier()]
+
+
+def _creatable_problems(path: Path, what: str) -> list[str]:
+    """For a path that does not exist (yet): can anyone but root create it? Checked at its nearest existing ancestor."""
+    ancestor = path
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    problems = path_problems(ancestor, what)
+    if problems:
+        return problems
+    try:
+        st = os.stat(ancestor)
+    except OSError as e:
+        return [f"{what} {ancestor}: {e.strerror}"]
+    # Where a missing entry would be created, a sticky bit protects nothing.
+    problem = _mode_problem(str(ancestor), st, what, sticky_ok=False)
+    return [f"{problem} (and {path} may be created there)"] if problem else []
+
+
+def search_path_problems(entries: Iterable[str | os.PathLike[str]], what: str) -> list[str]:
+    """Problems with directories Python (or the loader) searches: each, as it is or could come to be."""
+    problems: list[str] = []
+    for entry in entries:
+        path = Path(os.path.abspath(os.fspath(entry)))
+        if os.path.lexists(path):
+            problems += path_problems(path, what) or (tree_problems(path, what) if path.is_dir() else [])
+        else:
+            problems += _creatable_problems(path, what)
+    return problems
 
 
 def venv_problems(venv: str | os.PathLike[str]) -> list[str]:
@@ -181,17 +277,41 @@ def venv_problems(venv: str | os.PathLike[str]) -> list[str]:
             problems += path_problems(lib, "standard library") or tree_problems(lib, "standard library file")
     if not problems:
         for site in sorted(venv.glob("lib/python3*/site-packages")):
-            for extra in _pth_directories(site):
-                if extra.exists() and not str(extra).startswith(str(venv) + os.sep):
-                    problems += path_problems(extra, "path from a .pth file") or tree_problems(extra, "file")
+            outside = [p for p in _pth_entries(site) if not str(p).startswith(str(venv) + os.sep)]
+            problems += search_path_problems(outside, "path from a .pth file")
     return problems[:5]
 
 
-def venv_refusal(venv: str | os.PathLike[str], doing: str) -> str | None:
-    """One line saying why root must not run ``venv``'s Python for ``doing``, or None when it may (or we are not root)."""
+# Variables that make Python or the dynamic loader take code from elsewhere.
+# Root's environment is root's, but an admin may have exported, say,
+# PYTHONPATH=$OMERODIR/lib/python as older OMERO guides said: a directory the
+# service user writes.
+_SEARCH_PATH_VARIABLES = ("PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH", "LD_PRELOAD", "LD_AUDIT")
+
+
+def environment_problems(env: Mapping[str, str]) -> list[str]:
+    """Problems with what the environment adds to what Python and the loader load."""
+    problems: list[str] = []
+    for name in _SEARCH_PATH_VARIABLES:
+        value = env.get(name)
+        if not value:
+            continue
+        separators = " :" if name in ("LD_PRELOAD", "LD_AUDIT") else ":"
+        entries = [e for e in re.split(f"[{separators}]", value)]
+        # An empty PYTHONPATH entry means the working directory (the probe's is /).
+        entries = [e or "/" for e in entries]
+        problems += search_path_problems(entries, f"${name} entry")
+    return problems
+
+
+def venv_refusal(venv: str | os.PathLike[str], doing: str, env: Mapping[str, str] | None = None) -> str | None:
+    """One line saying why root must not run ``venv``'s Python for ``doing``, or None when it may (or we are not root).
+
+    ``env`` is the environment the venv's Python will get: what it adds to
+    the search paths must be root's too."""
     if os.geteuid() != 0:
         return None
-    problems = venv_problems(venv)
+    problems = (environment_problems(env) if env else []) or venv_problems(venv)
     if not problems:
         return None
     return (

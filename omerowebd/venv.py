@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,25 +72,30 @@ def layout_problems(venv: Path) -> list[str]:
     return problems
 
 
-_TRUSTED: set[tuple[Path, str]] = set()
+_TRUSTED: dict[tuple[Path, str], float] = {}
+TRUST_TTL = 60.0
 
 
 def _root_refusal(venv: Path, python: Path) -> str | None:
-    """trust.venv_refusal, remembered per package set: the walk costs most of a second.
+    """trust.venv_refusal, remembered for a minute per package set: the walk costs most of a second.
 
-    Once root alone controls the venv only root can change that, and an
-    install by root changes the fingerprint, so a passed check stays valid
-    until then."""
+    Only root can make a venv root alone controls writable by others; the
+    memory is keyed by the package set and the owners and modes of the top
+    directories (a `pip install` or a `chown -R`), and forgotten after
+    TRUST_TTL so a long-running root daemon does not trust a deeper change
+    for long."""
     if os.geteuid() != 0:
         return None
-    # A `chown -R` or `chmod -R` of the venv shows in its top directories.
+    env = probe_env()
     tops = [venv, *site_packages(venv)]
-    key = (venv, fingerprint(venv) + "".join(f":{st.st_uid}.{st.st_gid}.{st.st_mode}" for st in map(os.stat, tops)))
-    if key in _TRUSTED:
+    key = (venv, fingerprint(venv) + "".join(f":{st.st_uid}.{st.st_gid}.{st.st_mode}" for st in map(os.stat, tops))
+           + json.dumps([env.get(name) for name in ("PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH", "LD_PRELOAD")]))
+    now = time.monotonic()
+    if now - _TRUSTED.get(key, -TRUST_TTL) < TRUST_TTL:
         return None
-    refusal = venv_refusal(venv, f"run {python}")
+    refusal = venv_refusal(venv, f"run {python}", env)
     if refusal is None:
-        _TRUSTED.add(key)
+        _TRUSTED[key] = now
     return refusal
 
 

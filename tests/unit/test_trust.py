@@ -184,3 +184,102 @@ def test_sticky_world_writable_directory_inside_a_venv_is_refused(root_dir: Path
     venv = fake_venv(root_dir)
     os.chmod(venv / "lib/python3.10/site-packages", 0o1777)
     assert "writable by everyone" in trust.venv_problems(venv)[0]
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL as the kernel stores it: what `setfacl -m u:nobody:rw` leaves, without needing setfacl."""
+    import struct
+    anyone = 0xFFFFFFFF
+    body = sorted([(0x01, 6, anyone), *entries, (0x04, 4, anyone), (0x10, 6, anyone), (0x20, 4, anyone)])
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in body)
+
+
+def test_a_file_the_service_user_may_write_through_an_acl_is_refused(root_dir: Path) -> None:
+    """`root:root 0664` with an ACL entry for nobody: the mode alone looks harmless."""
+    venv = fake_venv(root_dir)
+    settings = venv / "lib/python3.10/site-packages/omeroweb/settings.py"
+    os.setxattr(settings, "system.posix_acl_access", _acl((0x02, 6, NOBODY)))
+    problems = trust.venv_problems(venv)
+    assert problems and "through an ACL" in problems[0] and f"uid {NOBODY}" in problems[0]
+
+
+def test_a_default_acl_on_a_directory_is_refused_and_a_read_only_entry_passes(root_dir: Path) -> None:
+    venv = fake_venv(root_dir)
+    site = venv / "lib/python3.10/site-packages"
+    os.setxattr(site, "system.posix_acl_access", _acl((0x02, 5, NOBODY)))  # r-x for nobody: fine
+    assert trust.venv_problems(venv) == []
+    os.setxattr(site, "system.posix_acl_default", _acl((0x08, 7, NOBODY)))
+    assert "through an ACL" in trust.venv_problems(venv)[0]
+
+
+def test_a_link_in_the_venv_through_a_link_the_service_user_owns_is_refused(root_dir: Path) -> None:
+    """site-packages/app -> hostile/link/app, where hostile/link is nobody's link to a root directory:
+    where it leads today is root's, but nobody can re-point it."""
+    venv = fake_venv(root_dir)
+    real = root_dir / "real" / "app"
+    real.mkdir(parents=True)
+    hostile = root_dir / "hostile"
+    hostile.mkdir()
+    os.chown(hostile, NOBODY, -1)
+    (hostile / "link").symlink_to(real.parent)
+    (venv / "lib/python3.10/site-packages/app").symlink_to(hostile / "link" / "app")
+    problems = trust.venv_problems(venv)
+    assert problems and str(hostile) in problems[0]
+
+
+def test_a_pth_entry_that_does_not_exist_yet_is_judged_where_it_would_be_created(root_dir: Path) -> None:
+    venv = fake_venv(root_dir)
+    pth = venv / "lib/python3.10/site-packages/site.pth"
+    hostile = root_dir / "omerodir"
+    hostile.mkdir()
+    os.chown(hostile, NOBODY, -1)
+    pth.write_text(f"{hostile / 'lib' / 'python'}\n")
+    problems = trust.venv_problems(venv)
+    assert problems and str(hostile) in problems[0]
+    safe = root_dir / "later"
+    pth.write_text(f"{safe / 'lib'}\n")
+    assert trust.venv_problems(venv) == []
+    sticky = root_dir / "tmp"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    pth.write_text(f"{sticky / 'python'}\n")
+    assert "writable by everyone" in trust.venv_problems(venv)[0]
+
+
+def test_an_editable_install_mapping_to_a_hostile_checkout_is_refused(root_dir: Path) -> None:
+    """setuptools >= 64 editable installs: the .pth imports a finder whose MAPPING names the source tree."""
+    venv = fake_venv(root_dir)
+    site = venv / "lib/python3.10/site-packages"
+    checkout = root_dir / "src" / "omero_devapp"
+    checkout.mkdir(parents=True)
+    (checkout / "__init__.py").write_text("")
+    os.chown(checkout / "__init__.py", NOBODY, -1)
+    (site / "__editable__.omero_devapp-0.1.pth").write_text("import __editable___omero_devapp_0_1_finder; "
+                                                          "__editable___omero_devapp_0_1_finder.install()\n")
+    (site / "__editable___omero_devapp_0_1_finder.py").write_text(
+        f"import sys\nMAPPING = {{'omero_devapp': {str(checkout)!r}}}\nNAMESPACES = {{}}\n")
+    problems = trust.venv_problems(venv)
+    assert problems and "__init__.py" in problems[0]
+    os.chown(checkout / "__init__.py", 0, -1)
+    assert trust.venv_problems(venv) == []
+
+
+@pytest.mark.parametrize("variable", ["PYTHONPATH", "LD_LIBRARY_PATH", "PYTHONHOME"])
+def test_search_paths_from_the_environment_must_be_roots_too(root_dir: Path, variable: str) -> None:
+    venv = fake_venv(root_dir)
+    hostile = root_dir / "lib-python"
+    hostile.mkdir()
+    os.chown(hostile, NOBODY, -1)
+    safe = root_dir / "lib-safe"
+    safe.mkdir()
+    refusal = trust.venv_refusal(venv, "ask the venv", {variable: f"{safe}:{hostile}"})
+    assert refusal is not None and str(hostile) in refusal
+    assert trust.venv_refusal(venv, "ask the venv", {variable: f"{safe}"}) is None
+
+
+def test_ld_preload_of_a_file_the_service_user_owns_is_refused(root_dir: Path) -> None:
+    venv = fake_venv(root_dir)
+    lib = root_dir / "evil.so"
+    lib.write_bytes(b"")
+    os.chown(lib, NOBODY, -1)
+    assert trust.venv_refusal(venv, "ask the venv", {"LD_PRELOAD": f"{lib}"})
