@@ -10,7 +10,10 @@ Two ways a secret is hidden:
 * by name: the value of a property or setting whose name looks like a
   secret (:func:`is_secret`), also inside JSON values (the ``[setting,
   value]`` pairs of ``omero.web.django_additional_settings``, nested tables
-  such as ``DATABASES``) and a password in a URL (``redis://:pw@host``);
+  such as ``DATABASES``) and the secrets of a URL: its password
+  (``redis://:pw@host``, also one holding an ``@``), a key standing alone
+  before the ``@`` (``https://KEY@sentry.example``), a secret-named query
+  parameter (``redis://host/0?password=pw``);
 * by value: free text (an error message that quotes a value, a line a
   library wrote) has every known secret value replaced (:class:`Secrets`).
   :func:`remember` collects the secrets of every config file read in this
@@ -35,13 +38,40 @@ MAX_KNOWN = 4096  # secrets remembered per process (a reload adds a few)
 
 # Words that make a name a secret wherever they appear in it.
 _ANYWHERE = ("password", "passwd", "secret", "token")
-# Endings of the last word: secret_key, apikey, db.pass, mail_pwd; not keyboard, KEY_PREFIX.
-_LAST_WORD_ENDS = ("key", "pass", "pwd", "dsn")
+# Endings of the last word: secret_key, apikey, db.pass, mail_pwd, LDAP_BIND_PW; not keyboard, KEY_PREFIX.
+_LAST_WORD_ENDS = ("key", "pass", "pwd", "pw", "dsn")
 _LAST_WORDS = ("credential", "credentials", "passphrase")
 # Words of a name: snake_case, dotted, camelCase and CAPITALS alike (EMAIL_HOST_PASSWORD, apiKey, APIKey).
 _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
-# scheme://user:password@host -- the password of a URL (cache and database locations).
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s\"']*:)(?P<password>[^@/\s\"']+)(?=@)")
+# The secrets of a URL (cache, database, Sentry locations), each as the group "secret":
+# The host follows the last "@" of the authority (people write passwords with an "@"
+# unencoded, and parsers split there too); a "/", "?" or "#" ends the authority.
+_HOST_FOLLOWS = r"""(?=@[^@/?#\s"']*(?:[/?#\s"']|\Z))"""
+_URL_SECRETS = (
+    # scheme://user:password@host
+    re.compile(r"""(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#\s"']*:)(?P<secret>[^/?#\s"']+?)""" + _HOST_FOLLOWS),
+    # scheme://KEY@host: a key alone before the "@" (Sentry's DSN, token URLs). A user
+    # name stays: it is short, and hiding "omero" would blank out every path that names it.
+    re.compile(r"""(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)(?P<secret>[^:@/?#\s"']{16,})""" + _HOST_FOLLOWS),
+    # ?password=...&token=...: a query parameter with a secret name.
+    re.compile(r"""(?P<head>[?&;](?P<name>[^=&;#?\s"']+)=)(?P<secret>[^&;#\s"']+)"""),
+)
+
+
+def _url_secrets(text: str) -> list[str]:
+    """The secrets in the URLs of ``text``."""
+    return [m.group("secret") for pattern in _URL_SECRETS for m in pattern.finditer(text) if _is_url_secret(m)]
+
+
+def _hide_url_secrets(text: str) -> str:
+    for pattern in _URL_SECRETS:
+        text = pattern.sub(lambda m: m.group("head") + HIDDEN if _is_url_secret(m) else m.group(0), text)
+    return text
+
+
+def _is_url_secret(m: re.Match[str]) -> bool:
+    name = m.groupdict().get("name")
+    return name is None or is_secret(name)
 
 
 def is_secret(name: str) -> bool:
@@ -82,7 +112,7 @@ def value(name: str, text: str | None) -> str | None:
             return text if hidden == parsed else json.dumps(hidden, ensure_ascii=False)
     if name == ADDITIONAL_SETTINGS:
         return HIDDEN
-    return _URL_PASSWORD.sub(r"\g<head>" + HIDDEN, text)
+    return _hide_url_secrets(text)
 
 
 def properties(props: Mapping[str, str]) -> dict[str, str]:
@@ -112,7 +142,7 @@ def structure(obj: Any, name: str | None = None) -> Any:
             return HIDDEN
         if name is not None and name.startswith("omero."):
             obj = value(name, obj) or obj
-        return scrub_known(obj)
+        return scrub_known(_hide_url_secrets(obj))  # a URL in a library's message: its secrets too
     return obj
 
 
@@ -127,7 +157,7 @@ def argv(words: Iterable[str]) -> list[str]:
         elif eq and rest and is_secret(name.lstrip("-")):
             out.append(f"{name}={HIDDEN}")  # gunicorn --env SECRET_KEY=..., --password=...
         else:
-            out.append(scrub_known(word))
+            out.append(scrub_known(_hide_url_secrets(word)))
         hide_next = word.startswith("-") and not eq and is_secret(word.lstrip("-"))
     return out
 
@@ -141,7 +171,7 @@ def _hide(obj: Any) -> Any:
             return [obj[0], HIDDEN]  # ["EMAIL_HOST_PASSWORD", "..."]
         return [_hide(v) for v in obj]
     if isinstance(obj, str):
-        return _URL_PASSWORD.sub(r"\g<head>" + HIDDEN, obj)
+        return _hide_url_secrets(obj)
     return obj
 
 
@@ -173,7 +203,7 @@ def secret_values(props: Mapping[str, str]) -> set[str]:
                 _collect(parsed, found)
         elif name == ADDITIONAL_SETTINGS:
             found.add(text)
-        found.update(m.group("password") for m in _URL_PASSWORD.finditer(text))
+        found.update(_url_secrets(text))
     return found
 
 
@@ -191,7 +221,7 @@ def _collect(obj: Any, found: set[str]) -> None:
             for v in obj:
                 _collect(v, found)
     elif isinstance(obj, str):
-        found.update(m.group("password") for m in _URL_PASSWORD.finditer(obj))
+        found.update(_url_secrets(obj))
 
 
 def _add_json(v: Any, found: set[str]) -> None:

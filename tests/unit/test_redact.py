@@ -42,7 +42,8 @@ def _forget() -> None:
     "omero.web.secret_key", "omero.mail.password", "omero.web.public.password", "omero.db.pass",
     "omero.web.api_token", "omero.web.public.cache.key", "EMAIL_HOST_PASSWORD", "SECRET_KEY", "PASSWORD",
     "AWS_SECRET_ACCESS_KEY", "apiKey", "APIKey", "api_key", "db_passwd", "mail_pwd", "SENTRY_DSN",
-    "OAUTH_CREDENTIALS", "omero.web.sso.client_secret", "refresh_token", "KEY",
+    "OAUTH_CREDENTIALS", "omero.web.sso.client_secret", "refresh_token", "KEY", "LDAP_BIND_PW", "omero.ldap.bind_pw",
+    "smtpPw",
 ])
 def test_secret_names(name: str):
     assert redact.is_secret(name)
@@ -106,6 +107,43 @@ def test_a_password_in_a_url_is_hidden_in_any_property():
     assert redact.value("omero.web.caches", f"redis://user:{CANARY}@host:6379/1") == f"redis://user:{HIDDEN}@host:6379/1"
     assert redact.value("omero.web.session_cookie_domain", "example.org") == "example.org"
     assert redact.value("omero.web.index_template", "http://example.org:8080/x") == "http://example.org:8080/x"
+
+
+@pytest.mark.parametrize("url, shown", [
+    # A password in the query string (redis-py, django-redis and Celery read it there).
+    (f"redis://127.0.0.1:6379/0?password={CANARY}", f"redis://127.0.0.1:6379/0?password={HIDDEN}"),
+    (f"redis://h/0?db=1&password={CANARY}&ssl=true", f"redis://h/0?db=1&password={HIDDEN}&ssl=true"),
+    (f"https://h/api?access_token={CANARY}#top", f"https://h/api?access_token={HIDDEN}#top"),
+    # A key alone before the @ (Sentry's DSN, token URLs).
+    ("https://0123456789abcdef0123456789abcdef@o1.ingest.sentry.io/42", f"https://{HIDDEN}@o1.ingest.sentry.io/42"),
+    (f"https://{CANARY}@git.example.org/x.git", f"https://{HIDDEN}@git.example.org/x.git"),
+    # A password with an @ in it, as people write it: hidden whole, up to the host.
+    (f"redis://:{CANARY}@x@127.0.0.1:6379/0", f"redis://:{HIDDEN}@127.0.0.1:6379/0"),
+    (f"postgres://omero:p@ss@{CANARY}@db.example.org/omero", f"postgres://omero:{HIDDEN}@db.example.org/omero"),
+    (f"redis://user@example.org:{CANARY}@h", f"redis://user@example.org:{HIDDEN}@h"),
+])
+def test_every_secret_of_a_url_is_hidden(url: str, shown: str):
+    assert redact.value("omero.web.caches", url) == shown
+    secret = url.replace(shown.split(HIDDEN)[0], "", 1).replace(shown.split(HIDDEN)[1], "")
+    assert redact.secret_values({"omero.web.caches": url}) == {secret}
+    # Also inside JSON, in free text and on a command line.
+    text = json.dumps([["CACHES", {"default": {"LOCATION": url}}]])
+    assert json.loads(redact.value(ADDITIONAL_SETTINGS, text))[0][1]["default"]["LOCATION"] == shown
+    assert redact.for_properties({ADDITIONAL_SETTINGS: text}).scrub(f"cannot reach {url}") == f"cannot reach {shown}"
+    assert redact.structure({"event": f"cannot reach {url}"}) == {"event": f"cannot reach {shown}"}
+    assert secret not in " ".join(redact.argv(["celery", "--broker", url]))
+
+
+@pytest.mark.parametrize("url", [
+    "https://example.org/?q=1&page=2",  # query parameters that are no secrets
+    "postgres://omero@localhost/omero",  # a user name alone: no secret, and "omero" must not be blanked out
+    "http://example.org:8080/user@home",  # an @ in the path, after the authority
+    "redis://127.0.0.1:6379/1",
+    "mailto:admin@example.org",
+])
+def test_urls_without_secrets_are_shown_as_they_are(url: str):
+    assert redact.value("omero.web.caches", url) == url
+    assert redact.secret_values({"omero.web.caches": url}) == set()
 
 
 def test_nested_secrets_under_any_json_property():
