@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import Load, free_port, http_get, wait_for
+from conftest import Daemon, Load, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.omeroweb
 
@@ -384,3 +384,69 @@ def test_omerodir_and_state_dir_read_only_refuse_changes_and_the_site_serves_on(
     code, out = reload(daemon)
     assert code == 0, out
     assert b"/static/ro.png" in http_get(daemon.port)[1]
+
+
+# -- the OMERO.web venv -------------------------------------------------------------
+
+
+def half_upgraded(real, where):
+    """A copy of ``real`` (links to its files) caught in the middle of `pip install -U django`:
+    the new dist-info is there, the package is not usable yet."""
+    (where / "bin").mkdir(parents=True)
+    (where / "bin" / "python").symlink_to(os.path.realpath(real / "bin" / "python"))
+    (where / "pyvenv.cfg").write_text((real / "pyvenv.cfg").read_text())
+    site = next(real.glob("lib/python3*/site-packages"))
+    mine = where / site.relative_to(real)
+    mine.mkdir(parents=True)
+    for entry in site.iterdir():
+        if entry.name != "django":
+            (mine / entry.name).symlink_to(entry)
+    (mine / "django").mkdir()
+    (mine / "django" / "__init__.py").write_text("raise ImportError('django is half installed (pip is upgrading it)')\n")
+    return where
+
+
+def test_a_venv_half_upgraded_under_the_running_site(tmp_path, omero_venv, notify):
+    """The admin upgrades the venv in place while omerowebd serves. The serving generation has
+    what it needs loaded; a reload is refused; a worker that must boot now cannot, so gunicorn
+    halts its master; the daemon keeps the socket (connections wait, none is refused) and retries
+    with its backoff, and serves again as soon as the upgrade is done. (gunicorn's log, in the
+    daemon's output, has the ImportError.)"""
+    link = tmp_path / "venv"
+    link.symlink_to(omero_venv)
+    broken = half_upgraded(omero_venv, tmp_path / "venv-half")
+    d = Daemon(root=tmp_path / "site", venv=link, port=free_port(), notify=notify)
+
+    def point_venv_at(target):
+        swap = tmp_path / "venv.swap"
+        swap.symlink_to(target)
+        os.replace(swap, link)
+
+    try:
+        d.write_config(workers=1, daemon="watch_config = false")
+        d.start()
+        first = d.status()["generation"]
+        with Load(d.port, clients=2) as load:
+            load.wait_requests(10)
+            point_venv_at(broken)
+            d.save(d.config_path.read_text() + 'login_logo = "/static/half.png"\n')
+            code, out = reload(d)
+            assert code == 2 and "rolled back" in out and "a worker could not boot" in out, out
+            assert d.status()["generation"]["master_pid"] == first["master_pid"]
+            load.wait_requests(10)  # the serving generation serves on
+
+            os.kill(first["worker_pids"][0], signal.SIGKILL)  # its replacement cannot import Django
+            wait_for(lambda: "restart failed" in d.log(), 120, "a failed restart attempt")
+            state = d.status()
+            assert state["state"] == "restarting" and not state["serving"] and state["crashes"] == 1
+            assert d.ctl("status").returncode == 1
+
+            point_venv_at(omero_venv)  # the upgrade is done
+            state = d.wait_serving(timeout=180)
+            load.wait_requests(10, timeout=120)
+        assert load.refused == 0  # the daemon held the socket throughout
+        assert state["generation"]["number"] > first["number"]
+        assert state["last_crash"]["restart"].startswith("done")
+        assert d.proc is not None and d.proc.poll() is None
+    finally:
+        d.cleanup()
