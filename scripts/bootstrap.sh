@@ -12,6 +12,10 @@ APT_PACKAGES=(
     python3-systemd python3-watchdog python3-tomlkit python3-structlog
     nginx-light redis-server
 )
+if [ "${1:-}" = "--tests" ]; then
+    # tests/browser: Debian's chromium, driven by Playwright (nothing downloads a browser build).
+    APT_PACKAGES+=(chromium)
+fi
 
 missing=()
 for p in "${APT_PACKAGES[@]}" ${EXTRA_APT_PACKAGES:-}; do
