@@ -439,7 +439,7 @@ def publish(inputs: Inputs, options: Options, dest: Destination) -> str:
     """Render, write what changed, test, reload; one line saying what happened. Raises Refused."""
     config = inputs.config
     info = probe(config)
-    properties = omero_config.with_session_path(config.properties, config.daemon.state_dir / "sessions")
+    properties = omero_config.with_session_path(config.properties, omero_config.default_session_dir(config.daemon.state_dir))
     try:
         rendered = nginx.render_outputs(config, properties, info, list(inputs.backends),
                                         directory=dest.path, page_dir=dest.path / MAINTENANCE_DIR)

@@ -143,7 +143,7 @@ def daemon_paths(config: config_module.Config, info: VenvInfo | None) -> list[tu
         ("runtime dir", d.runtime_dir, True),
         ("control socket", d.runtime_dir / "control.sock", True),
         ("state dir", d.state_dir, True),
-        ("sessions", Path(sessions) if sessions else d.state_dir / "sessions", True),
+        ("sessions", Path(sessions) if sessions else omero_config.default_session_dir(d.state_dir), True),
         ("collectstatic record", d.state_dir / "collectstatic.json", True),
     ]
     if config.nginx.enabled:
@@ -299,7 +299,7 @@ def _daemon_state(args: argparse.Namespace) -> dict[str, Any]:
 def gunicorn_command(config: config_module.Config, info: VenvInfo) -> dict[str, Any]:
     """The command line, settings and environment a new generation gets (secrets never appear here)."""
     d = config.daemon
-    properties = omero_config.with_session_path(config.properties, d.state_dir / "sessions")
+    properties = omero_config.with_session_path(config.properties, omero_config.default_session_dir(d.state_dir))
     try:
         plan = plan_gunicorn(properties, info, omerodir=d.omerodir, app=d.app,
                              graceful_timeout=d.graceful_timeout, health_path=d.health_path)
