@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
 # Everything the demo and the tests need on a fresh Debian 12 machine (as root):
-# Debian packages, the daemon's venvs, and the OMERO.web venv (with --tests, a
-# second one on gunicorn 20.1 and a third with an earlier omero-web). Idempotent and quick when all is already there.
-#   .venv         the daemon on the newest PyPI releases of its libraries, plus pytest
-#   .venv-debian  the daemon on Debian 12's own python3-systemd/-watchdog/-tomlkit/-structlog
+# Debian packages, the daemon's venvs, and the OMERO.web venv; with --tests
+# also the other OMERO.web venvs the tests use (gunicorn 20.1, an earlier
+# omero-web) and the Debian 12 and 13 root filesystems the system tests boot. Idempotent and quick when all is there.
+#   .venv           the daemon on the newest PyPI releases of its libraries, plus pytest
+#   .venv-debian    the daemon on Debian 12's own python3-systemd/-watchdog/-tomlkit/-structlog
+#   .venv-debian13  (--tests) the daemon on Debian 13's versions of them, pinned from PyPI
+#
+# Each long step prints one line before it starts (what, and how long it
+# usually takes the first time) and one when done; the tools' own output goes
+# to log files, named when a step fails (scripts/steps.sh). Nothing reads
+# standard input: it runs the same under CI, cron or ssh without a terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/steps.sh
+. scripts/steps.sh
+tests=false
+[ "${1:-}" = "--tests" ] && tests=true
 
 APT_PACKAGES=(
     python3-venv python3-dev gcc pkg-config libsystemd-dev patchelf curl
@@ -25,29 +36,53 @@ if [ ${#missing[@]} -gt 0 ]; then
     # Installing a daemon must not start it as a service on this machine.
     [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    step_begin apt "installing ${#missing[@]} Debian packages: ${missing[*]}" "1-3 minutes"
+    step_run apt-get update -q
+    step_run apt-get install -y -q --no-install-recommends "${missing[@]}"
+    step_end
 fi
 
+pip_install() { "$1/bin/pip" install --disable-pip-version-check "${@:2}"; }
 stamp() { sha256sum pyproject.toml | cut -d' ' -f1; }
-if [ ! -x .venv/bin/pytest ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$(stamp)" ]; then
-    /usr/bin/python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+fresh() { [ -x "$1/bin/pytest" ] && [ "$(cat "$1/.stamp" 2>/dev/null)" = "$(stamp)" ]; }
+
+if ! fresh .venv; then
+    step_begin venv "the daemon's venv .venv: its libraries' newest releases, pytest, hypothesis, playwright" "1-2 minutes"
+    step_run /usr/bin/python3 -m venv .venv
+    step_run pip_install .venv -e '.[test]'
     stamp > .venv/.stamp
+    step_end
 fi
-if [ ! -x .venv-debian/bin/pytest ] || [ "$(cat .venv-debian/.stamp 2>/dev/null)" != "$(stamp)" ]; then
-    /usr/bin/python3 -m venv --system-site-packages .venv-debian
-    .venv-debian/bin/pip install -q --disable-pip-version-check --no-deps -e .
-    .venv-debian/bin/pip install -q --disable-pip-version-check pytest
+if ! fresh .venv-debian; then
+    step_begin venv-debian "the daemon's venv .venv-debian: Debian 12's python3-systemd, -watchdog, -tomlkit, -structlog" "under a minute"
+    step_run /usr/bin/python3 -m venv --system-site-packages .venv-debian
+    step_run pip_install .venv-debian --no-deps -e .
+    step_run pip_install .venv-debian pytest hypothesis
     stamp > .venv-debian/.stamp
+    step_end
+fi
+if $tests && ! fresh .venv-debian13; then
+    # Debian 13's releases of the four libraries, on this machine's Python
+    # (the system tests run the packaged daemon on Debian 13's own Python).
+    step_begin venv-debian13 "the daemon's venv .venv-debian13: Debian 13's systemd-python 235, watchdog 6.0, tomlkit 0.13.2, structlog 25.3" "under a minute"
+    step_run /usr/bin/python3 -m venv .venv-debian13
+    step_run pip_install .venv-debian13 systemd-python==235 watchdog==6.0.0 tomlkit==0.13.2 structlog==25.3.0 pytest hypothesis
+    step_run pip_install .venv-debian13 --no-deps -e .
+    stamp > .venv-debian13/.stamp
+    step_end
 fi
 
+# Each prints its own lines, and only when it has work to do.
 scripts/setup-omero-web.sh "${OMEROWEBD_TEST_VENV:-/opt/omero/web/venv3}"
-if [ "${1:-}" = "--tests" ]; then
+if $tests; then
     # Debian 12 packages gunicorn 20.1: the core daemon is tested on it too.
     scripts/setup-omero-web.sh "${OMEROWEBD_TEST_VENV_GUNICORN20:-/opt/omero/web/venv-gunicorn20}" \
         scripts/omero-web-requirements-gunicorn20.txt
     # An earlier omero-web: the static-files test upgrades a running site from it.
     scripts/setup-omero-web.sh "${OMEROWEBD_TEST_VENV_PREVIOUS:-/opt/omero/web/venv-previous}" \
         scripts/omero-web-requirements-previous.txt
+    # The system tests boot these; built once, then cached.
+    for suite in bookworm trixie; do
+        scripts/system-rootfs.sh "$suite" >/dev/null
+    done
 fi

@@ -13,11 +13,13 @@ import pytest
 from .helpers import (
     BUILD_ENV,
     OMERO_VENV,
+    RELEASES,
     REPO,
     check,
     copy_tree,
     in_ci,
     need_root,
+    releases,
     run,
     venv_problem,
 )
@@ -83,12 +85,19 @@ def built_rpm(system_tools, tmp_path_factory) -> Rpm:
     return Rpm(rpms[0], result.stdout + result.stderr)
 
 
-@pytest.fixture(scope="session")
-def rootfs(system_tools) -> Path:
-    """The cached Debian 12 rootfs with systemd (built on first use, about a minute)."""
-    out = check(["bash", str(REPO / "scripts" / "system-rootfs.sh")], "scripts/system-rootfs.sh", timeout=1200).stdout
+@pytest.fixture(scope="session", params=releases(), ids=lambda suite: RELEASES[suite])
+def rootfs(request, system_tools) -> Path:
+    """The cached rootfs of a Debian release with systemd (built on first use: a minute or
+    two for Debian 12, several for Debian 13); every test that boots a container runs on each
+    release in $OMEROWEBD_TEST_RELEASES (default: all of RELEASES)."""
+    suite = request.param
+    out = check(["bash", str(REPO / "scripts" / "system-rootfs.sh"), suite], f"scripts/system-rootfs.sh {suite}",
+                timeout=2400).stdout
     path = Path(out.strip().splitlines()[-1])
     assert (path / ".complete").exists(), path
+    # The tests of a release must boot that release, not whatever the script had cached.
+    release = dict(line.split("=", 1) for line in (path / "etc" / "os-release").read_text().split("\n") if "=" in line)
+    assert release.get("VERSION_CODENAME") == suite, f"{path} is {release.get('PRETTY_NAME')}, not {suite}"
     return path
 
 

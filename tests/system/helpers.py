@@ -27,6 +27,25 @@ BUILD_ENV = {
 }
 
 
+# The Debian releases the .deb is tested on, booted in containers: suite -> test id.
+# The .deb is built once, on the machine's own release (Debian 12), and installed
+# on each (one source package, depends both satisfy).
+RELEASES = {"bookworm": "debian12", "trixie": "debian13"}
+
+
+def releases() -> list[str]:
+    """$OMEROWEBD_TEST_RELEASES (suites or test ids, space or comma separated), else every release."""
+    wanted = os.environ.get("OMEROWEBD_TEST_RELEASES", "").replace(",", " ").split()
+    if not wanted:
+        return list(RELEASES)
+    by_id = {v: k for k, v in RELEASES.items()}
+    unknown = [w for w in wanted if w not in RELEASES and w not in by_id]
+    if unknown:
+        raise pytest.UsageError(f"OMEROWEBD_TEST_RELEASES: unknown release {unknown[0]!r} (known: "
+                                f"{', '.join(f'{k} or {v}' for k, v in RELEASES.items())})")
+    return [by_id.get(w, w) for w in wanted]
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
