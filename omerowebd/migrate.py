@@ -13,7 +13,10 @@ Out: the ``omero config load`` format (``KEY=VALUE`` lines), for going back.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,12 +24,14 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from xml.etree.ElementTree import ParseError, fromstring
 
-from . import omero_config, redact
+from . import omero_config, redact, trust
 from .edit import Change, Document, Knowledge, plain_value, property_item, written_as
 from .redact import HIDDEN, is_secret
 from .omero_config import encode_value
 from .errors import EXIT_FAILURE, UserError
 
+# Bigger is neither a config.xml omero wrote nor a backup of one.
+MAX_SOURCE = omero_config.MAX_CONFIG_XML
 # A line of `omero config get` that starts a property (names as omero-py allows them).
 _ENTRY = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)+)=(.*)$", re.S)
 
@@ -54,10 +59,7 @@ class Imported:
 
 def read_source(path: Path) -> Source:
     """The properties in ``path``, whichever of the two formats it is."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise MigrationError(f"{path}: cannot read it: {e.strerror}") from None
+    data = _read_file(path)
     if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
         return _read_config_xml(path, data)
     try:
@@ -65,6 +67,55 @@ def read_source(path: Path) -> Source:
     except UnicodeDecodeError as e:
         raise MigrationError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return Source(path, "omero config get", parse_config_get(text, path))
+
+
+def _read_file(path: Path) -> bytes:
+    """The bytes of the regular file at ``path``: never through a link, never from a FIFO or a device.
+
+    ``check`` tells root to import OMERODIR/etc/grid/config.xml, a file the
+    service user can write, and so replace: with a FIFO (root's omerowebctl
+    would wait forever), /dev/zero (its memory), or a link to a file only
+    root may read (whose names an error would quote). A link is refused, not
+    judged: the admin names the real file instead. A directory on the way
+    that is itself a link is followed only where root alone controls the
+    path (else its owner chose what root reads); a file with more than one
+    name may be a hard link to anything, and is refused too.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MigrationError(f"{path}: a symbolic link, not followed: name the file it leads to "
+                                 f"({os.path.realpath(path)}) if that is the one") from None
+        raise MigrationError(f"{path}: cannot read it: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MigrationError(f"{path}: not a regular file: give the output of `omero config get "
+                                 "--show-password` saved to a file, or an etc/grid/config.xml")
+        if os.geteuid() == 0:
+            _refuse_what_root_must_not_read(path, fd, st)
+        data = f.read(MAX_SOURCE + 1)
+    if len(data) > MAX_SOURCE:
+        raise MigrationError(f"{path}: over {MAX_SOURCE >> 20} MiB, not a config omero wrote")
+    return data
+
+
+def _refuse_what_root_must_not_read(path: Path, fd: int, st: os.stat_result) -> None:
+    if st.st_nlink > 1:
+        raise MigrationError(f"{path}: has {st.st_nlink} names (hard links): name a file with one, e.g. a copy")
+    given = os.path.abspath(path)
+    try:
+        opened = os.readlink(f"/proc/self/fd/{fd}")  # where the open went, directory links followed
+    except OSError:
+        opened = os.path.realpath(given)  # no /proc: where the path leads now
+    if opened == given:
+        return
+    # A link on the way: harmless only if nobody but root can have placed it.
+    problems = trust.path_problems(os.path.dirname(given), "directory")
+    if problems:
+        raise MigrationError(f"{path}: reached through a symbolic link, and {problems[0]}: name the file itself "
+                             f"({os.path.realpath(given)})")
 
 
 def _read_config_xml(path: Path, data: bytes) -> Source:
@@ -88,7 +139,11 @@ def _read_config_xml(path: Path, data: bytes) -> Source:
         raise MigrationError(
             f"{path}: written by OMERO {version}, which omero-py upgrades when it opens it: import the output of "
             "`omero config get --show-password` from the installed OMERO instead")
-    return Source(path, "config.xml", omero_config.read_config_xml(path), profile)
+    properties = {
+        str(p.get("name")): p.get("value", "") for p in block.findall("./property")
+        if "name" in p.attrib and p.get("name") not in (omero_config.VERSION_KEY, omero_config.PROFILE_KEY)
+    }  # from the bytes read once: the file may have changed since
+    return Source(path, "config.xml", properties, profile)
 
 
 def parse_config_get(text: str, path: Path) -> dict[str, str]:

@@ -7,6 +7,11 @@ tests/integration/test_config_cli.py; here the formats and the typing rules.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,6 +136,141 @@ def test_config_xml_problems_are_one_line(tmp_path: Path, content: str, reason: 
     path.write_text(content)
     with pytest.raises(migrate.MigrationError, match=reason):
         migrate.read_source(path)
+
+
+# -- what root reads: the file the admin named, nothing a link or a FIFO puts there ----------
+#
+# `check` tells root to import OMERODIR/etc/grid/config.xml, which the service
+# user writes. Here that user is `nobody`, owning the directory the file is in.
+
+NOBODY = 65534
+ROOT_ONLY = "omero.web.secret_name_of_root=only-root-reads-this\n"
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="what root reads needs root")
+
+
+@pytest.fixture
+def grid() -> Iterator[Path]:
+    """OMERODIR/etc/grid as a site has it: the service user's directory, on a path root owns."""
+    top = Path(tempfile.mkdtemp(prefix="omerowebd-import-"))
+    top.chmod(0o755)
+    (top / "secret").mkdir(mode=0o700)
+    (top / "secret" / "root-only.txt").write_text(ROOT_ONLY)
+    (top / "secret" / "root-only.txt").chmod(0o600)
+    grid = top / "etc" / "grid"
+    grid.mkdir(parents=True)
+    os.chown(grid, NOBODY, NOBODY)
+    try:
+        yield grid
+    finally:
+        shutil.rmtree(top)
+
+
+def read_in_time(path: Path) -> migrate.Source:
+    """read_source, failing the test (not hanging it) if it blocks."""
+    outcome: list[object] = []
+
+    def read() -> None:
+        try:
+            outcome.append(migrate.read_source(path))
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert outcome, f"reading {path} blocked"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]  # type: ignore[return-value]
+
+
+def _as_nobody(fn) -> None:
+    """Run ``fn`` in a child with nobody's uid: what the service user itself can do."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            fn()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+@as_root
+def test_a_fifo_planted_by_the_service_user_is_refused_at_once(grid: Path):
+    _as_nobody(lambda: os.mkfifo(grid / "config.xml"))
+    with pytest.raises(migrate.MigrationError, match=r"config.xml: not a regular file"):
+        read_in_time(grid / "config.xml")
+
+
+@as_root
+def test_a_link_to_a_file_only_root_reads_is_not_followed(grid: Path):
+    secret = grid.parent.parent / "secret" / "root-only.txt"
+    _as_nobody(lambda: os.symlink(secret, grid / "config.xml"))
+    with pytest.raises(migrate.MigrationError, match=r"a symbolic link, not followed: name the file") as caught:
+        read_in_time(grid / "config.xml")
+    assert "secret_name_of_root" not in str(caught.value)
+
+
+@as_root
+def test_a_link_to_a_device_is_not_followed_and_a_device_is_not_read(grid: Path):
+    _as_nobody(lambda: os.symlink("/dev/zero", grid / "config.xml"))
+    with pytest.raises(migrate.MigrationError, match=r"a symbolic link"):
+        read_in_time(grid / "config.xml")
+    with pytest.raises(migrate.MigrationError, match=r"/dev/zero: not a regular file"):
+        read_in_time(Path("/dev/zero"))
+
+
+@as_root
+def test_a_hard_link_to_a_file_only_root_reads_is_refused(grid: Path):
+    secret = grid.parent.parent / "secret" / "root-only.txt"
+    os.link(secret, grid / "config.xml")  # what nobody could do where hard links are not protected
+    with pytest.raises(migrate.MigrationError, match=r"has 2 names \(hard links\)") as caught:
+        read_in_time(grid / "config.xml")
+    assert "secret_name_of_root" not in str(caught.value)
+
+
+@as_root
+def test_a_directory_link_placed_by_the_service_user_is_refused(grid: Path):
+    # OMERODIR/etc is the service user's: it makes etc/grid a link to a directory of root's.
+    etc = grid.parent
+    os.chown(etc, NOBODY, NOBODY)
+    (grid.parent.parent / "secret" / "config.xml").write_text(ROOT_ONLY)
+    shutil.rmtree(grid)
+    _as_nobody(lambda: os.symlink(etc.parent / "secret", grid))
+    with pytest.raises(migrate.MigrationError, match=r"reached through a symbolic link, and directory .* is owned by "
+                       r"uid 65534, not root: name the file itself") as caught:
+        read_in_time(grid / "config.xml")
+    assert "secret_name_of_root" not in str(caught.value)
+
+
+@as_root
+def test_a_directory_link_root_alone_controls_is_followed(grid: Path):
+    top = grid.parent.parent
+    (top / "omero-web-5.28").mkdir(mode=0o755)
+    (top / "omero-web-5.28" / "backup.txt").write_text("omero.web.prefix=/omero\n")
+    (top / "OMERO.web").symlink_to(top / "omero-web-5.28")
+    assert read_in_time(top / "OMERO.web" / "backup.txt").properties == {"omero.web.prefix": "/omero"}
+
+
+def test_a_source_over_the_limit_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(migrate, "MAX_SOURCE", 1024)
+    path = tmp_path / "backup.txt"
+    path.write_text("omero.web.prefix=/" + "x" * 2000 + "\n")
+    with pytest.raises(migrate.MigrationError, match=r"backup.txt: over 0 MiB"):
+        read_in_time(path)
+    assert migrate.MAX_SOURCE == 1024 and omero_config.MAX_CONFIG_XML == 4 << 20
+
+
+def test_a_config_xml_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "config.xml"
+    path.write_text('<icegrid><properties id="default"><property name="omero.web.prefix" value="/a"/>'
+                    "</properties></icegrid>")
+    monkeypatch.setattr(omero_config, "read_config_xml", None)  # no second read by path (it may have changed)
+    assert read_in_time(path).properties == {"omero.web.prefix": "/a"}
 
 
 # -- importing -------------------------------------------------------------------------
