@@ -413,6 +413,10 @@ def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo
             text = _route_proxy_errors_to_maintenance(text)
         else:
             warnings.append(f"omero-web's {name} has no maintenance location; no maintenance page for it")
+        text, limited = _follow_only_owners_links(text, values["STATIC_ROOT"])
+        if not limited:
+            warnings.append(f"omero-web's {name} has no 'alias {values['STATIC_ROOT']};' to limit the links"
+                            " nginx follows below STATIC_ROOT")
         if kind == "server":
             text = _add_upstream_servers(text, backends, name)
             text = _insert_before_last_brace(text, _redirect_block(nginx.redirects, "    "), name)
@@ -489,6 +493,30 @@ def _point_maintenance_at(text: str, directory: Path) -> tuple[str, str | None]:
     if value_problem(name) or "/" in name:
         return text, None
     return text[: match.start(2)] + body + text[match.end(2):], name
+
+
+def _follow_only_owners_links(text: str, static_root: str) -> tuple[str, bool]:
+    """Let nginx follow a link below STATIC_ROOT only to what the link's owner owns; (text, done).
+
+    nginx's workers serve STATIC_ROOT, which the service user writes (the
+    daemon collects into it and keeps its release links there). A link that
+    user plants would make the workers serve any file they can read.
+    ``disable_symlinks if_not_owner`` checks every component of the path: a
+    link is followed only when it and its target have the same owner, as the
+    daemon's own release links (the service user's, to its own directories)
+    do. A template or an admin's extra config that already says
+    ``disable_symlinks`` keeps its own choice.
+    """
+    alias = re.compile(r"(?m)^([ \t]*)alias\s+" + re.escape(static_root) + r"\s*;")
+    match = alias.search(text)
+    if not match:
+        return text, False
+    if re.search(r"(?m)^[ \t]*disable_symlinks\s", text):
+        return text, True
+    indent = match.group(1)
+    addition = (f"{indent}# omerowebd: follow a link below STATIC_ROOT only to a file of the link's owner\n"
+                f"{indent}disable_symlinks if_not_owner;\n")
+    return text[: match.start()] + addition + text[match.start():], True
 
 
 _PROXY_LOCATION = re.compile(r"(?m)^([ \t]*)location\s+@proxy_to_app\S*\s*\{[ \t]*\n")

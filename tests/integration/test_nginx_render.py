@@ -209,7 +209,8 @@ def test_omerowebctl_nginx_refuses_a_value_that_would_end_a_directive(omero_venv
 def test_written_server_file_is_omero_web_config_plus_marked_additions(omero_cli: OmeroCli, info: VenvInfo,
                                                                        omero_venv: Path, tmp_path: Path) -> None:
     """With no redirects or upstreams, the daemon's file differs from the reference
-    only by its header, the maintenance page's root and the proxy's error_page."""
+    only by its header, the maintenance page's root, the proxy's error_page and the
+    static location's disable_symlinks."""
     properties = PROPERTY_SETS["prefix-and-static-url"]
     omerodir = omero_cli.site("prefix-and-static-url", properties)
     reference = omero_cli.config(omerodir, "server", ["--http", "8081", "--servername", "omero.example.org"])
@@ -226,8 +227,10 @@ def test_written_server_file_is_omero_web_config_plus_marked_additions(omero_cli
     written = out.files[out.server].decode().splitlines(keepends=True)
     assert written[0].startswith("# Written by omerowebd from omero-web's nginx.conf.template")
     added = [i for i, line in enumerate(written) if "# omerowebd:" in line]
-    routed = [i + 1 for i in added if "502" in written[i]]  # the error_page line under its comment
-    assert [written[i].strip() for i in routed] == ["error_page 502 @maintenance_omero;"]
+    # Each added directive is the line below its comment (the maintenance root replaces the template's own).
+    routed = [i + 1 for i in added if not written[i + 1].strip().startswith("root ")]
+    assert [written[i].strip() for i in routed] == ["disable_symlinks if_not_owner;",
+                                                    "error_page 502 @maintenance_omero;"]
     body = [line for i, line in enumerate(written) if i >= 2 and i not in added and i not in routed]
     maintenance = tmp_path / "state" / "maintenance"
     expected = reference.stdout.decode().replace(f"root {omerodir}/etc/templates/error;", f"root {maintenance};")

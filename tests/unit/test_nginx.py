@@ -333,6 +333,11 @@ def test_written_files_are_the_rendered_text_plus_marked_additions(tmp_path: Pat
             "        error_page 502 @maintenance_omero;\n"
             "        proxy_pass") in server
     assert "location @proxy_to_app_omero {\n    # omerowebd:" in location
+    # Links below STATIC_ROOT (the service user's) lead only to what their owner owns, in both files.
+    static_root = f"{config.daemon.omerodir}/var/static"
+    assert (f"    location /static {{\n        # omerowebd: follow a link below STATIC_ROOT only to a file of the"
+            f" link's owner\n        disable_symlinks if_not_owner;\n        alias {static_root};\n    }}") in server
+    assert f"    disable_symlinks if_not_owner;\n    alias {static_root};\n}}" in location
     assert "    error_page 502 @maintenance_omero;\n    proxy_pass http://127.0.0.1:4090;" in location
     assert "etc/templates/error" not in server
     assert "location = / { return 307 /webclient/; }\n" in location
@@ -346,11 +351,12 @@ def _strip_additions(text: str, config: config_module.Config, page_dir: Path) ->
     skip_block = False
     for line in lines:
         if "# omerowebd:" in line:
-            skip_block = "redirects" in line or "upstreams" in line or "502" in line
+            skip_block = "redirects" in line or "upstreams" in line or "502" in line or "link" in line
             if kept and kept[-1] == "\n" and "redirects" in line:
                 kept.pop()
             continue
-        if skip_block and (line.strip().startswith(("server ", "location = ", "error_page 502 "))):
+        if skip_block and (line.strip().startswith(("server ", "location = ", "error_page 502 ",
+                                                    "disable_symlinks "))):
             continue
         skip_block = False
         kept.append(line.replace(f"root {page_dir};", f"root {config.daemon.omerodir}/etc/templates/error;"))
@@ -556,3 +562,14 @@ def test_config_problems_for_omerowebctl_check(tmp_path: Path, info: VenvInfo) -
                                                 " nginx would read two values"]
     disabled = make_config(tmp_path, "enabled = false", omero='prefix = "/a b"\n')
     assert nginx.config_problems(disabled, info) == []
+
+
+def test_a_link_policy_the_admin_chose_is_kept(tmp_path: Path, info: VenvInfo) -> None:
+    """A stricter (or any) choice already in the text is not overridden by the static location's addition."""
+    config = make_config(tmp_path, omero='nginx_server_extra_config = ["disable_symlinks on;"]\n')
+    out = nginx.render_outputs(config, config.properties, info, ["127.0.0.1:4080"])
+    server = out.files[out.server].decode()
+    assert "if_not_owner" not in server and server.count("disable_symlinks on;") == 1
+    # The location include has no extra config: it gets the addition.
+    assert "disable_symlinks if_not_owner;" in out.files[out.location].decode()
+    assert not any("STATIC_ROOT" in w for w in out.warnings)

@@ -73,6 +73,10 @@ location @maintenance%(PREFIX_NAME)s {
     try_files $uri /maintainance.html =502;
 }
 
+location %(STATIC_URL)s {
+    alias %(STATIC_ROOT)s;
+}
+
 location @proxy_to_app%(PREFIX_NAME)s {
     proxy_pass http://%(FASTCGI_EXTERNAL)s;
 }
