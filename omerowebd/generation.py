@@ -232,6 +232,8 @@ class Generation:
     worker_faults: int = 0
     last_worker_fault: dict[str, Any] | None = None
     _leaving: set[int] = field(default_factory=set)  # workers that said they exit on their own
+    _hung_booting: set[int] = field(default_factory=set)  # workers omerowebd killed for never loading the app
+    _boot_watch: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -351,19 +353,21 @@ class Generation:
         elif event == "worker_exit" and isinstance(pid, int):
             if self.state == "booting" and pid not in self.ready_workers:
                 self._boot_failure = "a worker exited before it had loaded the app (see gunicorn's log above)"
-            elif self.state == "serving" and (message.get("timeout") or pid not in self._leaving):
+            elif self.state == "serving" and pid not in self._hung_booting and (
+                    message.get("timeout") or pid not in self._leaving):
                 self._worker_fault(pid, hung=bool(message.get("timeout")))
             self.ready_workers.discard(pid)
             self._leaving.discard(pid)
+            self._hung_booting.discard(pid)
         self._changed.set()
 
-    def _worker_fault(self, pid: int, *, hung: bool) -> None:
+    def _worker_fault(self, pid: int, *, hung: bool = False, why: str | None = None) -> None:
         # gunicorn's master starts another worker at once; the requests the
         # lost one held are lost with it. Said once, here, in the daemon's words.
         self.worker_faults += 1
-        if hung:
+        if why is None and hung:
             why = "hung past omero.web.wsgi_timeout and was killed by gunicorn"
-        else:
+        elif why is None:
             why = "died (killed, or crashed: out of memory?)"
         self.last_worker_fault = {"at": time.time(), "pid": pid, "why": why}
         log.get().warning(f"gunicorn worker {why}; gunicorn starts another", generation=self.number, pid=pid)
@@ -397,6 +401,30 @@ class Generation:
             raise GenerationFailed(f"health probe GET {self.plan.health_path} got {what}")
         self.state = "serving"
         self.ready_at = time.time()
+        self._boot_watch = asyncio.get_running_loop().create_task(self._watch_boots(timeout))
+
+    async def _watch_boots(self, timeout: float) -> None:
+        """Kill a worker of this serving generation that never finishes loading the app.
+
+        gunicorn's own timeout does not cover a booting worker (its heartbeat
+        file starts with a wall-clock time the master compares with a
+        monotonic one), so a respawned worker stuck importing OMERO.web (a
+        hung NFS mount, an app waiting on the network) would stay for good and
+        the generation would serve with one worker fewer, silently. It gets
+        what a new generation gets: daemon.ready_timeout.
+        """
+        while self.state == "serving" and self.alive:
+            await asyncio.sleep(min(5.0, timeout / 2))
+            for pid in self.worker_pids():
+                if pid in self.ready_workers or pid in self._leaving or pid in self._hung_booting:
+                    continue
+                age = _process_age(pid)
+                if age is None or age <= timeout or self.state != "serving":
+                    continue
+                self._hung_booting.add(pid)
+                self._worker_fault(pid, why=f"hung while loading OMERO.web for more than {timeout:.0f}s "
+                                            "(daemon.ready_timeout) and was killed by omerowebd")
+                _signal_group(pid, signal.SIGKILL, group=False)
 
     async def stop(self, timeout: float, *, state: str = "retiring") -> None:
         """Graceful stop: TERM lets in-flight requests finish; KILL the group after ``timeout``."""
@@ -446,6 +474,17 @@ def _signal_group(pid: int, sig: int, *, group: bool) -> None:
             os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _process_age(pid: int) -> float | None:
+    """Seconds since ``pid`` was forked, from /proc; None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError):
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in clock ticks
 
 
 def _child_env(extra: Mapping[str, str]) -> dict[str, str]:

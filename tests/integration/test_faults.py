@@ -77,9 +77,15 @@ def test_a_daemon_killed_with_sigkill_is_reported_by_the_next_one(daemon):
 # -- gunicorn's workers ---------------------------------------------------------
 
 
-def test_workers_that_die_or_hang_are_replaced_and_said_once_and_recycling_is_not_a_fault(daemon):
-    daemon.write_config(workers=2, daemon="watch_config = false",
-                        omero='wsgi_timeout = 20\n"application_server.max_requests" = 30\n')
+def test_workers_that_die_or_hang_are_replaced_and_said_once_and_recycling_is_not_a_fault(daemon, tmp_path):
+    flag = tmp_path / "hang-at-boot"
+    (tmp_path / "apps" / "boot_hang_app").mkdir(parents=True)
+    (tmp_path / "apps" / "boot_hang_app" / "__init__.py").write_text(
+        f"import os, sys, time\nif sys.argv[0].endswith('gunicorn/__main__.py') and os.path.exists({str(flag)!r}):\n"
+        "    time.sleep(3600)  # a hung NFS mount, an app waiting on the network at import\n")
+    daemon.extra_env["PYTHONPATH"] = str(tmp_path / "apps")
+    daemon.write_config(workers=2, daemon="watch_config = false\nready_timeout = 40",
+                        omero='wsgi_timeout = 20\n"application_server.max_requests" = 30\napps = ["boot_hang_app"]\n')
     daemon.start()
     # No load until the end: no worker is on its way out (max_requests) when one is picked.
     _wait_all_ready(daemon)
@@ -103,20 +109,33 @@ def test_workers_that_die_or_hang_are_replaced_and_said_once_and_recycling_is_no
     assert state["generation"]["last_worker_fault"]["pid"] == hung
     assert "hung past omero.web.wsgi_timeout" in state["generation"]["last_worker_fault"]["why"]
 
+    # A worker that hangs while loading the app: gunicorn's timeout does not
+    # cover it, so the daemon gives it daemon.ready_timeout and kills it.
+    _wait_all_ready(daemon)
+    flag.touch()
+    os.kill(daemon.status()["generation"]["worker_pids"][0], signal.SIGKILL)  # fault 3; its replacement hangs
+    try:
+        state = wait_for(lambda: (s := daemon.status())["generation"]["worker_faults"] == 4 and s, 180,
+                         "the daemon to kill the worker stuck loading the app")
+    finally:
+        flag.unlink()
+    assert "hung while loading OMERO.web for more than 40s" in state["generation"]["last_worker_fault"]["why"]
+
     _wait_all_ready(daemon)
     with Load(daemon.port, clients=3) as load:
         load.wait_requests(100, timeout=180)  # every worker is recycled by max_requests at least once
     assert load.refused == 0 and load.failed == []
     state = daemon.status()
-    assert state["generation"]["worker_faults"] == 2  # recycling is no fault
+    assert state["generation"]["worker_faults"] == 4  # recycling is no fault
     # The master never left: the same generation served throughout.
     assert state["generation"]["number"] == 1 and state["crashes"] == 0
     lines = [line for line in daemon.log().splitlines() if "gunicorn worker" in line]
-    assert len(lines) == 2, lines
+    assert len(lines) == 4, lines
     assert "died" in lines[0] and str(victim) in lines[0] and "gunicorn starts another" in lines[0]
     assert "hung past omero.web.wsgi_timeout" in lines[1] and str(hung) in lines[1]
+    assert "died" in lines[2] and "hung while loading OMERO.web" in lines[3]
     shown = daemon.ctl("status").stdout
-    assert "2 worker(s) lost and replaced" in shown and f"pid {hung} hung past" in shown
+    assert "4 worker(s) lost and replaced" in shown and "hung while loading" in shown
 
 
 def _wait_all_ready(daemon):
