@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from .errors import UserError
@@ -37,19 +38,21 @@ class RuntimeDirBusy(UserError):
 class RuntimeLock:
     """The flock on ``RUNTIME_DIR/omerowebd.lock``; ``previous`` is the pid an unclean stop left, if any."""
 
-    def __init__(self, path: Path, fd: int, previous: int | None) -> None:
+    def __init__(self, path: Path, fd: int, previous: int | None, writable: bool) -> None:
         self.path = path
         self._fd: int | None = fd
         self.previous = previous
+        self._writable = writable
 
     def release(self) -> None:
         """A clean stop: empty the file (no unclean stop to report next time), then drop the lock."""
         if self._fd is None:
             return
-        try:
-            os.ftruncate(self._fd, 0)
-        except OSError:
-            pass  # the next daemon reports an unclean stop: harmless
+        if self._writable:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass  # the next daemon reports an unclean stop: harmless
         os.close(self._fd)
         self._fd = None
 
@@ -64,7 +67,7 @@ def acquire(runtime_dir: Path) -> RuntimeLock:
     path = runtime_dir / LOCK_NAME
     try:
         runtime_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o640)
     except OSError as e:
         raise UserError(f"cannot open {path}: {e.strerror}: daemon.runtime_dir must be a directory the daemon's "
                         "user can write") from None
@@ -76,10 +79,16 @@ def acquire(runtime_dir: Path) -> RuntimeLock:
         who = f"omerowebd (pid {holder})" if holder else "omerowebd"
         raise RuntimeDirBusy(f"another {who} is already running on {runtime_dir}: stop it first "
                              "(systemctl stop omerowebd), or give this one its own daemon.runtime_dir") from None
-    previous = _read_pid(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return RuntimeLock(path, fd, previous if previous != os.getpid() else None)
+    # The runtime dir is the service user's: a daemon run as root writes the
+    # pid only into a plain file of its own, never into one planted there (a
+    # hard link to a root file would be truncated). The lock works either way.
+    st = os.fstat(fd)
+    writable = stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
+    previous = _read_pid(fd) if stat.S_ISREG(st.st_mode) else None
+    if writable:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return RuntimeLock(path, fd, previous if previous != os.getpid() else None, writable)
 
 
 def _read_pid(fd: int) -> int | None:
