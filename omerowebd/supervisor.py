@@ -187,7 +187,7 @@ class Supervisor:
         for switch in switches:
             await switch()
         self.applied = target
-        self._publish_config_xml(target, at_start=True)
+        await self._publish_config_xml(target, at_start=True)
         mark_applied(config, self.log)  # serving now: the root publisher may render this TOML for nginx
         self.current = generation
         self.static.cut_over(generation.number)
@@ -422,7 +422,7 @@ class Supervisor:
         if decided:
             if discard and self.foreign is not None and decided["exit_code"] == RELOAD_APPLIED:
                 dropped = ", ".join(self.foreign.names) or self.foreign.path.name
-                self._publish_config_xml(self.applied, discard=True)
+                await self._publish_config_xml(self.applied, discard=True)
                 return _result(RELOAD_APPLIED, "applied", f"edits made outside omerowebd dropped ({dropped});"
                                " config.xml holds the running config again", changes=[])
             return decided
@@ -474,7 +474,7 @@ class Supervisor:
             if failure:
                 return _result(RELOAD_REJECTED, "rejected", failure, changes=changes)
         self.applied = target
-        self._publish_config_xml(target, discard=discard)
+        await self._publish_config_xml(target, discard=discard)
         mark_applied(config, self.log)  # the new generation serves: the root publisher may follow
         for service in self.services.values():
             service.update(config, target.properties, info)
@@ -630,7 +630,7 @@ class Supervisor:
                              fix=found.ways_out(self.config_path))
             self.notifier.status(self._status_line())
 
-    def _publish_config_xml(self, target: Applied, *, at_start: bool = False, discard: bool = False) -> None:
+    async def _publish_config_xml(self, target: Applied, *, at_start: bool = False, discard: bool = False) -> None:
         """Write the site's config.xml (what `omero config get` shows) for the generation that now serves.
 
         Never over someone else's edit unless told to: at start the file is
@@ -650,7 +650,9 @@ class Supervisor:
         if self._xml_watcher is not None:
             self._xml_watcher.seen(hashlib.sha256(data).hexdigest())
         try:
-            changed = omero_config.write_site_config_xml(config.daemon.omerodir, self.state_dir, data)
+            # In a thread: it waits (up to 10 s) for the lock `omero config` holds while it edits.
+            changed = await asyncio.to_thread(omero_config.write_site_config_xml, config.daemon.omerodir,
+                                              self.state_dir, data)
         except OSError as e:  # disk full, permissions: the generations have their own copies and serve on
             self.log.error("cannot write config.xml; OMERO.web serves on from its own copy", path=str(path),
                            error=e.strerror)
