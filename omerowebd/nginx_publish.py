@@ -30,8 +30,13 @@ reload. Published config files are 0600 root (nginx's master reads them);
 the maintenance page is 0644 in a 0755 directory (nginx's workers serve it).
 After writing, ``nginx -t``; if nginx refuses, the previous files come back
 and only nginx's own first error line is printed. Then nginx is reloaded.
-A change that arrives while this runs is picked up: the inputs are read
-again after publishing, and it goes round again (a few times at most).
+
+Every run, whatever it found, waits a second and looks again, until a look
+finds nothing new. systemd's path unit does not watch while this runs, so
+that second look is what picks up a change that arrived meanwhile; and it
+makes a flood of path events start at most one run a second, so the unit
+needs no start limit (which the service user could otherwise trip to switch
+publishing off) and the path unit's trigger limit stays out of reach.
 """
 
 from __future__ import annotations
@@ -64,8 +69,13 @@ NGINX_TEST = ("/usr/sbin/nginx", "-t", "-q")
 NGINX_RELOAD = ("/usr/bin/systemctl", "try-reload-or-restart", "nginx.service")
 MAINTENANCE_DIR = "maintenance"
 RECORD = ".published.json"
-ROUNDS = 3  # a change during a run is picked up; a stream of them is not chased forever
-DEADLINE = 120.0  # no new round after this many seconds (the unit's TimeoutStartSec covers one more)
+# Every run lasts at least this long, then looks at its inputs again: systemd's
+# path unit does not watch while this runs, so a change that lands meanwhile
+# is seen only by that second look; and a flood of path events starts at most
+# one run a second, whatever each run finds.
+SETTLE = 1.0
+ROUNDS = 3  # publishing (probe, nginx -t, reload) at most this often per run; looking is cheap
+DEADLINE = 120.0  # no new look after this many seconds (the unit's TimeoutStartSec covers one more round)
 COMMAND_TIMEOUT = 60.0
 MAX_TOML = 1 << 20
 MAX_MARKER = 4096
@@ -94,6 +104,7 @@ class Options:
     reload_command: tuple[str, ...] | None = NGINX_RELOAD
     force: bool = False  # ignore the record: render, test and reload even if nothing changed
     rounds: int = ROUNDS
+    settle: float = SETTLE
 
 
 @dataclass(frozen=True)
@@ -488,25 +499,81 @@ def up_to_date(inputs: Inputs, dest: Destination) -> bool:
 # -- the whole run --------------------------------------------------------------
 
 
+def look(options: Options) -> Inputs | Wait | Refused:
+    """What there is to publish now; a refusal is an answer too (it may be gone at the next look)."""
+    nginx_binary = options.test_command[0] if options.test_command else None
+    if nginx_binary and os.path.isabs(nginx_binary) and not os.path.exists(nginx_binary):
+        return Wait(f"nginx is not installed ({nginx_binary} is missing): nothing to publish")
+    try:
+        return gather(options)
+    except Refused as e:
+        return e
+    except UserError as e:  # the TOML itself
+        return Refused(f"{e}; nothing published")
+
+
+def _seen(state: Inputs | Wait | Refused) -> tuple[Any, ...]:
+    if isinstance(state, Inputs):
+        return ("inputs", state.key())
+    if isinstance(state, Refused):
+        return ("refused", state.code, str(state))
+    return ("wait", state.reason)
+
+
+def pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
 def run(options: Options) -> tuple[int, list[str]]:
-    """Publish until the inputs stop changing (a few rounds at most): (exit status, lines to print)."""
+    """Publish, then look again after a settle time until the inputs hold still: (exit status, lines to print).
+
+    Each look that finds something new acts on it; the run ends at the
+    first look that finds nothing new, so it lasts at least ``settle``.
+    Publishing itself happens only when root's inputs (the TOML, the venv,
+    the addresses) differ from what was published: the service user's
+    marker can only switch between "now" and "not now", which costs a look.
+    """
     lines: list[str] = []
-    done: dict[str, Any] | None = None
+    code = EXIT_OK
+    seen: tuple[Any, ...] | None = None
+    published: dict[str, Any] | None = None  # the inputs this run published (or found published)
+    published_code = EXIT_OK
+    rounds = 0
     started = time.monotonic()
-    for _ in range(max(1, options.rounds)):
-        state = gather(options)
-        if isinstance(state, Wait):
-            return EXIT_OK, [*lines, state.reason]
-        key = state.key()
-        if key == done:
-            return EXIT_OK, lines
-        with Destination(options.dest) as dest:
-            if done is None and not options.force and up_to_date(state, dest):
-                return EXIT_OK, [f"{options.dest} is up to date for {state.config.path}"]
-            lines.append(publish(state, options, dest))
-        done = key
+    while True:
+        state = look(options)
+        now = _seen(state)
+        if now == seen:
+            return code, lines
+        seen = now
+        line = None
+        if isinstance(state, Refused):
+            code, line = state.code, str(state)
+        elif isinstance(state, Wait):
+            code, line = EXIT_OK, state.reason
+        elif state.key() == published:
+            code = published_code  # back to what this run already published (the marker flipped)
+        elif rounds >= max(1, options.rounds):
+            break
+        else:
+            try:
+                with Destination(options.dest) as dest:
+                    if published is None and not options.force and up_to_date(state, dest):
+                        line = f"{options.dest} is up to date for {state.config.path}"
+                    else:
+                        rounds += 1
+                        line = publish(state, options, dest)
+                code = EXIT_OK
+            except Refused as e:
+                code, line = e.code, str(e)
+            except UserError as e:  # the venv's answer
+                code, line = EXIT_REFUSED, f"{e}; nothing published"
+            published, published_code = state.key(), code
+        if line and line not in lines:
+            lines.append(line)
         if time.monotonic() - started > DEADLINE:
             break
+        pause(options.settle)
     lines.append(f"{options.config} or the daemon's state kept changing while publishing; the next change"
                  " publishes again")
     return EXIT_FAILED, lines
@@ -531,12 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("omerowebd-nginx-publish: run it as root (omerowebd-nginx.service does)", file=sys.stderr)
         return EXIT_REFUSED
-    try:
-        code, lines = run(options)
-    except Refused as e:
-        code, lines = e.code, [str(e)]
-    except UserError as e:  # the TOML itself, or the venv's answer
-        code, lines = EXIT_REFUSED, [f"{e}; nothing published"]
+    code, lines = run(options)
     for line in lines:
         print(line if code == EXIT_OK else f"omerowebd-nginx-publish: {line}", file=sys.stdout if code == EXIT_OK else sys.stderr)
     return code

@@ -31,7 +31,9 @@ if os.geteuid() != 0:
 
 def site_config(daemon: Daemon, port: int, nginx_table: str = "") -> str:
     # No validate or reload command: the daemon only renders into its own
-    # directory, as under the packaged units, where root publishes.
+    # directory, as under the packaged units, where root publishes. The test
+    # says when the daemon reloads (a publisher run settles for a second: a
+    # reload of its own could land in it, and be published by that run).
     return textwrap.dedent(f"""\
         [daemon]
         omerodir = "{daemon.omerodir}"
@@ -40,6 +42,7 @@ def site_config(daemon: Daemon, port: int, nginx_table: str = "") -> str:
         state_dir = "{daemon.root / 'state'}"
         bind = ["127.0.0.1:{daemon.port}"]
         graceful_timeout = 10
+        watch_config = false
 
         [nginx]
         listen = "127.0.0.1:{port}"

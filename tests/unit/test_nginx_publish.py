@@ -138,8 +138,9 @@ class Site:
 
     def options(self, **kw) -> Options:
         record = self.root / "reloads"
+        # No settle time: the tests that are about it set one (and count the sleeps).
         defaults = dict(config=self.toml, dest=self.dest, socket_unit=None, test_command=None,
-                        reload_command=("sh", "-c", f"echo reload >> {record}"))
+                        reload_command=("sh", "-c", f"echo reload >> {record}"), settle=0.0)
         defaults.update(kw)
         return Options(**defaults)
 
@@ -605,6 +606,75 @@ def test_inputs_that_never_settle_stop_after_a_few_rounds(site: Site, monkeypatc
     code, _, err = run(site.options())
     assert code == EXIT_FAILED and "kept changing" in err
     assert site.reloads() == nginx_publish.ROUNDS
+
+
+class Settle:
+    """Stands in for the publisher's pause: records each settle, and runs what lands during it."""
+
+    def __init__(self, *during) -> None:
+        self.during = list(during)
+        self.slept: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        if self.during:
+            self.during.pop(0)()
+
+
+@pytest.mark.parametrize("case", ["published", "up to date", "not applied", "refused", "no nginx"])
+def test_every_run_settles_then_looks_again_whatever_it_found(site: Site, monkeypatch, case: str) -> None:
+    """Each run lasts at least the settle time: a flood of path events starts at most one run a second,
+    and systemd's start limits are never needed."""
+    if case != "not applied":
+        site.apply()
+    if case == "up to date":
+        assert run(site.options())[0] == EXIT_OK
+    if case == "refused":
+        os.chmod(site.toml, 0o646)
+    options = site.options(settle=1.0, test_command=("/nonexistent/nginx", "-t") if case == "no nginx" else None)
+    looks = []
+    real_look = nginx_publish.look
+    monkeypatch.setattr(nginx_publish, "look", lambda o: looks.append(1) or real_look(o))
+    settle = Settle()
+    monkeypatch.setattr(nginx_publish, "pause", settle)
+    code, out, err = run(options)
+    assert settle.slept == [1.0] and len(looks) == 2, (out, err)
+    expected = {"published": (EXIT_OK, "published"), "up to date": (EXIT_OK, "up to date"),
+                "not applied": (EXIT_OK, "does not serve"), "refused": (EXIT_REFUSED, "root alone can change"),
+                "no nginx": (EXIT_OK, "nginx is not installed (/nonexistent/nginx is missing)")}[case]
+    assert code == expected[0] and expected[1] in out + err, (out, err)
+    assert (out + err).count("\n") == 1
+
+
+def test_a_marker_that_lands_while_a_run_settles_is_published_by_that_run(site: Site, monkeypatch) -> None:
+    """systemd's path unit does not watch while the publisher runs: the look after the settle is what sees it."""
+    site.write_toml(omero='prefix = "/late"\n')  # the admin's edit starts a run; the daemon has not reloaded yet
+    settle = Settle(site.apply)  # the daemon's reload lands during the settle
+    monkeypatch.setattr(nginx_publish, "pause", settle)
+    code, out, err = run(site.options(settle=1.0))
+    assert code == EXIT_OK, err
+    assert [line.split()[0] for line in out.splitlines()] == ["the", "published"], out
+    assert b"location /late {" in site.published()["omero-web.conf"]
+    assert len(settle.slept) == 2 and site.reloads() == 1
+
+
+def test_a_marker_flipping_during_a_run_costs_looks_not_publishes(site: Site, monkeypatch) -> None:
+    site.apply()
+    assert run(site.options())[0] == EXIT_OK
+    good = site.marker.read_bytes()
+    probes = []
+    monkeypatch.setattr(nginx_publish, "probe", lambda config: probes.append(config) or pytest.fail("probed"))
+
+    def flip(data: bytes):
+        return lambda: _write_as_nobody(site.marker, data)
+
+    flips = [flip(b"garbage") if i % 2 == 0 else flip(good) for i in range(20)]
+    settle = Settle(*flips)
+    monkeypatch.setattr(nginx_publish, "pause", settle)
+    code, out, err = run(site.options(settle=1.0))
+    assert code == EXIT_OK, err
+    assert len(settle.slept) == 21 and probes == [] and site.reloads() == 1
+    assert sorted(out.splitlines()) == sorted({line for line in out.splitlines()})  # each line once
 
 
 def test_nginx_disabled_publishes_nothing(site: Site) -> None:
