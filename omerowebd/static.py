@@ -197,7 +197,7 @@ class StaticFiles:
                 # An unversioned name the release has not, or what collectstatic left before releases.
                 _remove_entry(fd, name)
             for name in os.listdir(fd):
-                if name.startswith(ASIDE):
+                if name.startswith((ASIDE, LINK_TMP)):  # this cutover's, or one that died half-way
                     _remove_entry(fd, name)
         finally:
             os.close(fd)
@@ -268,11 +268,10 @@ def _remove_releases(roots: Iterable[Path], keep: set[str | None]) -> list[str]:
             continue
         try:
             for name in os.listdir(fd):
+                # Only releases: a cutover's temporary names are its own to clear (it may be running now).
                 if RELEASE.fullmatch(name) and name not in keep:
                     _remove_entry(fd, name)
                     removed.append(name)
-                elif name.startswith((LINK_TMP, ASIDE)):
-                    _remove_entry(fd, name)
         except OSError as e:
             log.get().warning("cannot remove old static releases", path=str(root), error=_why(e))
         finally:
@@ -288,8 +287,7 @@ def _place_link(dir_fd: int, name: str, target: str) -> None:
     except OSError:  # not there, or not a link
         pass
     tmp = LINK_TMP + name
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dir_fd)
+    _remove_entry(dir_fd, tmp)  # left by a cutover that died half-way
     os.symlink(target, tmp, dir_fd=dir_fd)
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
