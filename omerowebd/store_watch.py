@@ -109,7 +109,9 @@ async def check(endpoint: Endpoint) -> str | None:
             return "missing"
         if os.access(path, os.W_OK | os.X_OK):
             return None
-        return "on a read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "not writable by the daemon's user"
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "on a read-only file system"
+        return "not writable by the daemon's user"
     try:
         if endpoint.how == "unix":
             connect = asyncio.open_unix_connection(endpoint.where)

@@ -272,7 +272,8 @@ def test_disk_full_keeps_every_old_file_whole_and_the_site_serving(daemon):
 
         for filler in fillers[1:]:
             filler.unlink()
-        daemon.save(text.replace("a.example", "c.example").replace("[omero.web]\n", '[omero.web]\nlogin_logo = "/static/room.png"\n'))
+        daemon.save(text.replace("a.example", "c.example")
+                    .replace("[omero.web]\n", '[omero.web]\nlogin_logo = "/static/room.png"\n'))
         code, out = reload(daemon)
         assert code == 0, out
         assert b"/static/room.png" in (grid / "config.xml").read_bytes()
