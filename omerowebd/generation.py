@@ -232,6 +232,7 @@ class Generation:
     worker_faults: int = 0
     last_worker_fault: dict[str, Any] | None = None
     _leaving: set[int] = field(default_factory=set)  # workers that said they exit on their own
+    _booting: dict[int, float] = field(default_factory=dict)  # worker -> when it was forked (monotonic)
     _hung_booting: set[int] = field(default_factory=set)  # workers omerowebd killed for never loading the app
     _boot_watch: asyncio.Task[None] | None = None
 
@@ -346,8 +347,11 @@ class Generation:
     def on_event(self, message: Mapping[str, Any]) -> None:
         event = message.get("event")
         pid = message.get("pid")
-        if event == "worker_ready" and isinstance(pid, int):
+        if event == "worker_booting" and isinstance(pid, int):
+            self._booting[pid] = time.monotonic()
+        elif event == "worker_ready" and isinstance(pid, int):
             self.ready_workers.add(pid)
+            self._booting.pop(pid, None)
         elif event == "worker_leaving" and isinstance(pid, int):
             self._leaving.add(pid)  # max_requests, a graceful stop: nothing wrong
         elif event == "worker_exit" and isinstance(pid, int):
@@ -359,6 +363,7 @@ class Generation:
             self.ready_workers.discard(pid)
             self._leaving.discard(pid)
             self._hung_booting.discard(pid)
+            self._booting.pop(pid, None)
         self._changed.set()
 
     def _worker_fault(self, pid: int, *, hung: bool = False, why: str | None = None) -> None:
@@ -414,12 +419,13 @@ class Generation:
         what a new generation gets: daemon.ready_timeout.
         """
         while self.state == "serving" and self.alive:
-            await asyncio.sleep(min(5.0, timeout / 2))
-            for pid in self.worker_pids():
-                if pid in self.ready_workers or pid in self._leaving or pid in self._hung_booting:
+            await asyncio.sleep(max(0.5, min(5.0, timeout / 2)))
+            children = self.worker_pids()
+            for pid, forked in list(self._booting.items()):
+                if pid not in children:  # gone without a word (its exit report was lost)
+                    self._booting.pop(pid, None)
                     continue
-                age = _process_age(pid)
-                if age is None or age <= timeout or self.state != "serving":
+                if time.monotonic() - forked <= timeout or pid in self._hung_booting or self.state != "serving":
                     continue
                 self._hung_booting.add(pid)
                 self._worker_fault(pid, why=f"hung while loading OMERO.web for more than {timeout:.0f}s "
@@ -474,17 +480,6 @@ def _signal_group(pid: int, sig: int, *, group: bool) -> None:
             os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _process_age(pid: int) -> float | None:
-    """Seconds since ``pid`` was forked, from /proc; None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError):
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in clock ticks
 
 
 def _child_env(extra: Mapping[str, str]) -> dict[str, str]:

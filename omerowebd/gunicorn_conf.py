@@ -74,6 +74,11 @@ def when_ready(server):
     _tell_daemon("master_ready", pid=os.getpid())
 
 
+def post_fork(server, worker):
+    # In the new worker, before it loads the app: the daemon times its boot from here.
+    _tell_daemon("worker_booting", pid=os.getpid())
+
+
 def post_worker_init(worker):
     _tell_daemon("worker_ready", pid=os.getpid())
 

@@ -32,7 +32,7 @@ def reload(daemon, *args):
 # -- the daemon itself --------------------------------------------------------
 
 
-def test_a_second_daemon_on_the_same_runtime_dir_is_refused_and_the_first_is_untouched(daemon):
+def test_a_second_daemon_is_refused_and_a_killed_one_is_reported_by_the_next(daemon):
     daemon.write_config(workers=1, daemon="watch_config = false")
     daemon.start()
     before = daemon.status()
@@ -55,20 +55,16 @@ def test_a_second_daemon_on_the_same_runtime_dir_is_refused_and_the_first_is_unt
     assert after["pid"] == before["pid"] and len(after["generation"]["worker_pids"]) == 2
     assert http_get(daemon.port)[0] == 200
 
-
-def test_a_daemon_killed_with_sigkill_is_reported_by_the_next_one(daemon):
-    daemon.write_config(workers=1)
-    daemon.start()
+    # Killed outright: its gunicorns follow it (PR_SET_PDEATHSIG), the kernel drops its
+    # lock, and the next daemon says the last one did not stop cleanly.
     killed = daemon.proc.pid
     daemon.proc.kill()
     daemon.proc.wait()
-    # Its gunicorns follow it (PR_SET_PDEATHSIG): nothing outlives the daemon.
     wait_for(lambda: daemon.gunicorn_pids() == [], 60, "the orphaned gunicorns to exit")
     daemon.start()
     assert http_get(daemon.port)[0] == 200
-    assert daemon.log().count("did not stop cleanly") == 1
-    line = next(line for line in daemon.log().splitlines() if "did not stop cleanly" in line)
-    assert str(killed) in line
+    lines = [line for line in daemon.log().splitlines() if "did not stop cleanly" in line]
+    assert len(lines) == 1 and str(killed) in lines[0], lines
     assert daemon.stop() == 0
     daemon.start()  # after a clean stop: nothing to report
     assert daemon.log().count("did not stop cleanly") == 1
