@@ -818,7 +818,21 @@ def run_clearsessions(request):
         django.close()
 
 
+def not_dumpable():
+    """prctl(PR_SET_DUMPABLE, 0): no other process of our user may ptrace us (or read our memory in /proc).
+
+    We run as the service user, which must be assumed compromised; another of
+    its processes attached to us could forge our report to root. exec() makes
+    a process dumpable again, so this is done first thing in every exec."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        pass
+
+
 def main():
+    not_dumpable()
     # The ledger's ids are hash() values: they need the same seed in every sweep.
     if os.environ.get("PYTHONHASHSEED") != "0":
         os.execve(sys.executable, sys.orig_argv, dict(os.environ, PYTHONHASHSEED="0"))

@@ -39,13 +39,16 @@ config.xml omerowebd derives from its own TOML, and the store that TOML names.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import pwd
+import selectors
 import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -53,7 +56,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import omero_config, trust
+from . import omero_config, printable, trust
 from .config import Config, SessionsSettings
 from .schedule import Schedule, parse_schedule
 from .venv import VenvInfo, effective, probe_env, python_of
@@ -185,6 +188,12 @@ def runner_for(target: Target) -> Runner:
     if not stat.S_ISDIR(st.st_mode):
         raise SweepRefused(f"the {what} {where} is not a directory")
     if st.st_uid == 0:
+        # Every directory on the way may be a sticky /tmp (nobody can swap root's entry), but
+        # not the store itself: there anybody may plant what root would then read and delete.
+        if st.st_mode & stat.S_IWOTH:
+            raise SweepRefused(f"refusing to sweep as root: the {what} {where} is writable by everyone, so anybody "
+                               "could plant files there for root to read, decode and delete. Give OMERO.web a store "
+                               "of its own (leave SESSION_FILE_PATH unset: omerowebd pins STATE_DIR/sessions)")
         problems = trust.path_problems(where, what)
         key = target.omerodir / "var" / "django_secret_key"
         if not problems and target.kind == "file" and os.path.lexists(key):
@@ -232,37 +241,83 @@ def _refused(target: Target, dry_run: bool, message: str) -> dict[str, Any]:
             "sweeper": target.sweeper, "duration": 0.0, "at": time.time(), "error": message}
 
 
+# -- what the child says ---------------------------------------------------------------
+#
+# The child runs as the store's owner, the service user, which must be assumed
+# compromised (it may ptrace the child, or be the one who wrote the venv's
+# Django): its report is data of the types the script writes, or nothing, and
+# its text is shown only through printable.py.
+
+MAX_TEXT = 1000  # characters of one error sample, message or stderr line kept
+_REPORT_TYPES: dict[str, tuple[type, ...]] = {
+    **{name: (int,) for name in (*COUNTS, "sessions", "ignored", "vanished", "changed", "read", "decoded",
+                                 "ledger_hits", "ledger_entries")},
+    "busy": (bool,), "interrupted": (bool,), "started_at": (int, float), "holder": (str,), "fatal": (str,),
+}
+_TEXT_LISTS = {"error_samples": 20, "priority_notes": 5}
+_SNAPSHOT_VALUES = (str, int, float, bool, type(None))
+
+
+def _text(value: str) -> str:
+    value = printable.text(value)
+    return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + "..."
+
+
+def checked_report(report: Any) -> dict[str, Any] | None:
+    """The fields of the script's report that have the type it writes (text made printable); None if not a dict."""
+    if not isinstance(report, dict):
+        return None
+    out: dict[str, Any] = {}
+    for name, types in _REPORT_TYPES.items():
+        value = report.get(name)
+        if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+            out[name] = _text(value) if isinstance(value, str) else value
+    for name, limit in _TEXT_LISTS.items():
+        value = report.get(name)
+        if isinstance(value, list):
+            out[name] = [_text(v) for v in value if isinstance(v, str)][:limit]
+    snapshot = report.get("snapshot")
+    if isinstance(snapshot, dict) and all(isinstance(k, str) and isinstance(v, _SNAPSHOT_VALUES)
+                                          for k, v in snapshot.items()):
+        out["snapshot"] = snapshot  # handed to the next sweep, which runs as the same user
+    return out
+
+
 def _outcome(target: Target, dry_run: bool, returncode: int | None, stdout: bytes, stderr: bytes,
-             duration: float, timed_out: bool) -> dict[str, Any]:
+             duration: float, timed_out: bool, problem: str | None = None) -> dict[str, Any]:
     """The script's report, or what went wrong, in one shape."""
     base: dict[str, Any] = {"engine": target.engine, "store": str(target.store) if target.store else None,
                             "dry_run": dry_run, "duration": round(duration, 3), "at": time.time() - duration}
     if target.kind == "db":
         base.update(sweeper="clearsessions", exit_status=returncode)
-        if timed_out:
+        if problem:
+            base["error"] = f"clearsessions stopped: {problem}"
+        elif timed_out:
             base["error"] = f"clearsessions ran over sessions.timeout ({target.settings.timeout:.0f}s) and was stopped"
         elif returncode != 0:
             base["error"] = f"clearsessions failed ({returncode}): {_last_line(stderr)}"
         return base
     base["sweeper"] = "omerowebd"
+    if problem:
+        base["error"] = f"the sweep was stopped: {problem}"
+        return base
     report = None
     for line in reversed(stdout.decode(errors="replace").splitlines()):
         try:
-            report = json.loads(line)
+            report = checked_report(json.loads(line))
             break
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-    if isinstance(report, dict) and "fatal" not in report:
-        base.update(report)
-        base["duration"] = round(duration, 3)
+    if report is not None and "fatal" not in report:
+        base.update(report)  # engine and store stay ours: the TOML's, whatever the child says
         base["at"] = report.get("started_at", base["at"])
         if timed_out:
             base["error"] = f"the sweep ran over sessions.timeout ({target.settings.timeout:.0f}s); stopped part way"
         elif report.get("busy"):
             holder = f" (pid {report['holder']})" if report.get("holder") else ""
-            base["error"] = f"another sweep holds the lock on {report.get('store')}{holder}; not run"
+            base["error"] = f"another sweep holds the lock on {base['store']}{holder}; not run"
         return base
-    if isinstance(report, dict):
+    if report is not None:
         base["error"] = report["fatal"]
     elif timed_out:
         base["error"] = f"the sweep ran over sessions.timeout ({target.settings.timeout:.0f}s) and was killed"
@@ -273,7 +328,149 @@ def _outcome(target: Target, dry_run: bool, returncode: int | None, stdout: byte
 
 def _last_line(stderr: bytes) -> str:
     lines = stderr.decode(errors="replace").strip().splitlines()
-    return lines[-1] if lines else "no output"
+    return _text(lines[-1]) if lines else "no output"
+
+
+# -- running the child -----------------------------------------------------------------
+#
+# Read with a deadline and a cap, never "until EOF": a process of the service
+# user may hold the child's pipes open after the child is gone (a detached
+# grandchild), or write without end. Once sessions.timeout and the grace after
+# SIGTERM have passed, or the child has exited and its output is drained, the
+# pipes are closed whoever else holds them, and the child's process group is
+# killed (before the child is reaped, so the group id cannot have been reused).
+
+MAX_STDOUT = 4 << 20  # the report: counts, 20 samples and the settings snapshot are a few KiB
+MAX_STDERR = 64 << 10  # of stderr only the end is kept (its last line says why)
+# Seconds to read what is left once the child has exited: it is in the pipes already, and EOF
+# follows at once unless a process outside the child's group holds them.
+EXIT_DRAIN = 2.0
+KILL_WAIT = 10.0
+POLL = 0.5  # how often a sweep checks whether it was asked to stop
+
+
+@dataclass
+class Finished:
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    problem: str | None = None  # why the output was cut short
+
+
+def run_child(command: list[str], request: bytes, *, timeout: float, env: Mapping[str, str],
+              popen_args: Mapping[str, Any], stop: threading.Event | None = None) -> Finished:
+    """Run the sweep's child to the end or to its deadline; blocking (the daemon calls it in a thread)."""
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(env), start_new_session=True, cwd="/", **popen_args)
+    finished = Finished(None, b"", b"")
+    try:
+        _collect(proc, request, timeout, stop, finished)
+        return finished
+    finally:
+        _signal(proc.pid, signal.SIGKILL)  # the group, stragglers and all; the child is not reaped yet
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except OSError:
+                pass
+        try:
+            finished.returncode = proc.wait(KILL_WAIT)
+        except subprocess.TimeoutExpired:  # stuck in the kernel: reaped by a later wait, if ever
+            pass
+
+
+def _collect(proc: subprocess.Popen[bytes], request: bytes, timeout: float, stop: threading.Event | None,
+             result: Finished) -> None:
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    out, err = bytearray(), bytearray()
+    sel = selectors.DefaultSelector()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        os.set_blocking(pipe.fileno(), False)
+    sel.register(proc.stdout, selectors.EVENT_READ, out)
+    sel.register(proc.stderr, selectors.EVENT_READ, err)
+    pending = memoryview(request)
+    sel.register(proc.stdin, selectors.EVENT_WRITE, None)
+    deadline = time.monotonic() + timeout
+    terminated = exited = False
+    try:
+        while sel.get_map():
+            now = time.monotonic()
+            if stop is not None and stop.is_set():
+                result.problem = "the daemon is stopping"
+                break
+            if not exited and _has_exited(proc.pid):
+                exited = True
+                _signal(proc.pid, signal.SIGKILL)  # whatever it left in its group, holding the pipes or not
+                deadline = min(deadline, now + EXIT_DRAIN)
+            if now >= deadline:
+                if exited or terminated:
+                    break  # timeout and grace are over, or the exited child's pipes are held by someone else
+                result.timed_out = terminated = True
+                _signal(proc.pid, signal.SIGTERM)  # the script stops between files and reports
+                deadline = now + TERM_GRACE
+                continue
+            for key, _ in sel.select(min(deadline - now, POLL)):
+                if key.data is None:  # stdin
+                    try:
+                        written = os.write(key.fd, pending[:65536])
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # it closed its end: it will say why, or not
+                        written = len(pending)
+                    pending = pending[written:]
+                    if not pending:
+                        sel.unregister(key.fileobj)
+                        proc.stdin.close()
+                    continue
+                if not _read_into(key, sel):
+                    continue
+                if len(out) > MAX_STDOUT:
+                    result.problem = f"it wrote over {MAX_STDOUT >> 20} MiB where a report of a few KiB belongs"
+                    return
+                if len(err) > MAX_STDERR:
+                    del err[: len(err) - MAX_STDERR]
+    finally:
+        sel.close()
+        result.stdout, result.stderr = bytes(out), bytes(err)
+    # What it wrote just before the deadline or its exit: already in the pipes, read without waiting.
+    _signal(proc.pid, signal.SIGKILL)
+    for pipe, buf, cap in ((proc.stdout, out, MAX_STDOUT), (proc.stderr, err, MAX_STDERR)):
+        while len(buf) <= cap:
+            try:
+                chunk = os.read(pipe.fileno(), 65536)
+            except (BlockingIOError, OSError, ValueError):
+                break
+            if not chunk:
+                break
+            buf += chunk
+    if len(out) > MAX_STDOUT:
+        result.problem = f"it wrote over {MAX_STDOUT >> 20} MiB where a report of a few KiB belongs"
+    result.stdout, result.stderr = bytes(out), bytes(err[-MAX_STDERR:])
+
+
+def _read_into(key: selectors.SelectorKey, sel: selectors.BaseSelector) -> bool:
+    """Read what is there; False at EOF (the pipe is then no longer watched)."""
+    try:
+        chunk = os.read(key.fd, 65536)
+    except BlockingIOError:
+        return True
+    except OSError:
+        chunk = b""
+    if not chunk:
+        sel.unregister(key.fileobj)
+        return False
+    key.data.extend(chunk)
+    return True
+
+
+def _has_exited(pid: int) -> bool:
+    """Has the child exited? Without reaping it: its pid, the group's id, stays ours until we do."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 async def sweep(target: Target, dry_run: bool = False, snapshot: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -283,29 +480,18 @@ async def sweep(target: Target, dry_run: bool = False, snapshot: Mapping[str, An
     except SweepRefused as e:
         return _refused(target, dry_run, str(e))
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *_command(target), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=runner.env(), start_new_session=True, cwd="/", **runner.popen_args(),
-    )
-    communicate = asyncio.ensure_future(proc.communicate(_request(target, dry_run, snapshot)))
-    timed_out = False
+    stop = threading.Event()
+    job = asyncio.get_running_loop().run_in_executor(None, functools.partial(
+        run_child, _command(target), _request(target, dry_run, snapshot), timeout=target.settings.timeout,
+        env=runner.env(), popen_args=runner.popen_args(), stop=stop))
     try:
-        try:
-            await asyncio.wait_for(asyncio.shield(communicate), target.settings.timeout)
-        except asyncio.TimeoutError:
-            timed_out = True
-            _signal(proc.pid, signal.SIGTERM)  # the script stops between files and reports
-            try:
-                await asyncio.wait_for(asyncio.shield(communicate), TERM_GRACE)
-            except asyncio.TimeoutError:
-                _signal(proc.pid, signal.SIGKILL)
-        stdout, stderr = await communicate
+        finished = await asyncio.shield(job)
     except asyncio.CancelledError:
-        _signal(proc.pid, signal.SIGKILL)
-        communicate.cancel()
-        await proc.wait()
+        stop.set()  # the thread kills the child within POLL seconds
+        await asyncio.wait({job}, timeout=POLL + KILL_WAIT + 5)
         raise
-    return _outcome(target, dry_run, proc.returncode, stdout, stderr, time.monotonic() - started, timed_out)
+    return _outcome(target, dry_run, finished.returncode, finished.stdout, finished.stderr,
+                    time.monotonic() - started, finished.timed_out, finished.problem)
 
 
 def sweep_sync(target: Target, dry_run: bool = False, snapshot: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -315,24 +501,10 @@ def sweep_sync(target: Target, dry_run: bool = False, snapshot: Mapping[str, Any
     except SweepRefused as e:
         return _refused(target, dry_run, str(e))
     started = time.monotonic()
-    proc = subprocess.Popen(_command(target), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=runner.env(), start_new_session=True, cwd="/", **runner.popen_args())
-    timed_out = False
-    try:
-        stdout, stderr = proc.communicate(_request(target, dry_run, snapshot), timeout=target.settings.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _signal(proc.pid, signal.SIGTERM)
-        try:
-            stdout, stderr = proc.communicate(timeout=TERM_GRACE)
-        except subprocess.TimeoutExpired:
-            _signal(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-    except BaseException:
-        _signal(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    return _outcome(target, dry_run, proc.returncode, stdout, stderr, time.monotonic() - started, timed_out)
+    finished = run_child(_command(target), _request(target, dry_run, snapshot), timeout=target.settings.timeout,
+                         env=runner.env(), popen_args=runner.popen_args())
+    return _outcome(target, dry_run, finished.returncode, finished.stdout, finished.stderr,
+                    time.monotonic() - started, finished.timed_out, finished.problem)
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -473,45 +645,61 @@ class SessionService:
         }
 
 
-def render_status(s: Mapping[str, Any] | None) -> list[str]:
-    """Lines for ``omerowebctl status`` and ``omerowebctl sessions status``."""
-    if not s or not s.get("engine"):
+def render_status(s: Any) -> list[str]:
+    """Lines for ``omerowebctl status`` and ``omerowebctl sessions status``.
+
+    ``s`` comes from the daemon, the service user's process: every field is
+    read with its type checked, so an odd one is shown as missing, never a traceback."""
+    field = printable.field
+    engine = field(s, "engine", str)
+    if not engine:
         return ["sessions:    not known yet"]
-    lines = [f"sessions:    {s['engine']}" + (f" at {s['store']}" if s.get("store") else "") + f" ({s['note']})"]
+    store = field(s, "store", str)
+    lines = [f"sessions:    {engine}" + (f" at {store}" if store else "") + f" ({field(s, 'note', str, '')})"]
     if not s.get("sweeper"):
         return lines
     if not s.get("enabled"):
         lines.append("  sweeping:  disabled (sessions.enabled = false)")
         return lines
-    last = s.get("last")
-    if s.get("running"):
-        lines.append(f"  running:   since {_when(s['running']['since'])} ({s['running']['trigger']})")
+    last = field(s, "last", dict)
+    running = field(s, "running", dict)
+    if running:
+        lines.append(f"  running:   since {_when(field(running, 'since', (int, float)))} "
+                     f"({field(running, 'trigger', str, '?')})")
     if last:
-        lines.append(f"  last:      {_when(last['at'])}, {describe(last)}")
+        lines.append(f"  last:      {_when(field(last, 'at', (int, float)))}, {describe(last)}")
     else:
         lines.append("  last:      none yet")
-    if s.get("next"):
-        lines.append(f"  next:      {_when(s['next'])} (schedule {s['schedule']})")
+    next_at = field(s, "next", (int, float))
+    if next_at:
+        lines.append(f"  next:      {_when(next_at)} (schedule {field(s, 'schedule', str, '?')})")
     return lines
 
 
 def describe(r: Mapping[str, Any]) -> str:
     """One line: counts and duration, or what went wrong."""
-    if r.get("skipped"):
-        return str(r["skipped"])
+    field = printable.field
+    skipped = field(r, "skipped", str)
+    if skipped:
+        return skipped
     parts = []
     if r.get("sweeper") == "clearsessions":
-        parts.append(f"clearsessions exit {r.get('exit_status')}")
+        parts.append(f"clearsessions exit {field(r, 'exit_status', int)}")
     else:
-        verb = "would delete" if r.get("dry_run") else "deleted"
-        parts.append(f"scanned {r.get('scanned', 0)}, {verb} {r.get('deleted', 0)}, kept {r.get('kept', 0)}, "
-                     f"errors {r.get('errors', 0)}")
-    parts.append(f"{r.get('duration', 0):.2f}s")
+        verb = "would delete" if r.get("dry_run") is True else "deleted"
+        count = {name: field(r, name, int, 0) for name in COUNTS}
+        parts.append(f"scanned {count['scanned']}, {verb} {count['deleted']}, kept {count['kept']}, "
+                     f"errors {count['errors']}")
+    parts.append(f"{field(r, 'duration', (int, float), 0):.2f}s")
     text = ", ".join(parts)
-    if r.get("error"):
-        text += f"; {r['error']}"
+    error = field(r, "error", str)
+    if error:
+        text += f"; {error}"
     return text
 
 
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+def _when(ts: float | None) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts if ts is not None else float("nan")))
+    except (OverflowError, ValueError, OSError):
+        return "(unknown time)"

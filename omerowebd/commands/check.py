@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import checks, control, omero_config, trust
+from .. import checks, control, omero_config, printable, trust
 from .. import config as config_module
 from ..config import Config
 from ..errors import ConfigErrors, UserError
@@ -75,8 +75,10 @@ def _foreign_edits_from_daemon(config: Config) -> tuple[list[str], list[str]]:
         return [], [f"{omero_config.config_xml_path(config.daemon.omerodir)}: not compared with what omerowebd wrote"
                     " (root does not read the service user's files, and the daemon does not answer): run"
                     " `omerowebctl check` as the service user, or start the daemon"]
-    foreign = (status.get("config_xml") or {}).get("foreign_edits")
+    # The daemon is the service user's process: its words are checked for type, never trusted to have one.
+    foreign = printable.field(printable.field(status, "config_xml", dict), "foreign_edits", dict)
     if not foreign:
         return [], []
-    return [], [f"{foreign['message']} (the daemon says); a reload stops unless {config.path} has taken them over:"
-                f" {foreign['fix']}"]
+    message = printable.field(foreign, "message", str, "config.xml was edited outside omerowebd")
+    fix = printable.field(foreign, "fix", str, f"see `omerowebctl status` (config file {config.path})")
+    return [], [f"{message} (the daemon says); a reload stops unless {config.path} has taken them over: {fix}"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_module
-from .. import control, edit, migrate, progress, redact, venv
+from .. import control, edit, migrate, printable, progress, redact, venv
 from ..errors import EXIT_FAILURE, EXIT_USAGE, UserError
 from ..files import write_atomic
 from . import reload as reload_command
@@ -298,15 +298,16 @@ def _describe(change: edit.Change, outcome: edit.Outcome, show: bool) -> str:
 
 def _reload(args: argparse.Namespace, path: Path) -> int:
     try:
-        reply = reload_command.request(socket_path(args), {"cmd": "reload", "wait": True})
+        reply = reload_command.request(socket_path(args), {"cmd": "reload", "wait": True},
+                                       timeout=reload_command.wait_limit(args))
     except (control.DaemonUnreachable, control.PermissionDenied) as e:
         print(f"not applied: {e}", file=sys.stderr)
         return e.exit_code
-    if "exit_code" not in reply:
-        print(f"reload: {reply.get('error', 'unexpected reply')}", file=sys.stderr)
+    code = printable.field(reply, "exit_code", int)
+    if code is None:
+        print(f"reload: {printable.field(reply, 'error', str, 'unexpected reply')}", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"reload: {reply['outcome']}: {reply['message']}")
-    code = int(reply["exit_code"])
+    print(f"reload: {printable.field(reply, 'outcome', str, '?')}: {printable.field(reply, 'message', str, '')}")
     if code == 0:
         live = _live_digest(args)
         mine = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -323,7 +324,7 @@ def _live_digest(args: argparse.Namespace) -> str | None:
         status: dict[str, Any] = control.request(socket_path(args), {"cmd": "status"})
     except control.DaemonUnreachable:
         return None
-    return (status.get("config") or {}).get("digest")
+    return printable.field(printable.field(status, "config", dict), "digest", str)
 
 
 # -- import / export ----------------------------------------------------------------

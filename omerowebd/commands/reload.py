@@ -6,8 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .. import control, progress
-from . import socket_path
+from .. import control, nginx, printable, progress, static, venv
+from ..config import DaemonSettings
+from ..errors import UserError
+from . import load_config, socket_path
+
+DEFAULT_READY_TIMEOUT = DaemonSettings.__dataclass_fields__["ready_timeout"].default
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,17 +33,40 @@ def run(args: argparse.Namespace) -> int:
     payload = {"cmd": "reload", "wait": not args.no_wait, "dry_run": args.dry_run}
     if args.discard_foreign_edits:
         payload["discard_foreign_edits"] = True
-    reply = request(socket_path(args), payload, show_progress=not (args.no_wait or args.dry_run))
-    if "exit_code" not in reply:
-        print(f"omerowebctl: {reply.get('error', 'unexpected reply')}")
+    reply = request(socket_path(args), payload, show_progress=not (args.no_wait or args.dry_run),
+                    timeout=ACCEPT_TIMEOUT if args.no_wait else wait_limit(args))
+    exit_code = printable.field(reply, "exit_code", int)
+    if exit_code is None:
+        print(f"omerowebctl: {printable.field(reply, 'error', str, 'unexpected reply')}")
         return 1
-    print(f"{reply['outcome']}: {reply['message']}")
-    for change in reply.get("changes") or []:
+    print(f"{printable.field(reply, 'outcome', str, '?')}: {printable.field(reply, 'message', str, '')}")
+    for change in printable.strings(reply, "changes"):
         print(f"  changed: {change}")
-    return int(reply["exit_code"])
+    return exit_code if 0 <= exit_code <= 255 else 1
 
 
-def request(path: Path, payload: dict[str, Any], *, show_progress: bool = True) -> dict[str, Any]:
+# A reload that is not waited for is answered at once; a dry run checks the config and the venv.
+ACCEPT_TIMEOUT = venv.PROBE_TIMEOUT + 30.0
+
+
+def wait_limit(args: argparse.Namespace) -> float:
+    """How long `reload` waits for its outcome: longer than any reload can take, yet finite.
+
+    Whatever answers on the socket is the service user's process; one that
+    never answers must not hold root's `omerowebctl reload` (and with it
+    `systemctl reload`) forever. A reload is at most: the venv probe,
+    collectstatic, nginx's check and reload, and the new generation's
+    daemon.ready_timeout; one already running may be ahead of it."""
+    try:
+        ready_timeout = load_config(args).daemon.ready_timeout
+    except UserError:
+        ready_timeout = DEFAULT_READY_TIMEOUT  # a broken file: the daemon rejects it quickly anyway
+    one = venv.PROBE_TIMEOUT + static.TIMEOUT + 2 * nginx.COMMAND_TIMEOUT + ready_timeout
+    return 2 * one + 60.0
+
+
+def request(path: Path, payload: dict[str, Any], *, show_progress: bool = True,
+            timeout: float = ACCEPT_TIMEOUT) -> dict[str, Any]:
     """The reload request; on a terminal, a line of what the daemon is doing while it works.
 
     The progress comes from status requests on a second connection: the
@@ -48,16 +75,16 @@ def request(path: Path, payload: dict[str, Any], *, show_progress: bool = True) 
         return describe(control.request(path, {"cmd": "status"}, timeout=5))
 
     with progress.Progress("reloading: waiting for the daemon", poll=poll, enabled=None if show_progress else False):
-        return control.request(path, payload, timeout=None)
+        return control.request(path, payload, timeout=timeout)
 
 
 def describe(status: dict[str, Any]) -> str | None:
     """What a reload in progress is at, from the daemon's status; None when it cannot tell."""
-    state = status.get("state")
+    state = printable.field(status, "state", str)
     if state != "reloading":
-        return f"reloading: waiting for the daemon (it is {state})" if isinstance(state, str) else None
-    serving = (status.get("generation") or {}).get("number")
-    generations = [g for g in status.get("generations") or [] if isinstance(g, dict)]
+        return f"reloading: waiting for the daemon (it is {state})" if state else None
+    serving = printable.field(printable.field(status, "generation", dict, {}), "number", int)
+    generations = [g for g in printable.field(status, "generations", list, []) or [] if isinstance(g, dict)]
     booting = [g for g in generations if g.get("state") in ("new", "booting") and g.get("number") != serving]
     retiring = [g for g in generations if g.get("state") == "retiring"]
     if booting:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
-from .. import control, progress, sessions, trust
+from .. import control, printable, progress, sessions, trust
+from ..config import SessionsSettings
 from ..errors import UserError
 from ..venv import probe_sync
 from . import load_config, socket_path
 
 EXIT_SWEEP_FAILED = 1
+DEFAULT_SWEEP_TIMEOUT = SessionsSettings.__dataclass_fields__["timeout"].default
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,14 +47,16 @@ def run_clear(args: argparse.Namespace) -> int:
     if daemon_listens(path):
         with progress.Progress(f"{what}: asking the daemon", enabled=show,
                                poll=lambda: sweep_progress(path, what)):
-            reply = control.request(path, {"cmd": "sessions_clear", "dry_run": args.dry_run}, timeout=None)
+            reply = control.request(path, {"cmd": "sessions_clear", "dry_run": args.dry_run},
+                                    timeout=wait_limit(args))
         if reply.get("ok") is False:
-            print(f"omerowebctl: {reply.get('error', 'unexpected reply')}")
+            print(f"omerowebctl: {printable.field(reply, 'error', str, 'unexpected reply')}")
             return EXIT_SWEEP_FAILED
         result = reply
     else:
         with progress.Progress(f"{what} (no daemon runs: sweeping here)", enabled=show):
             result = sweep_here(args)
+    result = printable.structure(result)  # the daemon's reply, or the report of a child run as the service user
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k not in ("ok", "snapshot")}, indent=2, sort_keys=True))
     else:
@@ -62,24 +64,40 @@ def run_clear(args: argparse.Namespace) -> int:
     return EXIT_SWEEP_FAILED if result.get("error") else 0
 
 
+def wait_limit(args: argparse.Namespace) -> float:
+    """How long `sessions clear` waits for the daemon: finite, and longer than two sweeps (one may be running).
+
+    A sweep runs at most sessions.timeout, plus the grace to report after
+    SIGTERM and the time to read what is left (sessions.py)."""
+    try:
+        timeout = load_config(args).sessions.timeout
+    except UserError:
+        timeout = DEFAULT_SWEEP_TIMEOUT
+    one = timeout + sessions.TERM_GRACE + sessions.EXIT_DRAIN + sessions.KILL_WAIT
+    return 2 * one + 60.0
+
+
 def sweep_progress(path: Path, what: str) -> str | None:
     """The line shown while the daemon sweeps: the store, and what the last sweep took as a guide."""
-    s = control.request(path, {"cmd": "status"}, timeout=5).get("sessions") or {}
-    running = s.get("running")
-    if not isinstance(running, dict):
+    s = printable.field(control.request(path, {"cmd": "status"}, timeout=5), "sessions", dict, {})
+    running = printable.field(s, "running", dict)
+    if running is None:
         return None
-    line = f"{what} in {s.get('store')}" if s.get("store") else what
-    if running.get("trigger") != "omerowebctl":
-        line += f" (after the {running.get('trigger')} sweep in progress)"
-    last = s.get("last")
-    if isinstance(last, dict) and "scanned" in last:
-        line += f"; the last sweep scanned {last.get('scanned')} files in {last.get('duration', 0):.0f}s"
+    store = printable.field(s, "store", str)
+    line = f"{what} in {store}" if store else what
+    trigger = printable.field(running, "trigger", str)
+    if trigger != "omerowebctl":
+        line += f" (after the {trigger} sweep in progress)"
+    last = printable.field(s, "last", dict, {})
+    scanned, took = printable.field(last, "scanned", int), printable.field(last, "duration", (int, float), 0)
+    if scanned is not None:
+        line += f"; the last sweep scanned {scanned} files in {took:.0f}s"
     return line
 
 
 def run_status(args: argparse.Namespace) -> int:
     status = control.request(socket_path(args), {"cmd": "status"})
-    s = status.get("sessions")
+    s = printable.field(status, "sessions", dict)
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
     else:
@@ -89,14 +107,12 @@ def run_status(args: argparse.Namespace) -> int:
 
 def daemon_listens(path: Path) -> bool:
     """False only when no daemon runs (no socket, or nobody on it); other trouble is the request's to report."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5.0)
-        try:
-            s.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            return False
-        except OSError as e:
-            return e.errno not in (errno.ENOENT, errno.ECONNREFUSED)
+    try:
+        control.connect(path).close()
+    except control.DaemonNotRunning:
+        return False
+    except (control.DaemonUnreachable, control.PermissionDenied):
+        return True  # something is there (maybe not the daemon): the request says what; no sweep behind its back
     return True
 
 
@@ -124,12 +140,16 @@ def sweep_here(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any]) -> str:
-    where = f" {r['store']}" if r.get("store") else ""
-    head = f"{'dry run: ' if r.get('dry_run') else ''}{r.get('engine')}{where}"
+    """The report as lines; whatever type a field has, never a traceback (it may come from the service user)."""
+    r = printable.structure(r)
+    store = printable.field(r, "store", str)
+    head = f"{'dry run: ' if r.get('dry_run') is True else ''}{printable.field(r, 'engine', str, '?')}" \
+        + (f" {store}" if store else "")
     lines = [head, f"  {sessions.describe(r)}"]
     if r.get("sweeper") == "omerowebd" and not r.get("error"):
-        lines.append(f"  ({r.get('ignored', 0)} other entries ignored, {r.get('read', 0)} files read, "
-                     f"{r.get('ledger_hits', 0)} known from the last sweep)")
-    for sample in r.get("error_samples") or []:
+        counts = {name: printable.field(r, name, int, 0) for name in ("ignored", "read", "ledger_hits")}
+        lines.append(f"  ({counts['ignored']} other entries ignored, {counts['read']} files read, "
+                     f"{counts['ledger_hits']} known from the last sweep)")
+    for sample in printable.strings(r, "error_samples"):
         lines.append(f"  error: {sample}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import zlib
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -539,3 +540,220 @@ def test_a_reload_that_changes_another_property_keeps_the_schedule() -> None:
     moved = parse('schedule = "1h"', "")
     service.update(moved, sessions.pinned_properties(moved), info())
     assert service._changed.is_set()
+
+
+# -- a store anybody may write -----------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root side of the rule needs root")
+def test_root_never_sweeps_a_store_anybody_may_write(shared_dir: Path) -> None:
+    # Root's, sticky, world-writable: nobody can swap it, but anybody can plant sessions in it.
+    store = shared_dir / "tmp-like"
+    store.mkdir()
+    store.chmod(0o1777)
+    for where in (store, Path(tempfile.gettempdir())):  # SESSION_FILE_PATH = "/tmp", Django's own default
+        with pytest.raises(sessions.SweepRefused, match=rf"refusing to sweep as root: the session store {where} is "
+                           r"writable by everyone.*leave SESSION_FILE_PATH unset"):
+            sessions.runner_for(file_target(where, shared_dir))
+    result = sessions.sweep_sync(file_target(store, shared_dir))
+    assert "writable by everyone" in result["error"]
+
+
+# -- the child's output: bounded in time and size, text made printable ------------------------
+
+
+def _child(tmp_path: Path, code: str, *, timeout: float = 60.0) -> sessions.Finished:
+    return sessions.run_child([sys.executable, "-c", textwrap.dedent(code)], b'{"mode": "sweep"}', timeout=timeout,
+                              env={"PATH": "/usr/bin:/bin"}, popen_args={})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[-1][:1] != "Z"
+
+
+def test_a_detached_grandchild_holding_the_pipes_does_not_hold_the_sweep(tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild"
+    finished = _child(tmp_path, f"""
+        import os, sys, time
+        if os.fork() == 0:
+            os.setsid()  # out of the child's process group: the group kill misses it
+            open({str(pidfile)!r}, "w").write(str(os.getpid()))
+            time.sleep(300)  # holds stdout and stderr open
+            os._exit(0)
+        while not os.path.exists({str(pidfile)!r}) or not open({str(pidfile)!r}).read():
+            time.sleep(0.01)
+        sys.stdin.read()
+        print('{{"scanned": 3, "deleted": 1, "kept": 2, "errors": 0}}')
+    """)
+    grandchild = int(pidfile.read_text())
+    try:
+        assert _alive(grandchild)  # still holding the pipes: the sweep did not wait for their end
+        assert finished.returncode == 0 and finished.problem is None and not finished.timed_out
+        assert json.loads(finished.stdout)["deleted"] == 1
+    finally:
+        os.kill(grandchild, 9)
+
+
+def test_a_grandchild_in_the_childs_group_is_killed_with_it(tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild"
+    finished = _child(tmp_path, f"""
+        import os, sys, time
+        if os.fork() == 0:
+            open({str(pidfile)!r} + ".tmp", "w").write(str(os.getpid()))
+            os.rename({str(pidfile)!r} + ".tmp", {str(pidfile)!r})
+            time.sleep(300)
+            os._exit(0)
+        while not os.path.exists({str(pidfile)!r}):
+            time.sleep(0.01)
+        print("{{}}")
+    """)
+    grandchild = int(pidfile.read_text())
+    deadline = datetime.now() + timedelta(seconds=60)
+    while _alive(grandchild) and datetime.now() < deadline:  # killed; reaped by init in its own time
+        time.sleep(0.01)
+    assert not _alive(grandchild) and finished.returncode == 0
+
+
+def test_a_child_that_writes_without_end_is_cut_off(tmp_path: Path) -> None:
+    finished = _child(tmp_path, """
+        import sys
+        while True:
+            sys.stdout.buffer.write(b"x" * 65536)
+    """)
+    assert finished.problem == "it wrote over 4 MiB where a report of a few KiB belongs"
+    assert len(finished.stdout) <= sessions.MAX_STDOUT + 2 * 65536 and finished.returncode == -9
+    result = sessions._outcome(target(), False, finished.returncode, finished.stdout, finished.stderr, 1.0,
+                               finished.timed_out, finished.problem)
+    assert result["error"] == "the sweep was stopped: it wrote over 4 MiB where a report of a few KiB belongs"
+
+
+def test_stderr_without_end_keeps_only_its_last_part(tmp_path: Path) -> None:
+    finished = _child(tmp_path, """
+        import sys
+        for _ in range(200):
+            sys.stderr.buffer.write(b"y" * 65535 + b"\\n")
+        sys.stderr.write("the last line\\n")
+        sys.exit(3)
+    """)
+    assert len(finished.stderr) <= sessions.MAX_STDERR and finished.stderr.endswith(b"the last line\n")
+    assert finished.returncode == 3 and finished.problem is None
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sessions, "TERM_GRACE", 0.5)
+    finished = _child(tmp_path, """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.stdout.write('{"scanned": 1}\\n')
+        sys.stdout.flush()
+        while True:
+            time.sleep(1)
+    """, timeout=0.5)
+    assert finished.timed_out and finished.returncode == -9
+    assert json.loads(finished.stdout) == {"scanned": 1}  # what it said before is kept
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202eevil\u2066\u200b\ud800\x9b"
+
+
+def test_a_report_is_taken_only_in_the_types_the_script_writes() -> None:
+    report = {"scanned": "10", "deleted": True, "kept": 8, "errors": 1.5, "started_at": "yesterday", "busy": 1,
+              "store": "/etc", "engine": "x", "duration": "long", "error": "forged", "holder": 42,
+              "error_samples": [HOSTILE, 5, {"a": 1}, "x" * 5000], "priority_notes": "nice",
+              "snapshot": {"file_path": "/s", "nested": {"no": 1}}}
+    r = sessions._outcome(target(), False, 0, (json.dumps(report) + "\n").encode(), b"", 1.5, False)
+    assert r["store"] == "/s" and r["engine"] == "django.contrib.sessions.backends.file"  # ours, not the child's
+    assert r["kept"] == 8 and r["duration"] == 1.5 and "error" not in r
+    assert not {"scanned", "deleted", "errors", "started_at", "busy", "holder", "priority_notes", "snapshot"} & set(r)
+    assert r["error_samples"] == ["?]0;pwned??[2J?evil????", "x" * sessions.MAX_TEXT + "..."]
+    assert sessions.describe(r) == "scanned 0, deleted 0, kept 8, errors 0, 1.50s"
+
+
+def test_hostile_text_from_the_child_never_reaches_a_terminal() -> None:
+    fatal = json.dumps({"fatal": HOSTILE}).encode()
+    assert sessions._outcome(target(), False, 0, fatal, b"", 0.1, False)["error"] == "?]0;pwned??[2J?evil????"
+    crashed = sessions._outcome(target(), False, 1, b"", f"Traceback\n{HOSTILE}\n".encode(errors="surrogatepass"),
+                                0.1, False)
+    assert crashed["error"].startswith("the sweep failed (1): ?]0;pwned") and "\x1b" not in crashed["error"]
+    # A reply of the daemon's (or a fake one's) rendered by omerowebctl: the same.
+    from omerowebd.commands import sessions as command
+
+    shown = command.render({"engine": HOSTILE, "store": HOSTILE, "error": HOSTILE, "error_samples": [HOSTILE]})
+    assert not any(c in shown for c in "\x1b\x07\u202e\u2066\u200b\x9b\ud800")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ptrace by the service user needs a second user")
+def test_the_sweep_cannot_be_ptraced_by_another_process_of_its_user(tmp_path: Path) -> None:
+    """prctl(PR_SET_DUMPABLE, 0) first thing: the kernel then gives the child's /proc to root and
+    refuses ptrace to processes of the same user (this kernel has no Yama to do it)."""
+    child = subprocess.Popen([sys.executable, str(Path(sweep_script.__file__))], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=NOBODY, group=NOBODY,
+                             extra_groups=[], env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}, cwd="/")
+    try:
+        deadline = datetime.now() + timedelta(seconds=60)
+        while os.stat(f"/proc/{child.pid}/status").st_uid != 0:  # it waits on stdin, not dumpable from its start
+            assert datetime.now() < deadline and child.poll() is None, "the sweep stayed dumpable"
+            time.sleep(0.01)
+        seize = textwrap.dedent(f"""
+            import ctypes, os, sys
+            libc = ctypes.CDLL(None, use_errno=True)
+            ok = libc.ptrace(0x4206, {child.pid}, None, None)  # PTRACE_SEIZE: attach without stopping it
+            sys.exit(0 if ok == 0 else ctypes.get_errno())
+        """)
+        tried = subprocess.run([sys.executable, "-c", seize], user=NOBODY, group=NOBODY, extra_groups=[], cwd="/",
+                               timeout=60)
+        assert tried.returncode == 1  # EPERM
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's side of the sweep needs root")
+def test_roots_sweep_outlives_a_hostile_child(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sessions clear` as root, no daemon: the child runs as the store's owner (nobody here), who may
+    ptrace it or own the venv it runs. Whatever it does, root's omerowebctl is back at sessions.timeout
+    plus the grace, with a bounded report of printable text; what it left behind holds nothing of root's."""
+    monkeypatch.setattr(sessions, "TERM_GRACE", 1.0)
+    store = shared_dir / "sessions"
+    store.mkdir(mode=0o700)
+    os.chown(store, NOBODY, NOBODY)
+    python = shared_dir / "python"  # the compromised child: root's file, run as nobody
+    python.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, signal, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if os.fork() == 0:
+            os.setsid()  # leaves the group root kills; keeps stdout and stderr open
+            open({str(store / "held.tmp")!r}, "w").write(str(os.getpid()))
+            os.rename({str(store / "held.tmp")!r}, {str(store / "held")!r})
+            time.sleep(300)
+            os._exit(0)
+        sys.stdout.write(json.dumps({{"fatal": {HOSTILE!r}}}) + "\\n")
+        sys.stdout.flush()
+        while True:
+            sys.stderr.write({HOSTILE!r} * 1000)
+            time.sleep(0.01)
+    """))
+    python.chmod(0o755)
+    target = sessions.Target(engine="django.contrib.sessions.backends.file", kind="file", store=store,
+                             omerodir=shared_dir, python=python, manage=Path("/m"),
+                             settings=config_module.SessionsSettings(timeout=1.0))
+    result = sessions.sweep_sync(target)
+    held = store / "held"
+    try:
+        assert result["error"] == "?]0;pwned??[2J?evil????"  # its last word, made printable
+        deadline = time.monotonic() + 60
+        while not held.exists():
+            assert time.monotonic() < deadline, "the grandchild never started"
+            time.sleep(0.01)
+        grandchild = int(held.read_text())
+        assert _alive(grandchild) and os.stat(held).st_uid == NOBODY  # still holding the pipes, as nobody
+    finally:
+        if held.exists():
+            os.kill(int(held.read_text()), 9)
