@@ -25,6 +25,7 @@ from pathlib import Path
 from xml.etree.ElementTree import ParseError, fromstring
 
 from . import omero_config, redact, trust
+from .nginx import NGINX_PROPERTIES
 from .edit import Change, Document, Knowledge, plain_value, property_item, written_as
 from .redact import HIDDEN, is_secret
 from .omero_config import encode_value
@@ -67,6 +68,22 @@ def read_source(path: Path) -> Source:
     except UnicodeDecodeError as e:
         raise MigrationError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return Source(path, "omero config get", parse_config_get(text, path))
+
+
+def withhold_nginx_properties(source: Source) -> list[str]:
+    """As root, from a file root does not alone control: take out what root's nginx rendering reads.
+
+    ``check`` names the service user's config.xml when someone edited it;
+    importing it as it is would let that user choose lines nginx's root
+    master reads (omero.web.nginx_server_extra_config) through root's own
+    hands. A person reads such a value and sets it with ``config set``.
+    Returns the names withheld (the file itself is not changed)."""
+    if os.geteuid() != 0 or not trust.file_problems(source.path):
+        return []
+    withheld = sorted(name for name in source.properties if name in NGINX_PROPERTIES)
+    for name in withheld:
+        del source.properties[name]
+    return withheld
 
 
 def _read_file(path: Path) -> bytes:

@@ -100,6 +100,15 @@ class WebSettings:
         return f"{self.host}:{self.port}"
 
 
+# The properties web_settings reads: what root's nginx rendering takes from
+# the TOML. Whoever may set them chooses text that nginx's root master reads.
+NGINX_PROPERTIES = frozenset({
+    "omero.web.application_server", "omero.web.application_server.host", "omero.web.application_server.port",
+    "omero.web.prefix", "omero.web.force_script_name", "omero.web.static_url", "omero.web.static_root",
+    "omero.web.nginx_server_extra_config",
+})
+
+
 def web_settings(properties: Mapping[str, str], info: VenvInfo, omerodir: Path | str,
                  where: Where = _nowhere) -> WebSettings:
     """Read the settings from the OMERO properties, with OMERO.web's defaults and parsers."""

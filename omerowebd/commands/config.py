@@ -332,6 +332,10 @@ def _live_digest(args: argparse.Namespace) -> str | None:
 
 def run_import(args: argparse.Namespace) -> int:
     source = migrate.read_source(args.file)
+    for name in migrate.withhold_nginx_properties(source):
+        print(f"withheld {name}: {source.path} is not root's alone, and root renders nginx's files from this "
+              f"property; read the value there and set it with `omerowebctl config set {name} --stdin`",
+              file=sys.stderr)
     report: list[migrate.Imported] = []
     count = len(source.properties)
     # OMERO.web is asked (in the venv) for the types before, and for its verdict after.

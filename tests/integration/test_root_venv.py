@@ -76,3 +76,34 @@ def test_a_root_owned_venv_is_run(tmp_path: Path, planted_venv) -> None:
     venv, marker = planted_venv
     check(tmp_path, venv)
     assert marker.read_text() == "ran"
+
+
+def test_root_import_withholds_what_nginx_reads_from_a_file_the_service_user_writes(tmp_path: Path, omero_venv: Path) -> None:
+    """`check` points root at the service user's edited config.xml; importing it must not let that user
+    choose the lines nginx's root master reads."""
+    config = tmp_path / "omerowebd.toml"
+    config.write_text(f'[daemon]\nvenv = "{omero_venv}"\nomerodir = "{tmp_path / "omerodir"}"\n'
+                      f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    os.chown(hostile, NOBODY.pw_uid, NOBODY.pw_gid)
+    backup = hostile / "backup.txt"
+    backup.write_text("omero.web.login_logo=/static/logo.png\n"  # sorted, as omero config get prints them
+                      'omero.web.nginx_server_extra_config=["access_log /etc/cron.d/x;"]\n')
+    os.chown(backup, NOBODY.pw_uid, NOBODY.pw_gid)
+
+    def run_import(source: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "omerowebd.ctl", "--config", str(config), "config", "import",
+                               str(source)], capture_output=True, text=True, timeout=300)
+
+    result = run_import(backup)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "withheld omero.web.nginx_server_extra_config" in result.stderr
+    text = config.read_text()
+    assert "login_logo" in text and "nginx_server_extra_config" not in text and "cron" not in text
+
+    trusted = tmp_path / "backup.txt"  # the same file, root's: the admin's own backup is taken whole
+    trusted.write_text(backup.read_text())
+    result = run_import(trusted)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "nginx_server_extra_config" in config.read_text()
