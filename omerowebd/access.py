@@ -137,7 +137,7 @@ def policy(admin_group: str | None) -> Policy:
         admin_gid = None
     uid, gid = os.getuid(), os.getgid()
     return Policy(uid=uid, gid=gid, admin_gid=admin_gid, admin_group=admin_group,
-                  user_name=_user_name(uid), group_name=_group_name(gid))
+                  user_name=user_name(uid), group_name=group_name(gid))
 
 
 def required(request: Mapping[str, Any]) -> Level | None:
@@ -146,14 +146,14 @@ def required(request: Mapping[str, Any]) -> Level | None:
     return COMMANDS.get(cmd) if isinstance(cmd, str) else None
 
 
-def _user_name(uid: int) -> str:
+def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
 
 
-def _group_name(gid: int) -> str:
+def group_name(gid: int) -> str:
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:

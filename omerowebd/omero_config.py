@@ -237,22 +237,7 @@ def config_xml_path(omerodir: Path) -> Path:
 
 def read_config_xml(path: Path) -> dict[str, str]:
     """The active profile's properties, as omero-py's ``ConfigXml.as_map()`` gives them."""
-    root = fromstring(path.read_bytes())
-    blocks = {p.get("id"): p for p in root.findall("./properties")}
-    profile = PROFILE
-    active = blocks.get(ACTIVE)
-    if active is not None:
-        for prop in active.findall("./property"):
-            if prop.get("name") == PROFILE_KEY:
-                profile = prop.get("value") or PROFILE
-    block = blocks.get(profile)
-    if block is None:
-        return {}
-    return {
-        p.get("name"): p.get("value", "")
-        for p in block.findall("./property")
-        if "name" in p.attrib and p.get("name") not in (VERSION_KEY, PROFILE_KEY)
-    }
+    return properties_of(path.read_bytes())
 
 
 # -- the site's config.xml: written by omerowebd, and maybe by someone else ----------

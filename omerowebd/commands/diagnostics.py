@@ -9,7 +9,6 @@ It works with no daemon and with a broken config: it reports what it can.
 from __future__ import annotations
 
 import argparse
-import grp
 import importlib.metadata
 import json
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, checks, control, nginx, omero_config, redact
+from .. import __version__, access, checks, control, nginx, omero_config, redact
 from .. import config as config_module
 from ..errors import UserError
 from ..generation import CONF, plan_gunicorn
@@ -82,7 +81,7 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
                            **{lib: _dist_version(lib) for lib in DAEMON_LIBRARIES}}
     systemd = systemd_state()
     report["systemd"] = systemd
-    user = args.user or _unit_user(systemd) or (SERVICE_USER if _user_exists(SERVICE_USER) else _user_name(os.geteuid()))
+    user = args.user or _unit_user(systemd) or (SERVICE_USER if _user_exists(SERVICE_USER) else access.user_name(os.geteuid()))
     report["judged_for"] = user
     try:
         config = config_module.load(path)
@@ -168,7 +167,7 @@ def describe_path(what: str, path: Path, user: str, *, write: bool) -> dict[str,
         if not isinstance(e, FileNotFoundError):
             entry["error"] = e.strerror
     else:
-        entry.update(exists=True, kind=_kind(st.st_mode), owner=f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}",
+        entry.update(exists=True, kind=_kind(st.st_mode), owner=f"{access.user_name(st.st_uid)}:{access.group_name(st.st_gid)}",
                      mode=f"{stat.S_IMODE(st.st_mode):04o}")
     entry["readable"] = can_access(user, path, write=False)
     if write:
@@ -182,20 +181,6 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "other"
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 def _user_exists(name: str) -> bool:
