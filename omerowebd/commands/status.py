@@ -19,12 +19,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    status = control.request(socket_path(args), {"cmd": "status"})
+    path = socket_path(args)
+    status = control.request(path, {"cmd": "status"})
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
-        print(render(status))
-    return 0 if status.get("serving") else 1
+        try:
+            text = render(status)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError):
+            # What answers there runs as the service user: a reply of another shape is its
+            # problem to report, never a traceback in root's terminal.
+            raise control.DaemonUnreachable(
+                f"the status that {path} sent is not one this omerowebctl can show (try status --json)") from None
+        print(text)
+    return 0 if status.get("serving") is True else 1
 
 
 def render(s: dict[str, Any]) -> str:

@@ -112,8 +112,10 @@ FLOOD = textwrap.dedent(
 def timed_status(path: Path) -> float:
     started = time.monotonic()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
+        # A blocking connect waits for room in the listen queue, as omerowebctl does; with a
+        # timeout set first, a full queue would answer EAGAIN at once.
         s.connect(str(path))
+        s.settimeout(10)
         s.sendall(b'{"cmd": "status"}\n')
         data = b""
         while not data.endswith(b"\n"):
@@ -136,7 +138,9 @@ def test_a_flood_of_idle_clients_delays_neither_status_nor_a_reload(daemon):
         assert flood.stdout.readline() == "ready\n"
         during = fds(pid)
         assert during - before <= 64 + 4, (before, during)  # the cap, not 300
-        assert max(timed_status(path) for _ in range(10)) < 1.0
+        # Not a speed target: queued behind the flood, status would wait out idle clients'
+        # 15 s line timeouts; the bound sits far below that and far above a loaded machine's noise.
+        assert max(timed_status(path) for _ in range(10)) < 5.0
         daemon.write_config(workers=2, daemon="watch_config = false")
         started = time.monotonic()
         out = daemon.ctl("reload")
@@ -144,7 +148,7 @@ def test_a_flood_of_idle_clients_delays_neither_status_nor_a_reload(daemon):
         took = time.monotonic() - started
         # The reload took what a generation takes to boot; status answered all along.
         assert took < daemon.status()["last_reload"]["seconds"] + 5
-        assert max(timed_status(path) for _ in range(10)) < 1.0
+        assert max(timed_status(path) for _ in range(10)) < 5.0
     finally:
         flood.stdin.close()
         flood.wait(30)

@@ -328,3 +328,15 @@ def test_commands_read_odd_replies_without_a_traceback(fake_daemon, tmp_path: Pa
     print(sessions_command.render(control.request(path, {"cmd": "sessions_clear"})))
     reload_command.describe(json.loads(reply))  # the progress line, from a status of any shape
     assert capsys.readouterr().out.count("\n") >= 3  # the reload's line, the sessions status, the report
+
+
+@pytest.mark.parametrize("reply", [b'{"state": 5}\n', b'{"ok": true, "state": "serving", "pid": [], "uptime": "x"}\n',
+                                   b'{"ok": true, "state": "s", "pid": 1, "uptime": 1, "generation": 7}\n'])
+def test_status_of_an_odd_shape_is_one_line_not_a_traceback(fake_daemon, reply: bytes, capsys) -> None:
+    from omerowebd import ctl
+
+    path, replies = fake_daemon
+    replies.append(reply)
+    code = ctl.main(["--socket", str(path), "status"])
+    err = capsys.readouterr().err
+    assert code == control.EXIT_UNREACHABLE and "status --json" in err and "Traceback" not in err
