@@ -25,7 +25,7 @@ from pathlib import Path
 from xml.etree.ElementTree import ParseError, fromstring
 
 from . import omero_config, redact, trust
-from .nginx import NGINX_PROPERTIES
+from .nginx import NGINX_DIRECTIVE_PROPERTIES
 from .edit import Change, Document, Knowledge, plain_value, property_item, written_as
 from .redact import HIDDEN, is_secret
 from .omero_config import encode_value
@@ -71,16 +71,17 @@ def read_source(path: Path) -> Source:
 
 
 def withhold_nginx_properties(source: Source) -> list[str]:
-    """As root, from a file root does not alone control: take out what root's nginx rendering reads.
+    """As root, from a file root does not alone control: take out the nginx lines root would render.
 
-    ``check`` names the service user's config.xml when someone edited it;
-    importing it as it is would let that user choose lines nginx's root
-    master reads (omero.web.nginx_server_extra_config) through root's own
-    hands. A person reads such a value and sets it with ``config set``.
-    Returns the names withheld (the file itself is not changed)."""
+    ``check`` names the service user's config.xml when someone edited it,
+    and a site moving from ``omero web start`` imports a config.xml that
+    user owns; importing omero.web.nginx_server_extra_config from it would
+    let that user choose directives nginx's root master reads, through
+    root's own hands. A person reads such a value and sets it with ``config
+    set``. Returns the names withheld (the file itself is not changed)."""
     if os.geteuid() != 0 or not trust.file_problems(source.path):
         return []
-    withheld = sorted(name for name in source.properties if name in NGINX_PROPERTIES)
+    withheld = sorted(name for name in source.properties if name in NGINX_DIRECTIVE_PROPERTIES)
     for name in withheld:
         del source.properties[name]
     return withheld

@@ -100,13 +100,11 @@ class WebSettings:
         return f"{self.host}:{self.port}"
 
 
-# The properties web_settings reads: what root's nginx rendering takes from
-# the TOML. Whoever may set them chooses text that nginx's root master reads.
-NGINX_PROPERTIES = frozenset({
-    "omero.web.application_server", "omero.web.application_server.host", "omero.web.application_server.port",
-    "omero.web.prefix", "omero.web.force_script_name", "omero.web.static_url", "omero.web.static_root",
-    "omero.web.nginx_server_extra_config",
-})
+# Properties whose text becomes whole nginx directives in what root renders.
+# Every other value web_settings reads is checked (value_problem) so that it
+# cannot end a directive or a block; these are nginx lines by design, so
+# whoever sets them chooses what nginx's root master reads.
+NGINX_DIRECTIVE_PROPERTIES = frozenset({"omero.web.nginx_server_extra_config"})
 
 
 def web_settings(properties: Mapping[str, str], info: VenvInfo, omerodir: Path | str,

@@ -333,8 +333,8 @@ def _live_digest(args: argparse.Namespace) -> str | None:
 def run_import(args: argparse.Namespace) -> int:
     source = migrate.read_source(args.file)
     for name in migrate.withhold_nginx_properties(source):
-        print(f"withheld {name}: {source.path} is not root's alone, and root renders nginx's files from this "
-              f"property; read the value there and set it with `omerowebctl config set {name} --stdin`",
+        print(f"withheld {name}: {source.path} is not root's alone, and this property's lines go into the nginx "
+              f"files root renders; read the value there and set it with `omerowebctl config set {name} --stdin`",
               file=sys.stderr)
     report: list[migrate.Imported] = []
     count = len(source.properties)
