@@ -129,7 +129,11 @@ class Browser:
         return visit
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API runs an event loop in the
+# main thread while it is started, and every later test that calls
+# asyncio.run() in-process would fail with "cannot be called from a running
+# event loop".
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     try:
         from playwright.sync_api import sync_playwright
