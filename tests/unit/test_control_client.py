@@ -220,7 +220,7 @@ def test_a_root_service_socket_in_the_service_users_runtime_dir_is_refused(runti
         with pytest.raises(control.UntrustedSocket, match=r"it is served as uid 0, but its directory belongs to uid "
                            r"65534, so it is not omerowebd's"):
             control.request(runtime_dir / "control.sock", {"cmd": "reload"})
-        assert other.received == []  # nothing sent
+        assert not any(other.received)  # nothing sent (the connect itself may show, as an empty read)
     finally:
         other.close()
 
