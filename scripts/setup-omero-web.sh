@@ -17,7 +17,10 @@
 # would compile it again, for minutes.)
 #
 # Idempotent: an existing, complete venv built from the same REQUIREMENTS is
-# left as it is. Each long step prints a line before and after; pip's output
+# left as it is; one this script built from other REQUIREMENTS is updated in
+# place (pip installs what they add or change, e.g. an extra such as
+# omero-web[redis]), so that the processes running from it keep their files;
+# a pin dropped from REQUIREMENTS stays installed (remove the venv to drop it). Each long step prints a line before and after; pip's output
 # goes to a log file, named if it fails (see scripts/steps.sh).
 set -euo pipefail
 
@@ -81,12 +84,21 @@ if ! ice_wheel; then
     step_end
 fi
 
-step_begin "venv-$name" "building the OMERO.web venv $VENV from $(basename "$requirements")" "1-3 minutes"
-rm -rf "$VENV"
-mkdir -p "$(dirname "$VENV")"
-step_run "$PY310_HOME/bin/python3.10" -m venv "$VENV"
-step_run "$VENV/bin/pip" install --disable-pip-version-check --find-links "$WHEELHOUSE" "$ICE" -r "$requirements"
-chmod -R a+rX "$VENV"
-cp "$requirements" "$VENV/.omerowebd-requirements"
-step_end
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import omeroweb, gunicorn' 2>/dev/null \
+   && [ -f "$VENV/.omerowebd-requirements" ]; then
+    step_begin "venv-$name" "updating the OMERO.web venv $VENV to $(basename "$requirements")" "under a minute"
+    step_run "$VENV/bin/pip" install --disable-pip-version-check --find-links "$WHEELHOUSE" "$ICE" -r "$requirements"
+    chmod -R a+rX "$VENV"
+    cp "$requirements" "$VENV/.omerowebd-requirements"
+    step_end
+else
+    step_begin "venv-$name" "building the OMERO.web venv $VENV from $(basename "$requirements")" "1-3 minutes"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    step_run "$PY310_HOME/bin/python3.10" -m venv "$VENV"
+    step_run "$VENV/bin/pip" install --disable-pip-version-check --find-links "$WHEELHOUSE" "$ICE" -r "$requirements"
+    chmod -R a+rX "$VENV"
+    cp "$requirements" "$VENV/.omerowebd-requirements"
+    step_end
+fi
 echo "setup-omero-web: $VENV ready ($("$VENV/bin/python" -c 'import importlib.metadata as m; print("omero-web", m.version("omero-web"), "gunicorn", m.version("gunicorn"))'))"
