@@ -8,7 +8,8 @@ import sys
 
 from . import __version__, log, redact, runlock
 from . import config as config_module
-from .errors import EXIT_FAILURE, ConfigErrors, UserError
+from .errors import ConfigErrors, UserError
+from .exits import EXIT_FAILURE
 from .supervisor import Supervisor
 from .systemd import Notifier
 

@@ -31,9 +31,7 @@ from typing import Any
 from . import access, log, printable
 from .access import Level, Peer, Policy
 from .errors import UserError
-
-EXIT_UNREACHABLE = 3
-EXIT_NOPERM = 77  # EX_NOPERM from sysexits.h
+from .exits import EXIT_NOPERM, EXIT_UNREACHABLE
 
 MAX_LINE = 64 << 10  # a request is a few dozen bytes; asyncio buffers at most twice this per client
 MAX_CLIENTS = 64

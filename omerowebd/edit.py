@@ -45,7 +45,8 @@ from tomlkit.container import Container
 from . import config as config_module
 from . import redact
 from . import venv as venv_module
-from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, ConfigErrors, UserError
+from .errors import ConfigError, ConfigErrors, UserError
+from .exits import EXIT_FAILURE, EXIT_USAGE
 from .files import write_atomic
 from .omero_config import encode_value, flatten_omero_tree
 from .venv import VenvInfo

@@ -1,14 +1,12 @@
-"""Errors a person can fix, and the exit codes that go with them."""
+"""Errors a person can fix, each with the exit code that goes with it (exits.py)."""
 
 from __future__ import annotations
 
-# Exit codes of `omerowebd`. 78 is EX_CONFIG from sysexits.h; the unit sets
-# RestartPreventExitStatus=78 so that a config a person must fix fails once,
-# with one line in the journal, instead of restarting in a loop.
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 78
+# The codes live in exits.py; EXIT_FAILURE and EXIT_USAGE stay importable from
+# here for code written before exits.py (import them from exits).
+from .exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_USAGE", "ConfigError", "ConfigErrors", "UserError"]
 
 
 class UserError(Exception):

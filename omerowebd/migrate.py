@@ -29,7 +29,8 @@ from .nginx import NGINX_DIRECTIVE_PROPERTIES
 from .edit import Change, Document, Knowledge, plain_value, property_item, written_as
 from .redact import HIDDEN, is_secret
 from .omero_config import encode_value
-from .errors import EXIT_FAILURE, UserError
+from .errors import UserError
+from .exits import EXIT_FAILURE
 
 # Bigger is neither a config.xml omero wrote nor a backup of one.
 MAX_SOURCE = omero_config.MAX_CONFIG_XML

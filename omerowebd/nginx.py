@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, NginxSettings, address_problem
-from .errors import EXIT_FAILURE, UserError
+from .errors import UserError
+from .exits import EXIT_FAILURE
 from .files import write_atomic
 from .static import static_location
 from .venv import VenvInfo, effective, probe_env

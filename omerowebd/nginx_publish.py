@@ -60,6 +60,7 @@ from typing import Any
 from . import __version__, nginx, omero_config, trust
 from .config import DEFAULT_CONFIG, Config, parse
 from .errors import UserError
+from .exits import EXIT_OK, PUBLISH_FAILED, PUBLISH_REFUSED
 from .venv import PROBE, PROBE_TIMEOUT, VenvInfo, _parse_probe, _probe_input, fingerprint, layout_problems, python_of
 
 DEFAULT_DEST = Path("/var/lib/omerowebd-nginx")
@@ -82,9 +83,7 @@ MAX_MARKER = 4096
 # Nothing of the caller's environment reaches the venv's Python or nginx.
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # nginx refused the files, its reload failed, or the inputs kept changing
-EXIT_REFUSED = 2  # usage, or an input root cannot trust or read
+EXIT_FAILED, EXIT_REFUSED = PUBLISH_FAILED, PUBLISH_REFUSED
 
 
 class Refused(Exception):

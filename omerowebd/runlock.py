@@ -22,11 +22,9 @@ import stat
 from pathlib import Path
 
 from .errors import UserError
+from .exits import EXIT_LOCKED
 
 LOCK_NAME = "omerowebd.lock"
-
-# EX_TEMPFAIL from sysexits.h: the other daemon may stop; trying again later may work.
-EXIT_LOCKED = 75
 
 
 class RuntimeDirBusy(UserError):

@@ -49,6 +49,7 @@ from typing import Any
 
 from . import log
 from .errors import UserError
+from .exits import EXIT_FAILURE
 from .files import write_atomic
 from .venv import VenvInfo, effective, probe_env, python_of
 
@@ -64,7 +65,7 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class CollectstaticFailed(UserError):
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 @dataclass(frozen=True)

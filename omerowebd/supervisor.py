@@ -26,6 +26,7 @@ from . import config as config_module
 from .config import Config
 from .control import ControlServer
 from .errors import ConfigError, UserError
+from .exits import EXIT_FAILURE, RELOAD_APPLIED, RELOAD_REJECTED, RELOAD_RESTART_REQUIRED, RELOAD_ROLLED_BACK
 from .generation import Generation, GenerationFailed, GunicornPlan, http_probe, plan_gunicorn
 from .nginx import NginxOutput, Switch, mark_applied
 from .sessions import SessionService
@@ -35,12 +36,6 @@ from .store_watch import StoreWatch
 from .systemd import Notifier
 from .venv import Prober, VenvInfo, fingerprint
 from .watch import ConfigWatcher
-
-# omerowebctl reload's exit codes.
-RELOAD_APPLIED = 0
-RELOAD_REJECTED = 1
-RELOAD_ROLLED_BACK = 2
-RELOAD_RESTART_REQUIRED = 4
 
 # Settings that a running daemon cannot take over: they name its own sockets and files.
 RESTART_KEYS = ("daemon.runtime_dir", "daemon.state_dir")
@@ -183,7 +178,7 @@ class Supervisor:
             await generation.wait_ready(config.daemon.ready_timeout, self._extend_timeout)
         except GenerationFailed as e:
             await generation.kill()
-            raise UserError(f"OMERO.web did not start: {e}", exit_code=1) from None
+            raise UserError(f"OMERO.web did not start: {e}", exit_code=EXIT_FAILURE) from None
         for switch in switches:
             await switch()
         self.applied = target

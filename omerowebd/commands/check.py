@@ -9,6 +9,7 @@ from .. import checks, control, omero_config, printable, trust
 from .. import config as config_module
 from ..config import Config
 from ..errors import ConfigErrors, UserError
+from ..exits import EXIT_FAILURE, EXIT_OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +27,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigErrors as e:
         for problem in e.problems:
             print(f"error: {problem}")
-        return 1
+        return EXIT_FAILURE
     except UserError as e:
         print(f"error: {e}")
-        return 1
+        return EXIT_FAILURE
     problems, warnings, info = checks.run_sync(config)
     foreign, note = foreign_edits(config)
     problems += foreign
@@ -39,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"warning: {warning}")
     if problems:
-        return 1
+        return EXIT_FAILURE
     assert info is not None
     print(f"ok: {path} (omero-web {info.versions.get('omero-web', '?')}, gunicorn {info.versions.get('gunicorn', '?')})")
-    return 0
+    return EXIT_OK
 
 
 def foreign_edits(config: Config) -> tuple[list[str], list[str]]:

@@ -14,12 +14,13 @@ from typing import Any
 
 from .. import config as config_module
 from .. import control, edit, migrate, printable, progress, redact, venv
-from ..errors import EXIT_FAILURE, EXIT_USAGE, UserError
+from ..errors import UserError
+from ..exits import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ..files import write_atomic
 from . import reload as reload_command
 from . import socket_path
 
-EXIT_NOT_SET = 1
+EXIT_NOT_SET = EXIT_FAILURE
 
 EPILOG = """\
 KEY is an OMERO property (omero.web.prefix, as with `omero config`) or a
@@ -215,7 +216,7 @@ def _print(values: dict[str, str], args: argparse.Namespace, *, single: bool = F
     else:
         for name, value in shown.items():
             print(f"{name}={value}")
-    return 0
+    return EXIT_OK
 
 
 # -- edits ------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def _edit(args: argparse.Namespace, mutate: edit.Mutation, *, dry_run: bool = Fa
         print(f"{outcome.path} is unchanged")
     if args.reload and not dry_run:
         return _reload(args, outcome.path)
-    return 0
+    return EXIT_OK
 
 
 def _describe(change: edit.Change, outcome: edit.Outcome, show: bool) -> str:
@@ -378,10 +379,10 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if args.output is None:
         sys.stdout.write(text)
-        return 0
+        return EXIT_OK
     try:
         write_atomic(args.output, text.encode("utf-8"), mode=0o600)  # secrets: for the admin only
     except OSError as e:
         raise UserError(f"{args.output}: cannot write it: {e.strerror}", exit_code=EXIT_FAILURE) from None
     print(f"wrote {len(config.properties)} properties to {args.output}", file=sys.stderr)
-    return 0
+    return EXIT_OK

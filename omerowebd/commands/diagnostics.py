@@ -25,6 +25,7 @@ from typing import Any
 from .. import __version__, access, checks, control, nginx, omero_config, redact
 from .. import config as config_module
 from ..errors import UserError
+from ..exits import EXIT_FAILURE, EXIT_OK
 from ..generation import CONF, plan_gunicorn
 from ..venv import VenvInfo, effective, python_of
 from . import socket_path
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         print(render(report))
-    return 1 if report["problems"] else 0
+    return EXIT_FAILURE if report["problems"] else EXIT_OK
 
 
 # -- gathering -------------------------------------------------------------------

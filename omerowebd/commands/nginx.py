@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from .. import nginx, venv
-from ..errors import EXIT_USAGE, UserError
+from ..errors import UserError
+from ..exits import EXIT_OK, EXIT_USAGE
 from . import load_config
 
 EPILOG = """\
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"{option} {value!r} {problem}", exit_code=EXIT_USAGE)
     sys.stdout.write(nginx.render(args.type, web, info, http=args.http, servername=args.servername,
                                   max_body_size=args.max_body_size))
-    return 0
+    return EXIT_OK
 
 
 def _print_written(args: argparse.Namespace, config: nginx.Config, info: venv.VenvInfo) -> int:
@@ -71,4 +72,4 @@ def _print_written(args: argparse.Namespace, config: nginx.Config, info: venv.Ve
         print(f"omerowebctl: warning: {warning}", file=sys.stderr)
     path = rendered.server if args.type == "server" else rendered.location
     sys.stdout.write(rendered.files[path].decode())
-    return 0
+    return EXIT_OK

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-from .. import control, nginx, printable, progress, static, venv
+from .. import control, nginx, printable, progress, redact, static, venv
 from ..config import DaemonSettings
 from ..errors import UserError
+from ..exits import EXIT_FAILURE
 from . import load_config, socket_path
 
 DEFAULT_READY_TIMEOUT = DaemonSettings.__dataclass_fields__["ready_timeout"].default
@@ -23,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-wait", action="store_true", help="return once the daemon has accepted the request")
     p.add_argument("--dry-run", action="store_true", help="print what changed and what would be done")
+    p.add_argument("--json", action="store_true",
+                   help="print the outcome as one JSON line, a daemon that does not answer too (what rollout reads)")
     p.add_argument("--discard-foreign-edits", action="store_true",
                    help="overwrite edits someone made to OMERODIR/etc/grid/config.xml (`omero config set`); without "
                    "it such a reload stops and names them (take them over with `omerowebctl config import --only`)")
@@ -33,16 +37,25 @@ def run(args: argparse.Namespace) -> int:
     payload = {"cmd": "reload", "wait": not args.no_wait, "dry_run": args.dry_run}
     if args.discard_foreign_edits:
         payload["discard_foreign_edits"] = True
-    reply = request(socket_path(args), payload, show_progress=not (args.no_wait or args.dry_run),
-                    timeout=ACCEPT_TIMEOUT if args.no_wait else wait_limit(args))
+    try:
+        reply = request(socket_path(args), payload, show_progress=not (args.no_wait or args.dry_run or args.json),
+                        timeout=ACCEPT_TIMEOUT if args.no_wait else wait_limit(args))
+    except UserError as e:
+        if not args.json:
+            raise
+        reply = {"ok": False, "exit_code": e.exit_code, "message": redact.scrub_known(str(e)),
+                 "outcome": "unreachable" if isinstance(e, control.DaemonUnreachable) else "refused"}
     exit_code = printable.field(reply, "exit_code", int)
+    if args.json:
+        print(json.dumps(reply))  # ASCII: whatever the daemon wrote, escaped
+        return exit_code if exit_code is not None and 0 <= exit_code <= 255 else EXIT_FAILURE
     if exit_code is None:
         print(f"omerowebctl: {printable.field(reply, 'error', str, 'unexpected reply')}")
-        return 1
+        return EXIT_FAILURE
     print(f"{printable.field(reply, 'outcome', str, '?')}: {printable.field(reply, 'message', str, '')}")
     for change in printable.strings(reply, "changes"):
         print(f"  changed: {change}")
-    return exit_code if 0 <= exit_code <= 255 else 1
+    return exit_code if 0 <= exit_code <= 255 else EXIT_FAILURE
 
 
 # A reload that is not waited for is answered at once; a dry run checks the config and the venv.

@@ -11,10 +11,11 @@ from typing import Any
 from .. import control, printable, progress, sessions, trust
 from ..config import SessionsSettings
 from ..errors import UserError
+from ..exits import EXIT_FAILURE, EXIT_OK
 from ..venv import probe_sync
 from . import load_config, socket_path
 
-EXIT_SWEEP_FAILED = 1
+EXIT_SWEEP_FAILED = EXIT_FAILURE
 DEFAULT_SWEEP_TIMEOUT = SessionsSettings.__dataclass_fields__["timeout"].default
 
 
@@ -61,7 +62,7 @@ def run_clear(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in result.items() if k not in ("ok", "snapshot")}, indent=2, sort_keys=True))
     else:
         print(render(result))
-    return EXIT_SWEEP_FAILED if result.get("error") else 0
+    return EXIT_SWEEP_FAILED if result.get("error") else EXIT_OK
 
 
 def wait_limit(args: argparse.Namespace) -> float:
@@ -102,7 +103,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=2, sort_keys=True))
     else:
         print("\n".join(sessions.render_status(s)))
-    return 0
+    return EXIT_OK
 
 
 def daemon_listens(path: Path) -> bool:

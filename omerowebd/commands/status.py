@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from .. import control, sessions
+from ..exits import EXIT_FAILURE, EXIT_OK
 from . import socket_path
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             raise control.DaemonUnreachable(
                 f"the status that {path} sent is not one this omerowebctl can show (try status --json)") from None
         print(text)
-    return 0 if status.get("serving") is True else 1
+    return EXIT_OK if status.get("serving") is True else EXIT_FAILURE
 
 
 def render(s: dict[str, Any]) -> str:
