@@ -90,7 +90,17 @@ class NginxSettings:
     redirects: dict[str, str] = _doc(
         "exact path -> target, answered with 307 (location = PATH { return 307 TARGET; })", default_factory=dict
     )
-    upstreams: tuple[str, ...] = _doc("extra backend addresses (HOST:PORT or unix:/path)", default=())
+    upstreams: tuple[str, ...] = _doc(
+        "the other hosts' gunicorn addresses (HOST:PORT or unix:/path), served beside this one's", default=()
+    )
+    # Used only with several backends (nginx.upstreams, or several daemon.bind
+    # addresses): one backend alone keeps omero-web's own server line.
+    max_fails: int = _doc("failed attempts after which nginx stops sending to a backend for fail_timeout",
+                          default=1)
+    fail_timeout: str = _doc("how long nginx leaves a failed backend out (nginx time: 10s, 1m)", default="10s",
+                             number_as_text=True)
+    connect_timeout: str = _doc("how long nginx waits to connect to a backend before trying the next",
+                                default="5s", number_as_text=True)
     maintenance_template: Path | None = _doc(
         "HTML template of the maintenance page ($prefix, $webclient_url); written to STATE_DIR/maintenance/",
         default=None,

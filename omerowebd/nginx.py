@@ -17,7 +17,10 @@ a comment:
   ships none, so without this a stopped OMERO.web is a bare 502), and the
   ``@proxy_to_app`` location sends its 502 there (the template's own
   ``error_page`` never sees it: see _route_proxy_errors_to_maintenance);
-* ``nginx.upstreams``: one more ``server`` line each in the upstream block;
+* ``nginx.upstreams`` (the other hosts): one ``server`` line each in the
+  upstream block, every backend with ``max_fails``/``fail_timeout``, and
+  ``proxy_next_upstream`` so that a GET meeting a dead host is served by
+  another; the maintenance page then shows only when every host is down;
 * ``nginx.redirects``: ``location = PATH { return 307 TARGET; }``. An exact
   match, not a prefix: a publication link is one URL, an exact location wins
   over every prefix location whatever its length, and ``"/" = "/webclient/"``
@@ -222,6 +225,9 @@ _SIZE = re.compile(r"^[0-9]+[kKmMgG]?\Z")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\Z")
 
 
+# nginx times (ngx_parse_time): "30", "10s", "1m30s"; "ms" only where milliseconds count.
+_SECONDS = re.compile(r"^(?:[0-9]+[smhdwMy]?)+\Z")
+_TIME = re.compile(r"^(?:[0-9]+(?:ms|[smhdwMy])?)+\Z")
 def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
     """(key, message) for every [nginx] value that cannot go into nginx text; config.py reports them."""
     out: list[tuple[str, str]] = []
@@ -258,6 +264,14 @@ def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
     for key in ("validate_command", "reload_command"):
         command = getattr(nginx, key)
         if command is not None and (not command or not command[0]):
+    if not 0 <= nginx.max_fails <= 1000:
+        out.append(("max_fails", f"must be from 0 (never take a backend out) to 1000, not {nginx.max_fails}"))
+    if not _SECONDS.match(nginx.fail_timeout):
+        out.append(("fail_timeout", f"must be an nginx time in seconds such as '10s', '30' or '1m',"
+                                    f" not {nginx.fail_timeout!r}"))
+    if not _TIME.match(nginx.connect_timeout) or not nginx.connect_timeout.strip("0msh"):
+        out.append(("connect_timeout", f"must be an nginx time above 0 such as '5s', '500ms' or '1m',"
+                                       f" not {nginx.connect_timeout!r}"))
             out.append((key, "must name a program, e.g. [\"nginx\", \"-t\"]; leave it out for none"))
     return out
 
@@ -426,7 +440,8 @@ def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo
             warnings.append(f"omero-web's {name} has no 'alias {values['STATIC_ROOT']};' to limit the links"
                             " nginx follows below STATIC_ROOT")
         if kind == "server":
-            text = _add_upstream_servers(text, backends, name)
+            text = _add_upstream_servers(text, backends, name, nginx)
+            text = _retry_on_next_upstream(text, backends, nginx)
             text = _insert_before_last_brace(text, _redirect_block(nginx.redirects, "    "), name)
         else:
             if len(backends) > 1:
@@ -553,18 +568,55 @@ def _route_proxy_errors_to_maintenance(text: str) -> str:
     return text[: proxy.end()] + addition + text[proxy.end():]
 
 
-def _add_upstream_servers(text: str, backends: Sequence[str], template_name: str) -> str:
+def _add_upstream_servers(text: str, backends: Sequence[str], template_name: str, nginx: NginxSettings) -> str:
+    """One upstream block over every backend, each taken out for a while after it fails.
+
+    omero-web's line (``fail_timeout=0``) never takes its one backend out:
+    with nothing to fall back on, that is right. With several, a dead host
+    must be left out (nginx.max_fails, nginx.fail_timeout) instead of costing
+    every request a failed attempt; nginx puts every backend back when all
+    are out, so a site that comes back is found at once.
+    """
     if len(backends) < 2:
         return text
-    line = re.compile(r"(?m)^(\s*)server\s+" + re.escape(backends[0]) + r"(\s[^;\n]*)?;[ \t]*$")
+    line = re.compile(r"(?m)^([ \t]*)server\s+" + re.escape(backends[0]) + r"(\s[^;\n]*)?;[ \t]*$")
     match = line.search(text)
     if not match:
         raise UserError(f"omero-web's {template_name} has no upstream server line to add more backends to:"
                         " remove nginx.upstreams or extra daemon.bind addresses")
-    indent, rest = match.group(1), match.group(2) or ""
-    extra = f"\n{indent}# omerowebd: nginx.upstreams and further daemon.bind addresses"
-    extra += "".join(f"\n{indent}server {address}{rest};" for address in backends[1:])
-    return text[: match.end()] + extra + text[match.end():]
+    indent = match.group(1)
+    kept = [w for w in (match.group(2) or "").split() if not w.startswith(("max_fails=", "fail_timeout="))]
+    params = " ".join([*kept, f"max_fails={nginx.max_fails}", f"fail_timeout={nginx.fail_timeout}"])
+    lines = [f"{indent}# omerowebd: nginx.upstreams and further daemon.bind addresses; each is left out for"
+             " nginx.fail_timeout after nginx.max_fails failures"]
+    lines += [f"{indent}server {address} {params};" for address in backends]
+    return text[: match.start()] + "\n".join(lines) + text[match.end():]
+
+
+def _retry_on_next_upstream(text: str, backends: Sequence[str], nginx: NginxSettings) -> str:
+    """Send a request that meets a dead or failing backend to the next one.
+
+    nginx's own default (``error timeout``) already retries a failed connect;
+    502 and 503 add a gunicorn that answers but cannot serve. nginx never
+    retries a non-idempotent request (POST, PATCH, LOCK) once it has reached
+    a backend (no ``non_idempotent``: a form must not be submitted twice).
+    The connect timeout bounds the wait for a host that is down (nginx's
+    default is 60s).
+    """
+    if len(backends) < 2:
+        return text
+    proxy = _PROXY_LOCATION.search(text)
+    if not proxy:
+        return text
+    body_end = text.find("}", proxy.end())
+    if re.search(r"\bproxy_next_upstream\s", text[proxy.end():body_end]):
+        return text  # the template chose already
+    indent = proxy.group(1) + "    "
+    addition = (f"{indent}# omerowebd: nginx.upstreams: a request that meets a dead backend goes to the next;"
+                " never a POST that reached one\n"
+                f"{indent}proxy_next_upstream error timeout http_502 http_503;\n"
+                f"{indent}proxy_connect_timeout {nginx.connect_timeout};\n")
+    return text[: proxy.end()] + addition + text[proxy.end():]
 
 
 def _redirect_block(redirects: Mapping[str, str], indent: str) -> str:

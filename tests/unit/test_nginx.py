@@ -319,16 +319,22 @@ def test_written_files_are_the_rendered_text_plus_marked_additions(tmp_path: Pat
     plain = nginx.render("server", web, info, http=8081).replace("127.0.0.1:4080", "127.0.0.1:4090")
     # Remove the additions: what is left is exactly `omero web config nginx`.
     stripped = _strip_additions(server, config, page_dir)
-    assert stripped == plain
+    # With several backends the upstream block's server lines are all the daemon's.
+    assert stripped == plain.replace("    server 127.0.0.1:4090 fail_timeout=0;\n", "")
 
     assert server.startswith(f"# Written by omerowebd from omero-web's nginx.conf.template; edit {config.path},")
-    assert "    server 127.0.0.1:4090 fail_timeout=0;\n" in server
-    assert "    server 10.0.0.2:4080 fail_timeout=0;\n" in server
+    assert ("    server 127.0.0.1:4090 max_fails=1 fail_timeout=10s;\n"
+            "    server 10.0.0.2:4080 max_fails=1 fail_timeout=10s;\n}") in server
+    assert "fail_timeout=0" not in server
     assert "    location = / { return 307 /webclient/; }\n" in server
     assert ("    location = /pub/schleicher-et-al-2017 { return 307 /webclient/?show=project-27936; }\n"
             "\n}\n") in server  # inside the server block, before its closing brace
     assert f"        root {page_dir};\n" in server
     assert ("    location @proxy_to_app_omero {\n"
+            "        # omerowebd: nginx.upstreams: a request that meets a dead backend goes to the next;"
+            " never a POST that reached one\n"
+            "        proxy_next_upstream error timeout http_502 http_503;\n"
+            "        proxy_connect_timeout 5s;\n"
             "        # omerowebd: the upstream's 502 goes to the maintenance page from here too\n"
             "        error_page 502 @maintenance_omero;\n"
             "        proxy_pass") in server
@@ -356,7 +362,8 @@ def _strip_additions(text: str, config: config_module.Config, page_dir: Path) ->
                 kept.pop()
             continue
         if skip_block and (line.strip().startswith(("server ", "location = ", "error_page 502 ",
-                                                    "disable_symlinks "))):
+                                                    "disable_symlinks ", "proxy_next_upstream ",
+                                                    "proxy_connect_timeout "))):
             continue
         skip_block = False
         kept.append(line.replace(f"root {page_dir};", f"root {config.daemon.omerodir}/etc/templates/error;"))
