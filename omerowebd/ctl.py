@@ -16,6 +16,7 @@ COMMANDS = [
     "status",
     "check",
     "reload",
+    "rollout",
     "nginx",
     "config",
     "diagnostics",
@@ -29,6 +30,8 @@ exit codes:
   2  usage error; reload: new generation failed and was rolled back
   3  the daemon is not reachable
   4  reload: the change needs a daemon restart (systemctl restart omerowebd)
+ 6  rollout: a canary did not stay healthy for --settle seconds (rollout stops
+    at the first failing host with its code: 1, 2, 3, 4, ...)
  77  the daemon refused the caller (who may do what: man omerowebctl)
  78  the config file cannot be used (a person must fix it)
 

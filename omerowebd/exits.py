@@ -28,6 +28,10 @@ RELOAD_REJECTED = EXIT_FAILURE
 RELOAD_ROLLED_BACK = 2
 RELOAD_RESTART_REQUIRED = EXIT_RESTART_REQUIRED
 
+# `omerowebctl rollout`: the code of the host it stopped at (its reload's, or EXIT_UNREACHABLE), or this:
+# a canary reloaded fine but did not stay healthy for the settle time.
+ROLLOUT_CANARY_UNHEALTHY = 6
+
 # `omerowebd-nginx-publish`
 PUBLISH_FAILED = EXIT_FAILURE  # nginx refused the files, its reload failed, or the inputs kept changing
 PUBLISH_REFUSED = 2  # usage, or an input root cannot trust or read
@@ -43,6 +47,8 @@ TABLE: tuple[tuple[int, str, str], ...] = (
                  "omerowebd-nginx-publish: an input root cannot trust or read"),
     (EXIT_UNREACHABLE, "omerowebctl", "the daemon is not reachable (config --reload: written, not applied)"),
     (EXIT_RESTART_REQUIRED, "omerowebctl reload", "the change needs a restart (daemon.runtime_dir, daemon.state_dir)"),
+    (ROLLOUT_CANARY_UNHEALTHY, "omerowebctl rollout", "a canary did not stay healthy for --settle seconds (otherwise "
+                                "rollout exits with the code of the host it stopped at)"),
     (EXIT_LOCKED, "omerowebd", "another omerowebd already runs on the same daemon.runtime_dir"),
     (EXIT_NOPERM, "omerowebctl", "the daemon (or the control socket's mode) refused the caller"),
     (EXIT_CONFIG, "omerowebd, omerowebctl", "the config must be fixed; nothing was started"),

@@ -25,7 +25,8 @@ APT_PACKAGES=(
 )
 if [ "${1:-}" = "--tests" ]; then
     # tests/browser: Debian's chromium, driven by Playwright (nothing downloads a browser build).
-    APT_PACKAGES+=(chromium)
+    # tests/integration/test_rollout.py: a real sshd on loopback for `rollout --ssh`.
+    APT_PACKAGES+=(chromium openssh-server)
 fi
 
 missing=()
