@@ -153,6 +153,12 @@ def test_regex_server_name_may_not_end_in_a_backslash() -> None:
     ('location_file = "omero-web.conf"', "nginx.location_file", "must differ"),
     ('upstreams = ["10.0.0.2:4080; evil"]', "nginx.upstreams", "HOST:PORT"),
     ('upstreams = ["no-port"]', "nginx.upstreams", "HOST:PORT"),
+    ('max_fails = -1', "nginx.max_fails", "from 0"),
+    ('fail_timeout = "10s; evil"', "nginx.fail_timeout", "nginx time in seconds"),
+    ('fail_timeout = "500ms"', "nginx.fail_timeout", "nginx time in seconds"),
+    ('fail_timeout = "10s\\n"', "nginx.fail_timeout", "nginx time in seconds"),
+    ('connect_timeout = "0"', "nginx.connect_timeout", "above 0"),
+    ('connect_timeout = "5 s"', "nginx.connect_timeout", "nginx time"),
     ('validate_command = []', "nginx.validate_command", "must name a program"),
     ('redirects = { "pub/x" = "/webclient/" }', "nginx.redirects", "must start with '/'"),
     ('redirects = { "/pub/x" = "/webclient/ }" }', "nginx.redirects", "'}'"),
@@ -349,6 +355,39 @@ def test_written_files_are_the_rendered_text_plus_marked_additions(tmp_path: Pat
     assert "location = / { return 307 /webclient/; }\n" in location
     assert "proxy_pass http://127.0.0.1:4090;" in location
     assert any("proxies to 127.0.0.1:4090 only" in w for w in out.warnings)
+
+
+def test_several_backends_share_the_timing_settings_and_one_backend_keeps_omero_webs_line(
+        tmp_path: Path, info: VenvInfo) -> None:
+    config = make_config(tmp_path, """\
+        upstreams = ["10.0.0.3:4080", "unix:/run/other.sock"]
+        max_fails = 3
+        fail_timeout = "1m30s"
+        connect_timeout = "750ms"
+        """)
+    server = _server_text(nginx.render_outputs(config, config.properties, info, ["10.0.0.2:4080"]))
+    assert ("upstream web {\n"
+            "    # omerowebd: nginx.upstreams and further daemon.bind addresses; each is left out for"
+            " nginx.fail_timeout after nginx.max_fails failures\n"
+            "    server 10.0.0.2:4080 max_fails=3 fail_timeout=1m30s;\n"
+            "    server 10.0.0.3:4080 max_fails=3 fail_timeout=1m30s;\n"
+            "    server unix:/run/other.sock max_fails=3 fail_timeout=1m30s;\n}") in server
+    assert "        proxy_next_upstream error timeout http_502 http_503;\n" in server
+    assert "        proxy_connect_timeout 750ms;\n" in server
+    assert "non_idempotent" not in server  # a POST that reached a host is never sent to another
+    # The local address listed in nginx.upstreams too (the same TOML on every host) is one server.
+    same = make_config(tmp_path, 'upstreams = ["10.0.0.2:4080", "10.0.0.3:4080"]')
+    server = _server_text(nginx.render_outputs(same, same.properties, info, ["10.0.0.2:4080"]))
+    assert server.count("server 10.0.0.2:4080 ") == 1 and server.count("server 10.0.0.3:4080 ") == 1
+
+    alone = make_config(tmp_path, "max_fails = 3")
+    server = _server_text(nginx.render_outputs(alone, alone.properties, info, ["10.0.0.2:4080"]))
+    assert "    server 10.0.0.2:4080 fail_timeout=0;\n}" in server
+    assert "proxy_next_upstream" not in server and "proxy_connect_timeout" not in server
+
+
+def _server_text(out: nginx.Rendered) -> str:
+    return out.files[out.server].decode()
 
 
 def _strip_additions(text: str, config: config_module.Config, page_dir: Path) -> str:

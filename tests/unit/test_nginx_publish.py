@@ -27,6 +27,7 @@ import pytest
 
 from omerowebd import config as config_module
 from omerowebd import nginx, nginx_publish
+from omerowebd.errors import ConfigError
 from omerowebd.nginx_publish import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, Options
 
 if os.geteuid() != 0:
@@ -255,6 +256,24 @@ def test_root_publishes_its_own_rendering_of_the_toml_the_daemon_applied(site: S
         assert stat.S_IMODE(os.lstat(directory).st_mode) == 0o755
     assert stat.S_IMODE(os.lstat(site.dest / nginx_publish.RECORD).st_mode) == 0o600
     assert site.reloads() == 1
+
+
+def test_root_renders_the_other_hosts_from_its_own_toml(site: Site) -> None:
+    """nginx.upstreams and its timing reach root's files as the daemon renders them, and only from root's TOML."""
+    site.write_toml('upstreams = ["127.0.0.3:4091"]\nmax_fails = 2\nfail_timeout = "30s"\n')
+    site.apply()
+    code, _, err = run(site.options())
+    assert code == EXIT_OK, err
+    server = site.published()["omero-web.conf"].decode()
+    assert ("    server 127.0.0.1:4091 max_fails=2 fail_timeout=30s;\n"
+            "    server 127.0.0.3:4091 max_fails=2 fail_timeout=30s;\n") in server
+    assert "        proxy_next_upstream error timeout http_502 http_503;\n" in server
+    # A value that could end a directive never gets as far as rendering: the TOML is refused.
+    with pytest.raises(ConfigError, match="nginx.fail_timeout"):
+        site.write_toml('upstreams = ["127.0.0.3:4091"]\nfail_timeout = "30s; include /tmp/x"\n')
+    code, _, err = run(site.options())
+    assert code == EXIT_REFUSED and err.count("\n") == 1 and "nginx.fail_timeout" in err, err
+    assert site.published()["omero-web.conf"].decode() == server
 
 
 def test_what_the_service_user_writes_in_its_nginx_dir_is_never_published(site: Site) -> None:
