@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from . import nginx, venv
+from . import metrics
 from .config import Config
 from .errors import ConfigErrors, UserError
 from .generation import PlanError, plan_gunicorn
@@ -78,7 +79,8 @@ def _judge(config: Config, info: VenvInfo | None, error: UserError | None) -> tu
         problems += errors
         problems += plan_problems(config, info)
         problems += nginx.config_problems(config, info)
-    return problems, warnings
+    metrics_problems, metrics_warnings = metrics.config_problems(config)
+    return problems + metrics_problems, warnings + metrics_warnings
 
 
 def plan_problems(config: Config, info: VenvInfo) -> list[str]:

@@ -76,6 +76,17 @@ class DaemonSettings:
         "group whose members may reload and sweep over the control socket, besides root and the daemon's user",
         default=None,
     )
+    settle_seconds: float = _doc(
+        "seconds a new generation is watched after a reload's cutover; a crash loop or a failing health probe"
+        " in that time brings the previous config back (0: off)",
+        default=5.0,
+    )
+    settle_worker_deaths: int = _doc(
+        "worker deaths within settle_seconds that are tolerated; one more is a crash loop", default=2
+    )
+    metrics: str | None = _doc(
+        "HOST:PORT to serve Prometheus metrics on (/metrics), e.g. 127.0.0.1:9449; default: off", default=None
+    )
 
 
 @dataclass(frozen=True)
@@ -463,6 +474,16 @@ def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: li
             value = getattr(settings, key)
             if value is not None and value <= 0:
                 bad(key, "must be more than 0")
+        if settings.settle_seconds < 0:
+            bad("settle_seconds", "must be 0 (off) or more")
+        if settings.settle_worker_deaths < 0:
+            bad("settle_worker_deaths", "must be 0 or more")
+        if settings.metrics is not None:
+            problem = address_problem(settings.metrics)
+            if settings.metrics.startswith("unix:"):
+                problem = f"{settings.metrics!r}: use HOST:PORT or [IPV6]:PORT (Prometheus scrapes over TCP)"
+            if problem:
+                bad("metrics", f"has {problem}")
         if settings.health_path is not None and not settings.health_path.startswith("/"):
             bad("health_path", f"must start with '/', not {settings.health_path!r}")
         if settings.admin_group is not None:

@@ -222,12 +222,12 @@ def value_problem(value: str, *, words: bool = False, backslash: bool = False) -
 
 # \Z, not $: "$" also matches before a final newline ("1m\n" would pass).
 _SIZE = re.compile(r"^[0-9]+[kKmMgG]?\Z")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\Z")
-
-
 # nginx times (ngx_parse_time): "30", "10s", "1m30s"; "ms" only where milliseconds count.
 _SECONDS = re.compile(r"^(?:[0-9]+[smhdwMy]?)+\Z")
 _TIME = re.compile(r"^(?:[0-9]+(?:ms|[smhdwMy])?)+\Z")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\Z")
+
+
 def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
     """(key, message) for every [nginx] value that cannot go into nginx text; config.py reports them."""
     out: list[tuple[str, str]] = []
@@ -261,9 +261,6 @@ def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
     for address in nginx.upstreams:
         if address_problem(address) or value_problem(address):
             out.append(("upstreams", f"has {address!r}: use HOST:PORT, [IPV6]:PORT or unix:/absolute/path"))
-    for key in ("validate_command", "reload_command"):
-        command = getattr(nginx, key)
-        if command is not None and (not command or not command[0]):
     if not 0 <= nginx.max_fails <= 1000:
         out.append(("max_fails", f"must be from 0 (never take a backend out) to 1000, not {nginx.max_fails}"))
     if not _SECONDS.match(nginx.fail_timeout):
@@ -272,6 +269,9 @@ def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
     if not _TIME.match(nginx.connect_timeout) or not nginx.connect_timeout.strip("0msh"):
         out.append(("connect_timeout", f"must be an nginx time above 0 such as '5s', '500ms' or '1m',"
                                        f" not {nginx.connect_timeout!r}"))
+    for key in ("validate_command", "reload_command"):
+        command = getattr(nginx, key)
+        if command is not None and (not command or not command[0]):
             out.append((key, "must name a program, e.g. [\"nginx\", \"-t\"]; leave it out for none"))
     return out
 
