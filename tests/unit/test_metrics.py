@@ -1,0 +1,212 @@
+"""Prometheus metrics (omerowebd/metrics.py): the settings, and a real scrape over HTTP of a stand-in daemon."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from omerowebd import metrics
+from omerowebd.config import parse
+from omerowebd.errors import ConfigErrors
+
+# The settings are checked without the library; serving needs it (the test venvs have it, as bootstrap.sh sets up).
+library = pytest.mark.skipif(not metrics.available(), reason="python3-prometheus-client (a Recommends) is not installed")
+
+
+def config(daemon: str = ""):
+    text = textwrap.dedent(f"""\
+        [daemon]
+        omerodir = "/srv/o"
+        venv = "/srv/v"
+        """) + textwrap.dedent(daemon)
+    return parse(text.encode(), Path("/etc/omerowebd/omerowebd.toml"))
+
+
+def problems(daemon: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as e:
+        config(daemon)
+    return e.value.problems
+
+
+def test_off_by_default_and_the_settle_defaults():
+    c = config()
+    assert c.daemon.metrics is None
+    assert c.daemon.settle_seconds == 5.0 and c.daemon.settle_worker_deaths == 2
+    assert metrics.config_problems(c) == ([], [])
+
+
+@pytest.mark.parametrize("value, words", [
+    ('"127.0.0.1"', "is not an address"),
+    ('"127.0.0.1:70000"', "port must be a number"),
+    ('"unix:/run/m.sock"', "Prometheus scrapes over TCP"),
+    ("9449", "must be a string"),
+])
+def test_a_bad_address_is_one_line_naming_the_key(value, words):
+    found = problems(f"metrics = {value}\n")
+    assert len(found) == 1 and "omerowebd.toml:4: daemon.metrics" in found[0] and words in found[0]
+
+
+def test_settle_values_are_checked():
+    found = problems("settle_seconds = -1\nsettle_worker_deaths = -2\n")
+    assert any("daemon.settle_seconds must be 0 (off) or more" in p for p in found)
+    assert any("daemon.settle_worker_deaths must be 0 or more" in p for p in found)
+
+
+def test_loopback_is_quiet_anything_else_is_a_warning(monkeypatch):
+    monkeypatch.setattr(metrics, "available", lambda: True)
+    for address in ("127.0.0.1:9449", "[::1]:9449", "localhost:9449", "127.0.0.2:9449"):
+        assert metrics.config_problems(config(f'metrics = "{address}"\n')) == ([], []), address
+    for address in ("0.0.0.0:9449", "[::]:9449", "192.0.2.7:9449", "metrics.example:9449"):
+        found, warnings = metrics.config_problems(config(f'metrics = "{address}"\n'))
+        assert not found and len(warnings) == 1 and "is not a loopback address" in warnings[0], address
+
+
+def test_without_the_library_enabling_metrics_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(metrics, "available", lambda: False)
+    found, _ = metrics.config_problems(config('metrics = "127.0.0.1:9449"\n'))
+    assert len(found) == 1 and "prometheus_client is not installed" in found[0] and "apt install" in found[0]
+    assert metrics.config_problems(config()) == ([], [])  # off: not needed
+
+
+# -- a scrape --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, event, **kw):
+        self.lines.append(("info", event, kw))
+
+    def error(self, event, **kw):
+        self.lines.append(("error", event, kw))
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+@pytest.fixture
+def daemon():
+    generation = SimpleNamespace(number=3, state="serving", ready_at=1000.0, started_at=994.5,
+                                 plan=SimpleNamespace(workers=2), worker_pids=lambda: [11, 12])
+    sessions = SimpleNamespace(sweeps=0, last=None)
+    store = SimpleNamespace(status=lambda: {"available": None})
+    d = SimpleNamespace(current=generation, crashes=0, last_reload=None,
+                        services={"sessions": sessions, "session_store": store})
+    saved = metrics.COUNTS
+    metrics.COUNTS = metrics.Counts()
+    yield d
+    metrics.COUNTS = saved
+
+
+@library
+def test_a_scrape_reads_what_happened(daemon):
+    port = free_port()
+    service = metrics.MetricsService(Log(), daemon)
+    service.update(config(f'metrics = "127.0.0.1:{port}"\n'), {}, None)
+    try:
+        assert service.status() == {"address": f"127.0.0.1:{port}", "serving": True, "problem": None}
+        before = scrape(port)
+        assert before["omerowebd_generation"] == 3 and before["omerowebd_serving"] == 1
+        assert before["omerowebd_workers"] == 2 and before["omerowebd_workers_configured"] == 2
+        assert before["omerowebd_app_boot_seconds"] == 5.5
+        assert before['omerowebd_reloads_total{outcome="reverted"}'] == 0
+        assert before["omerowebd_master_restarts_total"] == 0 and before["omerowebd_worker_deaths_total"] == 0
+        assert "omerowebd_session_store_up" not in before  # unknown: no sample
+        assert not any(name.startswith(("process_", "python_")) for name in before)  # our registry only
+
+        metrics.reload_done({"outcome": "reverted"})
+        metrics.reload_done({"outcome": "applied"})
+        metrics.reload_done({"outcome": "applied"})
+        metrics.worker_died()
+        metrics.probed(0.25, 200)
+        metrics.probed(0.5, None)
+        daemon.crashes = 1
+        daemon.last_reload = {"seconds": 7.25, "at": 1234.0, "outcome": "applied"}
+        daemon.services["sessions"].sweeps = 1
+        daemon.services["sessions"].last = {"at": 99.0, "duration": 1.5, "deleted": 10, "kept": 90, "errors": 1,
+                                            "scanned": 101}
+        daemon.services["session_store"].status = lambda: {"available": False, "latency": None}
+        after = scrape(port)
+        assert after['omerowebd_reloads_total{outcome="reverted"}'] == 1
+        assert after['omerowebd_reloads_total{outcome="applied"}'] == 2
+        assert after["omerowebd_worker_deaths_total"] == 1 and after["omerowebd_master_restarts_total"] == 1
+        assert after["omerowebd_health_probe_duration_seconds_count"] == 2
+        assert after["omerowebd_health_probe_duration_seconds_sum"] == 0.75
+        assert after["omerowebd_health_probe_failures_total"] == 1
+        assert after["omerowebd_last_reload_duration_seconds"] == 7.25
+        assert after["omerowebd_session_sweeps_total"] == 1
+        assert after["omerowebd_last_session_sweep_duration_seconds"] == 1.5
+        assert after['omerowebd_last_session_sweep_sessions{result="deleted"}'] == 10
+        assert after['omerowebd_last_session_sweep_sessions{result="kept"}'] == 90
+        assert after['omerowebd_last_session_sweep_sessions{result="errors"}'] == 1
+        assert after["omerowebd_session_store_up"] == 0
+        daemon.current = None
+        assert scrape(port)["omerowebd_serving"] == 0
+    finally:
+        service.close()
+    with pytest.raises(urllib.error.URLError):
+        scrape(port)
+
+
+@library
+def test_a_reload_moves_or_ends_the_endpoint_and_a_taken_port_is_reported_not_fatal(daemon):
+    first, second = free_port(), free_port()
+    log = Log()
+    service = metrics.MetricsService(log, daemon)
+    try:
+        service.update(config(f'metrics = "127.0.0.1:{first}"\n'), {}, None)
+        scrape(first)
+        service.update(config(f'metrics = "127.0.0.1:{second}"\n'), {}, None)
+        scrape(second)
+        with pytest.raises(urllib.error.URLError):
+            scrape(first)
+        other = metrics.MetricsService(Log(), daemon)
+        other.update(config(f'metrics = "127.0.0.1:{second}"\n'), {}, None)  # taken by the first
+        assert other.status()["serving"] is False and "cannot listen on" in other.status()["problem"]
+        service.update(config(), {}, None)
+        assert service.status() == {"address": None, "serving": False, "problem": None}
+        with pytest.raises(urllib.error.URLError):
+            scrape(second)
+    finally:
+        service.close()
+
+
+@library
+def test_a_client_that_never_sends_its_request_does_not_stall_a_scrape(daemon):
+    import socket
+
+    port = free_port()
+    service = metrics.MetricsService(Log(), daemon)
+    service.update(config(f'metrics = "127.0.0.1:{port}"\n'), {}, None)
+    idle = socket.create_connection(("127.0.0.1", port))
+    try:
+        started = time.monotonic()
+        scrape(port)
+        assert time.monotonic() - started < metrics._Quiet.timeout  # not served after the idle one gave up
+    finally:
+        idle.close()
+        service.close()
