@@ -12,13 +12,11 @@ Every error is one line naming the file, the line and the key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import grp
 import hashlib
 import ipaddress
 import os
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
@@ -26,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomlkit
-import tomlkit.exceptions
-
-from . import redact
+from . import config_file, redact
 from .errors import ConfigError, ConfigErrors
+from .names import did_you_mean, shown
 from .omero_config import flatten_omero_tree
+from .toml_values import plain
 
-CONFIG_ENV = "OMEROWEBD_CONFIG"
+CONFIG_ENV = config_file.CONFIG_ENV
 DEFAULT_CONFIG = Path("/etc/omerowebd/omerowebd.toml")
 
 
@@ -169,27 +166,25 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read and check the file; raise ConfigError with one line per problem."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (pass --config or set ${CONFIG_ENV})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+        data = config_file.read(path)
+    except config_file.Problem as e:
+        raise ConfigError(str(e)) from None
     return parse(data, path)
 
 
 def parse(data: bytes, path: Path) -> Config:
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    doc = _parse_toml(text, path)
+        text = config_file.decode(data, path)
+        doc = config_file.parse(text, path)
+    except config_file.Problem as e:
+        raise ConfigError(str(e)) from None
 
     lines = _KeyLines(text)
     problems: list[str] = []
     for name in doc:
         if name not in TABLES and name != "omero":
             problems.append(
-                f"{path}:{lines.find((), name)}: unknown table [{_shown(name)}]{_did_you_mean(name, [*TABLES, 'omero'])}"
+                f"{path}:{lines.find((), name)}: unknown table [{shown(name)}]{did_you_mean(name, [*TABLES, 'omero'])}"
             )
     sections: dict[str, Any] = {}
     for name, cls in TABLES.items():
@@ -231,76 +226,6 @@ def parse(data: bytes, path: Path) -> Config:
     )
 
 
-def _parse_toml(text: str, path: Path) -> Any:
-    """The tomlkit document, or ConfigError with one line: file:line:column: what.
-
-    The standard library's parser judges first: it follows the TOML spec and
-    names the line of every error, where tomlkit raises some (a key set twice)
-    without a position. tomlkit then builds the tree this module reads (it
-    tells inline tables from namespaces).
-    """
-    try:
-        tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(_toml_error(text, path, str(e))) from None
-    except RecursionError:
-        raise ConfigError(f"{path}: TOML error: values nested too deeply") from None
-    try:
-        return tomlkit.parse(text)
-    except (tomlkit.exceptions.TOMLKitError, ValueError, RecursionError) as e:
-        # Only where the two parsers disagree: one line, never a traceback.
-        raise ConfigError(f"{path}: TOML error: {_parse_message(e) or type(e).__name__}") from None
-
-
-_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\Z")
-
-
-def _toml_error(text: str, path: Path, message: str) -> str:
-    position = _POSITION.search(message)
-    what = message[: position.start()] if position else message
-    if position and position.group(1):
-        line, column = position.group(1), f":{position.group(2)}"
-    else:
-        line, column = str(max(1, len(text.splitlines()))), ""  # end of document: the last line
-    # For a key or table given twice the line is right, the column is not (it is
-    # past the value): name the line only.
-    declared = re.fullmatch(r"Cannot declare \((.*?),?\) twice", what)
-    if declared:
-        table = ".".join(part.strip().strip("'\"") for part in declared.group(1).split(","))
-        return f"{path}:{line}: table [{table}] is declared twice: merge the two into one"
-    if what.startswith(("Cannot overwrite a value", "Cannot mutate")):
-        return f"{path}:{line}: {_duplicate(text, what)}"
-    return f"{path}:{line}{column}: TOML syntax error: {what}"
-
-
-def _duplicate(text: str, what: str) -> str:
-    """A key or table given twice, named the way the file writes it."""
-    try:
-        tomlkit.parse(text)
-    except tomlkit.exceptions.TOMLKitError as e:
-        named = re.match(r'Key "(.*)" already exists', str(e))
-        if named:
-            return f"{_shown(named.group(1))} is set twice: keep one (TOML allows each key and table once)"
-    except (ValueError, RecursionError):
-        pass
-    return f"a key or table is set twice: keep one (TOML allows each once; {what})"
-
-
-def _parse_message(e: Exception) -> str:
-    # tomlkit appends " at line L col C" to its messages; the prefix says it already.
-    return re.sub(r"\s+at line \d+ col \d+\Z", "", str(e))
-
-
-def _shown(name: str) -> str:
-    """A key from the file as an error names it: as written when plain, quoted otherwise (a line break stays one line)."""
-    return name if re.fullmatch(r"[A-Za-z0-9_.-]+", name) else repr(name)
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: _KeyLines, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -309,9 +234,9 @@ def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: 
     for key, raw in values.items():
         where = f"{path}:{lines.find((table,), key)}"
         if key not in fields:
-            problems.append(f"{where}: unknown key {table}.{_shown(key)}{_did_you_mean(key, list(fields))}")
+            problems.append(f"{where}: unknown key {table}.{shown(key)}{did_you_mean(key, list(fields))}")
             continue
-        value = _unwrap(raw)
+        value = plain(raw)
         if fields[key].metadata.get("number_as_text") and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         try:
@@ -325,11 +250,6 @@ def _build(cls: type, table: str, values: Mapping[str, Any], path: Path, lines: 
     if len(problems) > before:
         return None
     return _check(cls(**kwargs), table, path, lines, problems)
-
-
-def _unwrap(value: Any) -> Any:
-    unwrap = getattr(value, "unwrap", None)
-    return unwrap() if unwrap else value
 
 
 def _coerce(value: Any, hint: Any) -> Any:

@@ -23,7 +23,6 @@ the same name; :func:`edit` verifies that for every edit):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fcntl
 import json
 import os
@@ -43,12 +42,15 @@ import tomlkit.items
 from tomlkit.container import Container
 
 from . import config as config_module
-from . import redact
+from . import config_file, redact
 from . import venv as venv_module
 from .errors import ConfigError, ConfigErrors, UserError
 from .exits import EXIT_FAILURE, EXIT_USAGE
 from .files import write_atomic
+from .names import did_you_mean
 from .omero_config import encode_value, flatten_omero_tree
+from .toml_values import is_namespace
+from .toml_values import plain as plain_value
 from .venv import VenvInfo
 
 LOCK_TIMEOUT = 30.0
@@ -108,7 +110,7 @@ def parse_key(text: str) -> Key:
     if first in config_module.TABLES:
         if rest in {f.name for f in dataclasses.fields(config_module.TABLES[first])}:
             return Key(text, first, rest)
-        raise UserError(f"unknown setting {text}{_did_you_mean(text, setting_names())}", exit_code=EXIT_USAGE)
+        raise UserError(f"unknown setting {text}{did_you_mean(text, setting_names())}", exit_code=EXIT_USAGE)
     if first == "omero":
         if not _NAME.match(text):
             raise UserError(
@@ -118,14 +120,9 @@ def parse_key(text: str) -> Key:
         return Key(text)
     raise UserError(
         f"unknown key {text!r}: use an OMERO property (omero.web.prefix) or a daemon setting "
-        f"(daemon.venv, nginx.listen, sessions.schedule){_did_you_mean(text, setting_names())}",
+        f"(daemon.venv, nginx.listen, sessions.schedule){did_you_mean(text, setting_names())}",
         exit_code=EXIT_USAGE,
     )
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 # -- what is known about properties ---------------------------------------
@@ -249,12 +246,6 @@ def _kind_of_item(item: Any) -> str | None:
     return None
 
 
-def plain_value(item: Any) -> Any:
-    """A plain Python value (tables hand out booleans unwrapped already)."""
-    unwrap = getattr(item, "unwrap", None)
-    return unwrap() if unwrap else item
-
-
 def setting_item(key: Key, text: str) -> Any:
     """A daemon setting's value from command-line text, typed by its field in config.py."""
     hint = key.hint()
@@ -330,11 +321,9 @@ class Document:
     def __init__(self, text: str, path: Path) -> None:
         self.path = path
         try:
-            self.doc = tomlkit.parse(text)
-        except tomlkit.exceptions.ParseError as e:
-            raise ConfigError(
-                f"{path}:{e.line}:{e.col}: TOML syntax error: {config_module._parse_message(e)}; fix it by hand first"
-            ) from None
+            self.doc = config_file.parse(text, path)
+        except config_file.Problem as e:
+            raise ConfigError(f"{e}; fix it by hand first") from None
 
     def text(self) -> str:
         return self.doc.as_string()
@@ -384,7 +373,7 @@ class Document:
         def walk(prefix: str, container: Any) -> Iterator[tuple[str, Any, str, Any]]:
             for key, item in list(container.items()):
                 name = f"{prefix}.{key}"
-                if _is_namespace(item):
+                if is_namespace(item):
                     yield from walk(name, item)
                 else:
                     yield name, container, str(key), item
@@ -408,7 +397,7 @@ class Document:
         parts = name.split(".")
         container: Any = self.doc
         depth = 0
-        while depth < len(parts) and parts[depth] in container and _is_namespace(container[parts[depth]]):
+        while depth < len(parts) and parts[depth] in container and is_namespace(container[parts[depth]]):
             container = container[parts[depth]]
             depth += 1
         if depth == len(parts):
@@ -486,10 +475,6 @@ class Document:
         return None
 
 
-def _is_namespace(item: Any) -> bool:
-    return isinstance(item, Mapping) and not isinstance(item, tomlkit.items.InlineTable)
-
-
 def _body(container: Any) -> Container | None:
     """The tomlkit Container holding a table's lines (None for a table split across the file)."""
     if isinstance(container, Container):
@@ -563,16 +548,16 @@ def edit(
     real = Path(os.path.realpath(path))  # a symlinked config stays a symlink
     with _locked(real):
         try:
-            data = real.read_bytes()
+            data = config_file.read(real)  # the file the lock is for, even if the link changes meanwhile
             st = real.stat()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found (pass --config or set ${config_module.CONFIG_ENV})") from None
+        except config_file.Problem as e:
+            raise ConfigError(str(e)) from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); fix it by hand first") from None
+            text = config_file.decode(data, path)
+        except config_file.Problem as e:
+            raise ConfigError(f"{e}; fix it by hand first") from None
         doc = Document(text, path)
         old_props = doc.properties()
         old_config, old_problems = _parse(data, path)

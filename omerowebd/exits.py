@@ -27,6 +27,10 @@ RELOAD_APPLIED = EXIT_OK
 RELOAD_REJECTED = EXIT_FAILURE
 RELOAD_ROLLED_BACK = 2
 RELOAD_RESTART_REQUIRED = EXIT_RESTART_REQUIRED
+# The new generation served, but did not settle (daemon.settle_seconds): the previous config serves again.
+RELOAD_REVERTED = 5
+# The new generation served, but did not settle (daemon.settle_seconds): the previous config serves again.
+RELOAD_REVERTED = 5
 
 # `omerowebctl rollout`: the code of the host it stopped at (its reload's, or EXIT_UNREACHABLE), or this:
 # a canary reloaded fine but did not stay healthy for the settle time.
@@ -47,6 +51,8 @@ TABLE: tuple[tuple[int, str, str], ...] = (
                  "omerowebd-nginx-publish: an input root cannot trust or read"),
     (EXIT_UNREACHABLE, "omerowebctl", "the daemon is not reachable (config --reload: written, not applied)"),
     (EXIT_RESTART_REQUIRED, "omerowebctl reload", "the change needs a restart (daemon.runtime_dir, daemon.state_dir)"),
+    (RELOAD_REVERTED, "omerowebctl reload", "the new generation served but did not settle (its workers crash-looped "
+                      "or its health probe failed within daemon.settle_seconds): the previous config serves again"),
     (ROLLOUT_CANARY_UNHEALTHY, "omerowebctl rollout", "a canary did not stay healthy for --settle seconds (otherwise "
                                 "rollout exits with the code of the host it stopped at)"),
     (EXIT_LOCKED, "omerowebd", "another omerowebd already runs on the same daemon.runtime_dir"),

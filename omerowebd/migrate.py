@@ -24,13 +24,14 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from xml.etree.ElementTree import ParseError, fromstring
 
-from . import omero_config, redact, trust
+from . import config_file, omero_config, redact, trust
 from .nginx import NGINX_DIRECTIVE_PROPERTIES
-from .edit import Change, Document, Knowledge, plain_value, property_item, written_as
+from .edit import Change, Document, Knowledge, property_item, written_as
 from .redact import HIDDEN, is_secret
 from .omero_config import encode_value
 from .errors import UserError
 from .exits import EXIT_FAILURE
+from .toml_values import plain
 
 # Bigger is neither a config.xml omero wrote nor a backup of one.
 MAX_SOURCE = omero_config.MAX_CONFIG_XML
@@ -65,9 +66,9 @@ def read_source(path: Path) -> Source:
     if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
         return _read_config_xml(path, data)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MigrationError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        text = config_file.decode(data, path)
+    except config_file.Problem as e:
+        raise MigrationError(str(e)) from None
     return Source(path, "omero config get", parse_config_get(text, path))
 
 
@@ -245,7 +246,7 @@ def import_properties(
     for name in sorted(wanted):
         value = wanted[name]
         found = doc.find(name)
-        before = encode_value(plain_value(found[2])) if found else None
+        before = encode_value(plain(found[2])) if found else None
         item = property_item(name, value, knowledge.kind(name), exact=True)
         doc.set_property(name, item, names)
         result.changes.append(Change(name, before, value, written_as(item)))

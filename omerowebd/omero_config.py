@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import Comment, Element, ElementTree, ParseError, SubElement, fromstring
 
-import tomlkit.items
-
 from .errors import ConfigError
 from .files import write_atomic
+from .toml_values import is_namespace, plain
 
 PROFILE = "default"
 VERSION_KEY = "omero.config.version"
@@ -59,7 +58,7 @@ def _flatten(
 ) -> Iterator[tuple[str, tuple[str, ...]]]:
     for key, item in tree.items():
         path = (*prefix, str(key))
-        if _is_namespace(item):
+        if is_namespace(item):
             yield from _flatten(path, item, out, seen)
             continue
         name = ".".join(path)
@@ -71,7 +70,7 @@ def _flatten(
             yield f"{name} is set twice (also as {first}); keep one", path
             continue
         try:
-            value = encode_value(_plain(item))
+            value = encode_value(plain(item))
         except ValueError as e:
             yield f"{name}: {e}", path
             continue
@@ -85,17 +84,6 @@ def _flatten(
 
 # What `omero config` names are made of (and what omerowebctl config set takes).
 _NAME_PART = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _is_namespace(item: Any) -> bool:
-    if isinstance(item, tomlkit.items.InlineTable):
-        return False
-    return isinstance(item, Mapping)
-
-
-def _plain(item: Any) -> Any:
-    unwrap = getattr(item, "unwrap", None)
-    return unwrap() if unwrap else item
 
 
 def encode_value(value: Any) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import hashlib
 import json
 import os
@@ -12,12 +11,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import redact
-from .config import Config
 from .errors import ConfigError, ConfigErrors
+from .names import did_you_mean
 from .trust import venv_refusal
+
+if TYPE_CHECKING:  # only a type here: config.py must not need this module to load
+    from .config import Config
 
 PROBE = Path(__file__).with_name("venv_probe.py")
 PROBE_TIMEOUT = 120.0
@@ -32,10 +34,6 @@ class VenvInfo:
     catalogue: Mapping[str, Mapping[str, Any]]
     # property name -> why OMERO.web would refuse the value
     errors: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def python(self) -> Path:
-        return python_of(self.venv)
 
     def default(self, name: str) -> str | None:
         entry = self.catalogue.get(name)
@@ -296,8 +294,7 @@ def property_problems(config: Config, info: VenvInfo) -> tuple[list[str], list[s
     known = list(info.catalogue)
     for name in sorted(config.properties):
         if name.startswith("omero.web.") and name not in info.catalogue:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-            hint = f" (did you mean {close[0]}?)" if close else " (fine if an app defines it)"
+            hint = did_you_mean(name, known, cutoff=0.8) or " (fine if an app defines it)"
             warnings.append(f"{config.where(name)}: unknown property {name}{hint}")
         elif info.catalogue.get(name, {}).get("deprecated"):
             warnings.append(f"{config.where(name)}: {name} is deprecated in this OMERO.web")

@@ -99,7 +99,7 @@ def test_unknown_omero_property_is_a_warning_with_a_suggestion(tmp_path, omero_v
     path = write(tmp_path, "[omero.web]\nwsgi_worker = 2\n", venv=omero_venv)
     out = subprocess.run([sys.executable, "-m", "omerowebd.ctl", "check", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
-    assert "warning:" in out.stdout and "did you mean omero.web.wsgi_workers" in out.stdout
+    assert "warning:" in out.stdout and "did you mean 'omero.web.wsgi_workers'" in out.stdout
 
 
 def test_venv_without_omero_web(tmp_path):

@@ -338,7 +338,7 @@ def test_daemon_settings_are_typed_from_config_py(cfg: Path):
 
 
 def test_unknown_keys_are_usage_errors_with_a_suggestion():
-    with pytest.raises(UserError, match=r"unknown setting daemon\.vnev \(did you mean daemon\.venv\?\)") as e:
+    with pytest.raises(UserError, match=r"unknown setting daemon\.vnev \(did you mean 'daemon\.venv'\?\)") as e:
         edit.parse_key("daemon.vnev")
     assert e.value.exit_code == 2
     with pytest.raises(UserError, match="use an OMERO property"):
