@@ -29,8 +29,6 @@ RELOAD_ROLLED_BACK = 2
 RELOAD_RESTART_REQUIRED = EXIT_RESTART_REQUIRED
 # The new generation served, but did not settle (daemon.settle_seconds): the previous config serves again.
 RELOAD_REVERTED = 5
-# The new generation served, but did not settle (daemon.settle_seconds): the previous config serves again.
-RELOAD_REVERTED = 5
 
 # `omerowebctl rollout`: the code of the host it stopped at (its reload's, or EXIT_UNREACHABLE), or this:
 # a canary reloaded fine but did not stay healthy for the settle time.
