@@ -4,7 +4,7 @@
 # also the other OMERO.web venvs the tests use (gunicorn 20.1, an earlier
 # omero-web) and the Debian 12 and 13 root filesystems the system tests boot. Idempotent and quick when all is there.
 #   .venv           the daemon on the newest PyPI releases of its libraries, plus pytest
-#   .venv-debian    the daemon on Debian 12's own python3-systemd/-watchdog/-tomlkit/-structlog
+#   .venv-debian    the daemon on Debian 12's own python3-systemd/-watchdog/-tomlkit/-structlog/-prometheus-client
 #   .venv-debian13  (--tests) the daemon on Debian 13's versions of them, pinned from PyPI
 #
 # Each long step prints one line before it starts (what, and how long it
