@@ -21,6 +21,7 @@ tests=false
 APT_PACKAGES=(
     python3-venv python3-dev gcc pkg-config libsystemd-dev patchelf curl
     python3-systemd python3-watchdog python3-tomlkit python3-structlog
+    python3-prometheus-client
     nginx-light redis-server
 )
 if [ "${1:-}" = "--tests" ]; then
@@ -65,9 +66,10 @@ fi
 if $tests && ! fresh .venv-debian13; then
     # Debian 13's releases of the four libraries, on this machine's Python
     # (the system tests run the packaged daemon on Debian 13's own Python).
-    step_begin venv-debian13 "the daemon's venv .venv-debian13: Debian 13's systemd-python 235, watchdog 6.0, tomlkit 0.13.2, structlog 25.3" "under a minute"
+    step_begin venv-debian13 "the daemon's venv .venv-debian13: Debian 13's systemd-python 235, watchdog 6.0, tomlkit 0.13.2, structlog 25.3, prometheus-client 0.21.1" "under a minute"
     step_run /usr/bin/python3 -m venv .venv-debian13
-    step_run pip_install .venv-debian13 systemd-python==235 watchdog==6.0.0 tomlkit==0.13.2 structlog==25.3.0 pytest hypothesis
+    step_run pip_install .venv-debian13 systemd-python==235 watchdog==6.0.0 tomlkit==0.13.2 structlog==25.3.0 \
+        prometheus-client==0.21.1 pytest hypothesis
     step_run pip_install .venv-debian13 --no-deps -e .
     stamp > .venv-debian13/.stamp
     step_end
