@@ -135,6 +135,15 @@ class Front(Nginx):
         self.conf.write_text(text)
         self.access_log = root / "access.log"
 
+    def disabled(self, backend: str) -> bool:
+        """nginx has taken ``backend`` out of its upstream (max_fails reached) at least once."""
+        return any("upstream server temporarily disabled" in line and f'upstream: "http://{backend}/' in line
+                   for line in self.log().splitlines())
+
+    def tried(self, backend: str, since: float) -> list[Logged]:
+        """Requests logged since ``since`` (time.time()) for which nginx tried ``backend``."""
+        return [r for r in self.logged() if r.at >= since and backend in r.upstreams]
+
     def logged(self) -> list[Logged]:
         out = []
         pattern = re.compile(r'^(\S+) (\d+) (\S+) "([^"]*)" "([^"]*)" (\S+)$')
