@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import grp
 import hashlib
-import ipaddress
 import os
 import re
 import types
@@ -27,6 +26,7 @@ from typing import Any, Literal
 from . import config_file, redact
 from .errors import ConfigError, ConfigErrors
 from .names import did_you_mean, shown
+from .nginx_syntax import address_problem, settings_problems
 from .omero_config import flatten_omero_tree
 from .toml_values import plain
 
@@ -301,82 +301,6 @@ def _tname(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, one of them the terminating NUL
-
-
-def port_problem(text: str) -> str | None:
-    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
-        return f"the port must be a number from 1 to 65535, not {text!r}"
-    return None
-
-
-def host_problem(host: str) -> str | None:
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1] if host.endswith("]") else "!")
-        except ValueError:
-            return f"{host!r} is not an IPv6 address in brackets ([::1])"
-        return None
-    if not _HOST.fullmatch(host):
-        return f"{host!r} is not a host name or IPv4 address (IPv6 goes in brackets: [::1])"
-    if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
-        return f"{host!r} is not a host name: at most 253 characters, 63 between dots"
-    return None
-
-
-def address_problem(address: str) -> str | None:
-    """Why ``address`` is not HOST:PORT, [IPV6]:PORT or unix:/absolute/path, or None."""
-    if address.startswith("unix:"):
-        path = address[5:]
-        if not path.startswith("/"):
-            return f"{address!r}: a unix socket path must be absolute (unix:/run/omero-web.sock)"
-        if any(ord(c) < 33 or c in ";{}\x7f" for c in path):
-            return f"{address!r}: a unix socket path may not hold spaces, control characters, ';', '{{' or '}}'"
-        if len(path.encode()) > UNIX_PATH_MAX:
-            return f"{address!r}: a unix socket path may be at most {UNIX_PATH_MAX} bytes long"
-        return None
-    host, colon, port = address.rpartition(":")
-    if not colon or not host or (":" in host and not host.startswith("[")):
-        return f"{address!r} is not an address: use HOST:PORT, [IPV6]:PORT or unix:/absolute/path"
-    problem = host_problem(host) or port_problem(port)
-    return f"{address!r}: {problem}" if problem else None
-
-
-# nginx's `listen` parameters (ngx_http_core_module); those with "=" take a value.
-_LISTEN_FLAGS = {"default_server", "default", "ssl", "http2", "quic", "proxy_protocol", "deferred", "bind", "reuseport"}
-_LISTEN_OPTIONS = {"setfib", "fastopen", "backlog", "rcvbuf", "sndbuf", "accept_filter", "ipv6only", "so_keepalive"}
-
-
-def listen_problem(listen: str) -> str | None:
-    """Why ``listen`` is not what nginx's ``listen`` takes (PORT, ADDRESS[:PORT] or unix:/path, then flags)."""
-    words = listen.split()
-    if not words:
-        return "is empty: give a port such as 80, or ADDRESS:PORT"
-    first, flags = words[0], words[1:]
-    if first.startswith("unix:"):
-        problem = address_problem(first)
-        if problem:
-            return problem
-    elif first.isdigit():
-        problem = port_problem(first)
-    elif first.startswith("[") and first.endswith("]"):
-        problem = host_problem(first)
-    else:
-        host, colon, port = first.rpartition(":")
-        if not colon:
-            host, port = first, ""  # an address alone: nginx listens on port 80
-        problem = (None if host == "*" else host_problem(host)) or (port_problem(port) if colon else None)
-    if problem:
-        return f"{listen!r}: {problem}"
-    for flag in flags:
-        name, eq, value = flag.partition("=")
-        if (flag not in _LISTEN_FLAGS and name not in _LISTEN_OPTIONS) or (name in _LISTEN_OPTIONS and not value):
-            return (f"{listen!r}: {flag!r} is not a parameter of nginx's listen"
-                    " (such as ssl, http2, default_server, reuseport, backlog=N)")
-    return None
-
-
 def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: list[str]) -> Any:
     """Range and shape checks that a type alone cannot say."""
 
@@ -424,14 +348,8 @@ def _check(settings: Any, table: str, path: Path, lines: _KeyLines, problems: li
         if settings.timeout <= 0:
             bad("timeout", "must be more than 0")
     if isinstance(settings, NginxSettings):
-        from .nginx import settings_problems  # one checker for what goes into nginx text
-
-        found = settings_problems(settings)
-        for key, message in found:
+        for key, message in settings_problems(settings):
             bad(key, message)
-        problem = listen_problem(settings.listen)
-        if problem and "listen" not in {key for key, _ in found}:
-            bad("listen", f"has {problem}")
     return settings
 
 

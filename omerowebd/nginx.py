@@ -48,10 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, NginxSettings, address_problem
+from .config import Config, NginxSettings
 from .errors import UserError
 from .exits import EXIT_FAILURE
 from .files import write_atomic
+from .nginx_syntax import value_problem  # checked before rendering; also nginx.value_problem to callers
 from .static import static_location
 from .venv import VenvInfo, effective, probe_env
 
@@ -180,100 +181,6 @@ def check_web_settings(web: WebSettings, where: Where = _nowhere) -> None:
 def _place(where: Where, name: str) -> str:
     place = where(name)
     return place + ": " if place else ""
-
-
-# -- checks on values that go into nginx text --------------------------------------
-
-_ENDS = {
-    ";": "which ends an nginx directive",
-    "{": "which opens an nginx block",
-    "}": "which closes an nginx block",
-    '"': "which nginx reads as a quote",
-    "'": "which nginx reads as a quote",
-}
-
-
-def value_problem(value: str, *, words: bool = False, backslash: bool = False) -> str | None:
-    """Why ``value`` cannot stand unquoted in an nginx directive, or None.
-
-    ``words``: several words are fine (``listen 443 ssl``, ``server_name a b``).
-    ``backslash``: a backslash is fine inside a word (regex server names).
-    """
-    if not value.strip():
-        return "is empty"
-    for ch in value:
-        if ch in "\r\n":
-            return "contains a line break"
-        if ch in _ENDS:
-            return f"contains {ch!r}, {_ENDS[ch]}"
-        if (ord(ch) < 32 and ch != " ") or ord(ch) == 127:
-            return f"contains the control character {ch!r}"
-    if not words and any(c.isspace() for c in value):
-        return "contains a space: nginx would read two values"
-    if any(word.startswith("#") for word in value.split()):
-        return "has a word starting with '#', which nginx reads as a comment"
-    if "\\" in value:
-        if not backslash:
-            return "contains a backslash, which nginx reads as an escape"
-        if re.search(r"\\(\s|$)", value):
-            return "ends a word with a backslash, which would escape what follows"
-    return None
-
-
-# \Z, not $: "$" also matches before a final newline ("1m\n" would pass).
-_SIZE = re.compile(r"^[0-9]+[kKmMgG]?\Z")
-# nginx times (ngx_parse_time): "30", "10s", "1m30s"; "ms" only where milliseconds count.
-_SECONDS = re.compile(r"^(?:[0-9]+[smhdwMy]?)+\Z")
-_TIME = re.compile(r"^(?:[0-9]+(?:ms|[smhdwMy])?)+\Z")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\Z")
-
-
-def settings_problems(nginx: NginxSettings) -> list[tuple[str, str]]:
-    """(key, message) for every [nginx] value that cannot go into nginx text; config.py reports them."""
-    out: list[tuple[str, str]] = []
-
-    def check(key: str, value: str, **how: bool) -> None:
-        problem = value_problem(value, **how)
-        if problem:
-            out.append((key, f"{value!r} {problem}"))
-
-    check("listen", nginx.listen, words=True)
-    check("server_name", nginx.server_name, words=True, backslash=True)
-    if not _SIZE.match(nginx.max_body_size):
-        out.append(("max_body_size",
-                    f"must be an nginx size such as '0', '512k', '100m' or '2g', not {nginx.max_body_size!r}"))
-    for key in ("server_file", "location_file"):
-        name = getattr(nginx, key)
-        if not _FILE_NAME.match(name) or name in (".", ".."):
-            out.append((key, f"must be a plain file name (letters, digits, '._+-'), not {name!r}"))
-    if nginx.server_file == nginx.location_file:
-        out.append(("location_file", "must differ from nginx.server_file"))
-    if nginx.output_dir is not None:
-        check("output_dir", str(nginx.output_dir))
-    for path, target in nginx.redirects.items():
-        problem = value_problem(path) or value_problem(target)
-        if problem:
-            out.append(("redirects", f"{path!r} = {target!r}: {problem}"))
-        elif not path.startswith("/"):
-            out.append(("redirects", f"{path!r}: a path must start with '/'"))
-        elif not target.startswith(("/", "http://", "https://")):
-            out.append(("redirects", f"{path!r} = {target!r}: the target must start with '/', http:// or https://"))
-    for address in nginx.upstreams:
-        if address_problem(address) or value_problem(address):
-            out.append(("upstreams", f"has {address!r}: use HOST:PORT, [IPV6]:PORT or unix:/absolute/path"))
-    if not 0 <= nginx.max_fails <= 1000:
-        out.append(("max_fails", f"must be from 0 (never take a backend out) to 1000, not {nginx.max_fails}"))
-    if not _SECONDS.match(nginx.fail_timeout):
-        out.append(("fail_timeout", f"must be an nginx time in seconds such as '10s', '30' or '1m',"
-                                    f" not {nginx.fail_timeout!r}"))
-    if not _TIME.match(nginx.connect_timeout) or not nginx.connect_timeout.strip("0msh"):
-        out.append(("connect_timeout", f"must be an nginx time above 0 such as '5s', '500ms' or '1m',"
-                                       f" not {nginx.connect_timeout!r}"))
-    for key in ("validate_command", "reload_command"):
-        command = getattr(nginx, key)
-        if command is not None and (not command or not command[0]):
-            out.append((key, "must name a program, e.g. [\"nginx\", \"-t\"]; leave it out for none"))
-    return out
 
 
 # -- render exactly as `omero web config` does -----------------------------------
