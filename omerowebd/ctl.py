@@ -30,6 +30,8 @@ exit codes:
   2  usage error; reload: new generation failed and was rolled back
   3  the daemon is not reachable
   4  reload: the change needs a daemon restart (systemctl restart omerowebd)
+  5  reload: reverted: the new generation served but did not settle (daemon.settle_seconds);
+     the previous config serves again
  6  rollout: a canary did not stay healthy for --settle seconds (rollout stops
     at the first failing host with its code: 1, 2, 3, 4, ...)
  77  the daemon refused the caller (who may do what: man omerowebctl)

@@ -56,7 +56,7 @@ exit codes:
   2  usage error (unknown key, bad arguments)
   3  --reload: written, but the daemon is not reachable
   78 the config file is missing or not TOML (a person must fix it)
-  with --reload, a reload that fails exits as `omerowebctl reload` does (1 rejected, 2 rolled back, 4 restart required)
+  with --reload, a reload that fails exits as `omerowebctl reload` does (1 rejected, 2 rolled back, 4 restart required, 5 reverted)
 """
 
 

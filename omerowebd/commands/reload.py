@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "reload", help="apply the config file; wait for the outcome",
         description="Ask the daemon to apply the config file. A new gunicorn generation must serve before "
         "the old one is retired; a broken config or app changes nothing. "
-        "Exit: 0 applied or nothing to do, 1 rejected, 2 rolled back, 3 daemon not reachable, 4 restart required.",
+        "Exit: 0 applied or nothing to do, 1 rejected, 2 rolled back, 3 daemon not reachable, 4 restart required, "
+        "5 reverted (the new generation did not settle within daemon.settle_seconds: the previous config serves again).",
     )
     p.add_argument("--no-wait", action="store_true", help="return once the daemon has accepted the request")
     p.add_argument("--dry-run", action="store_true", help="print what changed and what would be done")
