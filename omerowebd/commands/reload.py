@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import control, nginx, printable, progress, redact, static, venv
+from .. import settle as settle_module
 from ..config import DaemonSettings
 from ..errors import UserError
 from ..exits import EXIT_FAILURE
@@ -72,11 +73,13 @@ def wait_limit(args: argparse.Namespace) -> float:
     collectstatic, nginx's check and reload, and the new generation's
     daemon.ready_timeout; one already running may be ahead of it."""
     try:
-        ready_timeout = load_config(args).daemon.ready_timeout
+        daemon = load_config(args).daemon
+        ready_timeout, settle = daemon.ready_timeout, daemon.settle_seconds
     except UserError:
-        ready_timeout = DEFAULT_READY_TIMEOUT  # a broken file: the daemon rejects it quickly anyway
+        ready_timeout, settle = DEFAULT_READY_TIMEOUT, 0.0  # a broken file: the daemon rejects it quickly anyway
     one = venv.PROBE_TIMEOUT + static.TIMEOUT + 2 * nginx.COMMAND_TIMEOUT + ready_timeout
-    return 2 * one + 60.0
+    # A reload that does not settle brings the previous config back: a second generation to wait for.
+    return 2 * one + settle + 2 * settle_module.PROBE_TIMEOUT + 60.0
 
 
 def request(path: Path, payload: dict[str, Any], *, show_progress: bool = True,
