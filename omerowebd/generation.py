@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import log
+from . import log, metrics
 from .errors import ConfigErrors
 from .files import write_atomic
 from .sockets import HeldSocket
@@ -370,6 +370,7 @@ class Generation:
         # gunicorn's master starts another worker at once; the requests the
         # lost one held are lost with it. Said once, here, in the daemon's words.
         self.worker_faults += 1
+        metrics.worker_died()
         if why is None and hung:
             why = "hung past omero.web.wsgi_timeout and was killed by gunicorn"
         elif why is None:
