@@ -25,6 +25,7 @@ from typing import Any
 from . import log, metrics
 from .errors import ConfigErrors
 from .files import write_atomic
+from .procs import signal_group as _signal_group
 from .sockets import HeldSocket
 from .venv import VenvInfo, effective, probe_env, python_of
 
@@ -471,16 +472,6 @@ class Generation:
             "worker_faults": self.worker_faults,
             "last_worker_fault": self.last_worker_fault,
         }
-
-
-def _signal_group(pid: int, sig: int, *, group: bool) -> None:
-    try:
-        if group:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _child_env(extra: Mapping[str, str]) -> dict[str, str]:

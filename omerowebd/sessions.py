@@ -58,6 +58,7 @@ from typing import Any
 
 from . import omero_config, printable, trust
 from .config import Config, SessionsSettings
+from .procs import signal_group as _signal  # the sweep's own session: clearsessions' children go too
 from .schedule import Schedule, parse_schedule
 from .venv import VenvInfo, effective, probe_env, python_of
 
@@ -505,13 +506,6 @@ def sweep_sync(target: Target, dry_run: bool = False, snapshot: Mapping[str, Any
                          env=runner.env(), popen_args=runner.popen_args())
     return _outcome(target, dry_run, finished.returncode, finished.stdout, finished.stderr,
                     time.monotonic() - started, finished.timed_out, finished.problem)
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)  # its own session: clearsessions' children go too
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def summary(result: Mapping[str, Any]) -> dict[str, Any]:
