@@ -25,7 +25,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,13 +194,18 @@ class TwoHosts:
     def other(self, host: Host) -> Host:
         return self.b if host is self.a else self.a
 
-    def config(self, host: Host, omero: str = "", nginx: str = "", daemon: str = "", workers: int = 2) -> str:
+    def config(self, host: Host, omero: str = "", nginx: str = "", daemon: str = "", workers: int = 2,
+               upstreams: Sequence[str] | None = None) -> str:
         """Host's TOML: bound to its address, the other host as an upstream, a shared secret_key.
 
         ``omero`` goes under [omero.web], ``nginx`` under [nginx] (after the
         keys written here, so it may open [nginx.redirects]), ``daemon`` under
-        [daemon].
+        [daemon]; ``upstreams`` replaces the other host (``[]``: this host alone).
+        ``watch_config = false``: a change reaches a host only through its
+        reload (or a rollout), in the order the test chooses.
         """
+        if upstreams is None:
+            upstreams = [self.other(host).backend]
         commands = ""
         if host is self.a:
             commands = (f"validate_command = {_toml_list(self.front.argv('-t', '-q'))}\n"
@@ -213,11 +218,12 @@ class TwoHosts:
             state_dir = "{host.root / 'state'}"
             bind = ["{host.backend}"]
             graceful_timeout = 10
+            watch_config = false
             """) + textwrap.dedent(daemon) + textwrap.dedent(f"""
             [nginx]
             listen = "127.0.0.1:{self.front.port}"
             server_name = "localhost"
-            upstreams = ["{self.other(host).backend}"]
+            upstreams = [{", ".join(f'"{u}"' for u in upstreams)}]
             """) + commands + textwrap.dedent(nginx) + textwrap.dedent(f"""
             [omero.web]
             wsgi_workers = {workers}
@@ -225,9 +231,9 @@ class TwoHosts:
             """) + textwrap.dedent(omero)
 
     def write(self, omero: str = "", nginx: str = "", daemon: str = "", workers: int = 2,
-              only: Host | None = None) -> None:
+              only: Host | None = None, upstreams: Sequence[str] | None = None) -> None:
         for host in ([only] if only else self.hosts):
-            host.save(self.config(host, omero, nginx, daemon, workers))
+            host.save(self.config(host, omero, nginx, daemon, workers, upstreams))
 
     def start(self, timeout: float = 240.0) -> None:
         """nginx first (an empty include), then both daemons at once; return once nginx serves the site."""
