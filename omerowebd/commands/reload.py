@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import control, nginx, printable, progress, redact, static, venv
+from .. import settle as settle_module
 from ..config import DaemonSettings
 from ..errors import UserError
 from ..exits import EXIT_FAILURE
