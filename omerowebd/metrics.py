@@ -217,15 +217,33 @@ class _Collector:
 
 
 def store_state(daemon: Any) -> tuple[bool | None, float | None]:
-    """(answers?, round trip seconds), None where unknown: from the store watch's last check."""
-    watch = getattr(daemon, "services", {}).get("session_store")
-    if watch is None:
-        return None, None
-    status = watch.status()
-    up = status.get("available")
-    latency = status.get("latency")
-    return (up if isinstance(up, bool) else None,
-            latency if isinstance(latency, (int, float)) and math.isfinite(latency) else None)
+    """(answers?, round trip seconds), None where unknown.
+
+    A cache session store (Redis, memcached): the live check's last answer
+    (store_health.py), with its round trip. Any other store (files, a
+    database): the store watch's last verdict (store_watch.py), no round trip.
+    """
+    services = getattr(daemon, "services", {})
+    up: bool | None = None
+    latency: float | None = None
+    health = services.get("store_health")
+    if health is not None:
+        up = health.session_store_reachable()
+        if up is not None:
+            latency = _session_round_trip(health.status())
+    watch = services.get("session_store")
+    if up is None and watch is not None:
+        available = watch.status().get("available")
+        up = available if isinstance(available, bool) else None
+    return up, latency
+
+
+def _session_round_trip(status: Mapping[str, Any]) -> float | None:
+    """The slowest answer of the session cache's servers, in seconds (None: none answered with a time)."""
+    times = [e.get("ms") for c in status.get("caches") or [] if c.get("alias") == status.get("session_cache")
+             for e in c.get("endpoints") or []]
+    times = [t for t in times if isinstance(t, (int, float)) and math.isfinite(t)]
+    return max(times) / 1000 if times else None
 
 
 # -- the server -------------------------------------------------------------------
@@ -307,6 +325,9 @@ class MetricsService:
                 await asyncio.sleep(PROBE_INTERVAL)
                 if self._server is not None:
                     await probe_site(self.daemon)
+                    health = getattr(self.daemon, "services", {}).get("store_health")
+                    if health is not None:
+                        await health.refresh()  # nothing else asks the caches on a clock
         finally:
             await asyncio.to_thread(self.close)
 

@@ -164,6 +164,14 @@ def test_a_scrape_reads_what_happened(daemon):
         assert after['omerowebd_last_session_sweep_sessions{result="kept"}'] == 90
         assert after['omerowebd_last_session_sweep_sessions{result="errors"}'] == 1
         assert after["omerowebd_session_store_up"] == 0
+        # A cache session store (Redis): the live check's answer and its round trip (the slowest server's).
+        daemon.services["store_health"] = SimpleNamespace(
+            session_store_reachable=lambda: True,
+            status=lambda: {"session_cache": "default", "caches": [
+                {"alias": "other", "endpoints": [{"ms": 900.0}]},
+                {"alias": "default", "endpoints": [{"ms": 1.5}, {"ms": 3.0}]}]})
+        redis = scrape(port)
+        assert redis["omerowebd_session_store_up"] == 1 and redis["omerowebd_session_store_latency_seconds"] == 0.003
         daemon.current = None
         assert scrape(port)["omerowebd_serving"] == 0
     finally:
