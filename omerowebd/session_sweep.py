@@ -97,8 +97,6 @@ JSON_SERIALIZERS = (
     "django.contrib.sessions.serializers.JSONSerializer",
     "django.core.signing.JSONSerializer",
 )
-SETTINGS_KEYS = ("engine", "file_path", "cookie_name", "cookie_age", "use_tz", "time_zone", "serializer",
-                 "valid_key_chars", "django_version")
 MAX_PAYLOAD = 1 << 20  # decompressed bytes looked at without the signature checked
 MAX_ERROR_SAMPLES = 20
 MAX_SECRET_KEY = 1 << 16  # bytes of OMERO.web's secret key file read (it writes 50)

@@ -28,10 +28,6 @@ class Notifier:
         if watchdog_pid and watchdog_pid != os.getpid():
             self.watchdog_usec = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def send(self, **fields: object) -> None:
         """``send(READY=1, STATUS="...")`` -> "READY=1\\nSTATUS=..."."""
         if not self.address:

@@ -79,5 +79,5 @@ def test_notifier_sends_datagrams(tmp_path):
 
 def test_notifier_without_systemd_is_silent():
     n = Notifier({})
-    assert not n.enabled
+    assert n.address is None
     n.ready("x")  # nothing to send to, nothing raised
