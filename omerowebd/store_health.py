@@ -413,22 +413,29 @@ def render_status(s: Any) -> list[str]:
     lines = [f"session engine: {engine}{default}" + (f", in cache {session_cache!r}" if session_cache else "")]
     if f(s, "problem", str):
         lines.append(f"caches:      {f(s, 'problem', str)}")
-    for c in f(s, "caches", list, []) or []:
+    for i, c in enumerate(f(s, "caches", list, []) or []):
         alias, backend = f(c, "alias", str, "?"), f(c, "backend", str, "?")
-        head = f"cache {alias!r}: {backend}"
+        head = f"{'caches:' if i == 0 else '':13}{alias!r} {backend}"
         endpoints = [e for e in f(c, "endpoints", list, []) or [] if isinstance(e, dict)]
         if not endpoints:
             problem = f(c, "problem", str)
             lines.append(f"{head} ({problem or f(c, 'note', str, 'not checked')})")
             continue
         lines.append(head)
-        lines += [f"    {f(e, 'where', str, '?')}: {describe(e, f(s, 'timeout', (int, float)))}" for e in endpoints]
+        lines += [f"{'':15}{f(e, 'where', str, '?')}: {describe(e)}" for e in endpoints]
         if f(c, "problem", str):
-            lines.append(f"    not checked: {f(c, 'problem', str)}")
+            lines.append(f"{'':15}not checked: {f(c, 'problem', str)}")
     return lines
 
 
-def describe(e: Any, timeout: float | None = None) -> str:
+def answered(s: Any, where: str) -> bool:
+    """Has the live check (status ``s``) asked ``where``? Then it says more than the watch's last verdict."""
+    return any(printable.field(e, "where", str) == where and printable.field(e, "state", str)
+               for c in printable.field(s, "caches", list, []) or []
+               for e in printable.field(c, "endpoints", list, []) or [])
+
+
+def describe(e: Any) -> str:
     f = printable.field
     state = f(e, "state", str)
     if state == ANSWERS:

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from .. import control, sessions
+from .. import control, sessions, store_health
 from ..exits import EXIT_FAILURE, EXIT_OK
 from . import socket_path
 
@@ -72,12 +72,13 @@ def render(s: dict[str, Any]) -> str:
                      f"(written {_when(nginx.get('written_at'))}, validation {checked})")
     if "sessions" in s:
         lines += sessions.render_status(s["sessions"])
+    lines += store_health.render_status(s.get("store_health"))
     store = s.get("session_store") or {}
     if store.get("available") is False:
         problems = "; ".join(f"{where}: {why}" for where, why in store["problems"].items())
         lines.append(f"session store: UNAVAILABLE since {_when(store['unavailable_since'])} ({problems}): "
                      "signed-in users get errors until it is back")
-    elif store.get("available"):
+    elif store.get("available") and not all(store_health.answered(s.get("store_health"), w) for w in store["checked"]):
         lines.append(f"session store: available ({', '.join(store['checked'])}, checked {_when(store['checked_at'])})")
     crash = s.get("last_crash")
     if crash:
