@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import nginx, venv
+from . import multihost, nginx, venv
 from . import metrics
 from .config import Config
 from .errors import ConfigErrors, UserError
@@ -79,6 +79,7 @@ def _judge(config: Config, info: VenvInfo | None, error: UserError | None) -> tu
         problems += errors
         problems += plan_problems(config, info)
         problems += nginx.config_problems(config, info)
+        warnings += multihost.warnings(config, info)  # sessions several hosts cannot share
     metrics_problems, metrics_warnings = metrics.config_problems(config)
     return problems + metrics_problems, warnings + metrics_warnings
 

@@ -31,6 +31,7 @@ from .generation import Generation, GenerationFailed, GunicornPlan, http_probe, 
 from .nginx import NginxOutput, Switch, mark_applied
 from .sessions import SessionService
 from .sockets import HeldSocket
+from .store_health import StoreHealth
 from .static import StaticFiles, release_for
 from .store_watch import StoreWatch
 from .systemd import Notifier
@@ -99,6 +100,8 @@ class Supervisor:
         self.last_boot_seconds: float | None = None  # spawn -> serving, of the newest generation
         self.outputs: dict[str, Output] = {"nginx": NginxOutput(self.log, addresses=self._upstream_addresses)}
         self.services: dict[str, Service] = {"sessions": SessionService(self.log), "session_store": StoreWatch(self.log)}
+        self.store_health = StoreHealth()  # the caches, asked live by status (and the metrics)
+        self.services["store_health"] = self.store_health
         self.prober = Prober()
         self.static = StaticFiles(config.daemon.state_dir)  # one collected directory per release
         self._stopping = asyncio.Event()
@@ -296,6 +299,7 @@ class Supervisor:
     async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
         if cmd == "status":
+            await self.store_health.refresh()  # within its timeout; one check serves a status flood
             return {"ok": True, **redact.structure(self.status())}  # no secret in a reply, whoever wrote the text
         if cmd == "reload":
             if request.get("dry_run"):
