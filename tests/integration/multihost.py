@@ -78,6 +78,7 @@ class Host(Daemon):
 
     address: str = "127.0.0.1"
     name: str = "A"
+    killed_at: float | None = None  # time.time() once kill() has sent its last SIGKILL
 
     @property
     def backend(self) -> str:
@@ -102,6 +103,7 @@ class Host(Daemon):
         for pid in self.gunicorn_pids():  # any left outside those groups
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        self.killed_at = time.time()
         if self.proc is not None:
             self.proc.wait(30)
         wait_for(lambda: not self.gunicorn_pids(), 30, f"host {self.name}'s gunicorn processes to be gone")
