@@ -271,22 +271,11 @@ def _coerce(value: Any, hint: Any) -> Any:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ValueError(f"must be a table of strings, not {_tname(value)}")
         return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, not {_tname(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer, not {_tname(value)}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a number of seconds, not {_tname(value)}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"must be a string, not {_tname(value)}")
-        return value
+    if hint in _SCALARS:
+        accepts, wanted = _SCALARS[hint]
+        if isinstance(value, bool) is not (hint is bool) or not isinstance(value, accepts):
+            raise ValueError(f"must be {wanted}, not {_tname(value)}")
+        return hint(value)  # float(3) -> 3.0; the others give the value back
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ValueError(f"must be a path string, not {_tname(value)}")
@@ -294,6 +283,16 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise ValueError(f"must be an absolute path, not {value!r}")
         return Path(value)
     raise TypeError(hint)  # a field type this module does not know: a bug
+
+
+# A scalar field's type -> (the TOML values it takes, what the error says it must be).
+# A boolean is an int to Python: only a bool field takes one.
+_SCALARS: dict[type, tuple[type | tuple[type, ...], str]] = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: ((int, float), "a number of seconds"),
+    str: (str, "a string"),
+}
 
 
 def _tname(value: Any) -> str:
