@@ -145,13 +145,7 @@ def _read_config_xml(path: Path, data: bytes) -> Source:
         raise MigrationError(f"{path}: not a config.xml omero-py can read: {e}") from None
     if root.tag != "icegrid":
         raise MigrationError(f"{path}: not an OMERO config.xml (the root element is <{root.tag}>, not <icegrid>)")
-    profile = omero_config.PROFILE
-    blocks = {p.get("id"): p for p in root.findall("./properties")}
-    active = blocks.get(omero_config.ACTIVE)
-    for prop in active.findall("./property") if active is not None else ():
-        if prop.get("name") == omero_config.PROFILE_KEY:
-            profile = prop.get("value") or profile
-    block = blocks.get(profile)
+    profile, block = omero_config.active_profile(root)
     if block is None:
         raise MigrationError(f"{path}: the active profile {profile!r} has no <properties id={profile!r}> block")
     version = next((p.get("value") for p in block.findall("./property") if p.get("name") == omero_config.VERSION_KEY), None)
@@ -159,10 +153,7 @@ def _read_config_xml(path: Path, data: bytes) -> Source:
         raise MigrationError(
             f"{path}: written by OMERO {version}, which omero-py upgrades when it opens it: import the output of "
             "`omero config get --show-password` from the installed OMERO instead")
-    properties = {
-        str(p.get("name")): p.get("value", "") for p in block.findall("./property")
-        if "name" in p.attrib and p.get("name") not in (omero_config.VERSION_KEY, omero_config.PROFILE_KEY)
-    }  # from the bytes read once: the file may have changed since
+    properties = omero_config.block_properties(block)  # from the bytes read once: the file may have changed since
     return Source(path, "config.xml", properties, profile)
 
 

@@ -279,15 +279,23 @@ def properties_of(data: bytes) -> dict[str, str]:
     root = fromstring(data)
     if root.tag != "icegrid":
         raise ValueError(f"the root element is <{root.tag}>, not <icegrid>")
+    _, block = active_profile(root)
+    return block_properties(block) if block is not None else {}
+
+
+def active_profile(root: Element) -> tuple[str, Element | None]:
+    """The profile omero-py reads (``__ACTIVE__``'s omero.config.profile, else ``default``) and its block, if any."""
     blocks = {p.get("id"): p for p in root.findall("./properties")}
     profile = PROFILE
     active = blocks.get(ACTIVE)
     for prop in active.findall("./property") if active is not None else ():
         if prop.get("name") == PROFILE_KEY:
             profile = prop.get("value") or PROFILE
-    block = blocks.get(profile)
-    if block is None:
-        return {}
+    return profile, blocks.get(profile)
+
+
+def block_properties(block: Element) -> dict[str, str]:
+    """A profile's properties, as ``ConfigXml.as_map()`` gives them (its version and profile keys left out)."""
     return {
         str(p.get("name")): p.get("value", "")
         for p in block.findall("./property")
