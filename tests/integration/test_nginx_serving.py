@@ -160,6 +160,7 @@ def _toml_list(argv: list[str]) -> str:
     ('prefix = "/omero"\nstatic_url = "/omero/static/"\n', ""),
     ('nginx_server_extra_config = ["client_body_timeout 60s;"]\n',
      'upstreams = ["127.0.0.1:4999", "unix:/run/omerowebd-test.sock"]\n'
+     'max_fails = 3\nfail_timeout = "1m30s"\nconnect_timeout = "750ms"\n'
      '[nginx.redirects]\n"/" = "/webclient/"\n"/pub/schleicher-et-al-2017" = "/webclient/?show=project-27936"\n'),
 ], ids=["no-prefix", "prefix", "redirects-upstreams-extra"])
 def test_nginx_t_passes_with_the_server_file_and_with_the_location_include(
@@ -174,6 +175,11 @@ def test_nginx_t_passes_with_the_server_file_and_with_the_location_include(
     location_file = Path(output.status()["files"]["location"])
     assert server_file.exists() and location_file.exists()
     assert front.test().returncode == 0, front.test().stderr
+    if "upstreams" in table:  # real nginx takes every backend's timing and the retry lines
+        server_text = server_file.read_text()
+        assert server_text.count(" max_fails=3 fail_timeout=1m30s;") == 3
+        assert "proxy_next_upstream error timeout http_502 http_503;" in server_text
+        assert "proxy_connect_timeout 750ms;" in server_text
 
     inside = Nginx(tmp_path / "nginx-location",
                    f"server {{\n        listen 127.0.0.1:{free_port()};\n        include {location_file};\n    }}")
