@@ -210,7 +210,7 @@ def test_a_status_flood_asks_once_per_fresh_period():
         assert endpoint["state"] == ANSWERS and endpoint["where"] == f"redis at 127.0.0.1:{server.port}"
         lines = store_health.render_status(health.status())
         assert lines[0] == "session engine: django.contrib.sessions.backends.cache, in cache 'default'"
-        assert lines[1] == f"caches:      'default' django_redis.cache.RedisCache"
+        assert lines[1] == "caches:      'default' django_redis.cache.RedisCache"
         assert lines[2].startswith(f"               redis at 127.0.0.1:{server.port}: answers, ") and " ms" in lines[2]
         assert store_health.answered(health.status(), f"redis at 127.0.0.1:{server.port}")
     finally:
