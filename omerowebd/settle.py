@@ -18,10 +18,15 @@ attributes of :class:`Watched`) and a probe function, and returns a
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from . import metrics
+from .config import Config
+from .generation import Generation, http_probe
 
 # Two failed probes in a row: one alone may be a worker that died holding it (counted as a death).
 PROBES_IN_A_ROW = 2
@@ -54,6 +59,10 @@ class Rule:
     def enabled(self) -> bool:
         return self.seconds > 0
 
+    @classmethod
+    def of(cls, config: Config) -> Rule:
+        return cls(seconds=config.daemon.settle_seconds, worker_deaths=config.daemon.settle_worker_deaths)
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -70,6 +79,18 @@ class Verdict:
 
 
 Probe = Callable[[], Awaitable["int | None"]]  # an HTTP status, or None for no answer
+
+
+def probe_of(generation: Generation) -> Probe:
+    """The health probe through the generation's own socket (only it listens there), timed for the metrics."""
+    async def probe() -> int | None:
+        started = time.monotonic()
+        status = await http_probe((socket.AF_UNIX, str(generation.probe_path)), generation.plan.health_path,
+                                  generation.plan.health_host, timeout=PROBE_TIMEOUT)
+        metrics.probed(time.monotonic() - started, status)
+        return status
+
+    return probe
 
 
 async def watch(generation: Watched, rule: Rule, probe: Probe, *,

@@ -1,0 +1,129 @@
+"""Settle and revert, and the Prometheus metrics, on real OMERO.web and gunicorn (issue 13).
+
+A reload brings up a generation with an app whose workers die after every response once armed (see
+apps/omerowebd_crash_after_response); the test arms it as soon as that generation serves. The daemon,
+watching the new generation for daemon.settle_seconds, sees the crash loop, brings the previous config
+back (a new generation from it), and reports the reload as reverted; not one request of a steady load
+fails meanwhile. The metrics, scraped over HTTP, move with what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import Load, free_port, wait_for
+
+from omerowebd.omero_config import config_xml_path, read_config_xml
+
+pytestmark = pytest.mark.omeroweb
+
+APP = "omerowebd_crash_after_response"
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_a_reload_whose_workers_crash_loop_is_reverted_with_no_failed_request(daemon, tmp_path):
+    apps = tmp_path / "apps"
+    shutil.copytree(Path(__file__).with_name("apps") / APP, apps / APP)
+    armed = apps / APP / "armed"
+    daemon.extra_env["PYTHONPATH"] = str(apps)
+    mport = free_port()
+    settings = f'watch_config = false\nsettle_seconds = 30\nmetrics = "127.0.0.1:{mport}"'
+    daemon.write_config(workers=2, daemon=settings)
+    daemon.start()
+    good_digest = daemon.status()["config"]["digest"]
+    before = scrape(mport)
+    assert before["omerowebd_generation"] == 1 and before["omerowebd_workers"] == 2
+    assert before['omerowebd_reloads_total{outcome="reverted"}'] == 0
+
+    # Clients wait as long as a revert may take: the point is that none fails, not how fast.
+    with Load(daemon.port, clients=4, timeout=120) as load:
+        load.wait_requests(20)
+        daemon.write_config(workers=2, daemon=settings, omero=f'apps = ["{APP}"]\n')
+        reply: dict[str, subprocess.CompletedProcess[str]] = {}
+        asking = threading.Thread(target=lambda: reply.setdefault("out", daemon.ctl("reload")))
+        asking.start()
+        # The crash loop begins once the new generation serves (the reload is still settling).
+        wait_for(lambda: (daemon.status().get("generation") or {}).get("number") == 2, 180,
+                 "the new generation to serve")
+        armed.touch()
+        asking.join(300)
+        out = reply["out"]
+        assert out.returncode == 5, out.stdout + out.stderr
+        assert out.stdout.startswith("reverted: "), out.stdout
+        # A crash loop shows as deaths, or (while the replacements still boot) as probes nothing answers.
+        assert "gunicorn workers died" in out.stdout or "health probe failed" in out.stdout, out.stdout
+        assert "previous config serves again" in out.stdout, out.stdout
+        load.wait_requests(20)  # and the site serves on, from the previous config
+    assert load.refused == 0 and load.failed == [], load.failed
+
+    status = daemon.status()
+    assert status["last_reload"]["outcome"] == "reverted" and status["last_reload"]["exit_code"] == 5
+    assert status["generation"]["number"] == 3 and status["generation"]["worker_faults"] == 0
+    assert status["config"]["digest"] == good_digest  # what runs is the previous config; the TOML is as edited
+    assert APP not in read_config_xml(config_xml_path(daemon.omerodir)).get("omero.web.apps", "")
+    assert "did not settle" in daemon.log() and "reverted" in daemon.log()
+    # The TOML still holds the change: a reload of it would try again.
+    dry = daemon.ctl("reload", "--dry-run")
+    assert dry.returncode == 0 and "would start a new gunicorn generation" in dry.stdout, dry.stdout
+
+    after = scrape(mport)
+    assert after['omerowebd_reloads_total{outcome="reverted"}'] == 1
+    assert after['omerowebd_reloads_total{outcome="applied"}'] == 0
+    assert after["omerowebd_worker_deaths_total"] >= 2
+    assert after["omerowebd_generation"] == 3 and after["omerowebd_serving"] == 1
+    assert after["omerowebd_last_reload_duration_seconds"] > 0
+    assert after["omerowebd_health_probe_duration_seconds_count"] > before["omerowebd_health_probe_duration_seconds_count"]
+
+    # A killed worker moves the death count; a sweep moves the sweep metrics.
+    deaths = after["omerowebd_worker_deaths_total"]
+    os.kill(status["generation"]["worker_pids"][0], signal.SIGKILL)
+    wait_for(lambda: scrape(mport)["omerowebd_worker_deaths_total"] == deaths + 1, 60, "the death to be counted")
+    sweeps = after.get("omerowebd_session_sweeps_total", 0)
+    swept = daemon.ctl("sessions", "clear")
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    now = scrape(mport)
+    assert now["omerowebd_session_sweeps_total"] == sweeps + 1
+    assert "omerowebd_last_session_sweep_duration_seconds" in now
+    assert 'omerowebd_last_session_sweep_sessions{result="deleted"}' in now
+
+    # A reload that changes only daemon settings applies at once: counted, and the endpoint moves with it.
+    mport2 = free_port()
+    daemon.write_config(workers=2, daemon=f'watch_config = false\nsettle_seconds = 30\nmetrics = "127.0.0.1:{mport2}"')
+    applied = daemon.ctl("reload")
+    assert applied.returncode == 0 and "applied without a new generation" in applied.stdout, applied.stdout
+    assert scrape(mport2)['omerowebd_reloads_total{outcome="applied"}'] == 1
+    with pytest.raises(OSError):
+        scrape(mport)
+
+
+def test_a_reload_that_settles_is_applied_and_a_crashed_master_is_counted(daemon):
+    mport = free_port()
+    daemon.write_config(workers=1, daemon=f'watch_config = false\nsettle_seconds = 2\nmetrics = "127.0.0.1:{mport}"')
+    daemon.start()
+    daemon.write_config(workers=2, daemon=f'watch_config = false\nsettle_seconds = 2\nmetrics = "127.0.0.1:{mport}"')
+    out = daemon.ctl("reload")
+    assert out.returncode == 0 and out.stdout.startswith("applied: new generation serving"), out.stdout
+    assert daemon.status()["last_reload"]["settle"]["settled"] is True
+    values = scrape(mport)
+    assert values['omerowebd_reloads_total{outcome="applied"}'] == 1 and values["omerowebd_workers"] == 2
+    os.kill(daemon.status()["generation"]["master_pid"], signal.SIGKILL)
+    wait_for(lambda: scrape(mport)["omerowebd_master_restarts_total"] == 1, 60, "the crash to be counted")
+    daemon.wait_serving()
+    assert scrape(mport)["omerowebd_generation"] == 3
