@@ -53,3 +53,33 @@ def test_bootstrap_with_everything_in_place_prints_nothing_and_reads_no_input(om
     result = run(["scripts/bootstrap.sh"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == "" and result.stderr == "", result.stdout + result.stderr
+
+
+def test_setup_omero_web_updates_a_venv_it_built_in_place_when_the_requirements_change(tmp_path):
+    """A changed requirements file (an extra such as omero-web[redis]) is installed into the venv
+    that is there, never by removing it: processes running from it keep their files. The venv here
+    stands in for one (its python and pip record what they are asked); pip's work is not this test's."""
+    venv, wheels, py310 = tmp_path / "venv", tmp_path / "wheels", tmp_path / "python3.10"
+    (venv / "bin").mkdir(parents=True)
+    (py310 / "bin").mkdir(parents=True)
+    wheels.mkdir()
+    (wheels / "zeroc_ice-3.6.5-cp310-cp310-linux_x86_64.whl").write_bytes(b"")
+    asked = tmp_path / "asked"
+    for tool, body in (("python", 'case "$*" in *importlib.metadata*) echo "omero-web 5.33.2 gunicorn 27.0.1";; esac'),
+                       ("pip", 'echo "$*" >> ' + str(asked))):
+        script = venv / "bin" / tool
+        script.write_text(f"#!/bin/sh\n{body}\nexit 0\n")
+        script.chmod(0o755)
+    (py310 / "bin" / "python3.10").write_text("#!/bin/sh\nexit 1\n")  # building a venv anew would fail
+    (py310 / "bin" / "python3.10").chmod(0o755)
+    (venv / "kept").write_text("a file the running processes use")
+    (venv / ".omerowebd-requirements").write_text("omero-web==5.33.2\n")
+    requirements = REPO / "scripts" / "omero-web-requirements.txt"
+    result = run(["scripts/setup-omero-web.sh", str(venv), str(requirements)], tmp_path,
+                 OMERO_WEB_WHEELHOUSE=str(wheels), PY310_HOME=str(py310))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"==> updating the OMERO.web venv {venv} to omero-web-requirements.txt" in result.stdout
+    assert (venv / "kept").exists()  # not rebuilt
+    assert f"-r {requirements}" in asked.read_text()
+    assert (venv / ".omerowebd-requirements").read_text() == requirements.read_text()
+    assert "omero-web[redis]==" in requirements.read_text()  # sessions in Redis need django-redis
