@@ -249,6 +249,8 @@ async def probe(endpoint: Endpoint, timeout: float = TIMEOUT) -> Answer:
         return Answer(ERROR, "closed the connection without answering")
     except OSError as e:
         return Answer(ERROR, (e.strerror or str(e) or type(e).__name__).lower())
+    except ValueError:  # a host name IDNA cannot encode, a port out of range
+        return Answer(ERROR, "not an address to connect to")
     except _Refused as e:
         return Answer(ERROR, str(e))
 

@@ -221,3 +221,7 @@ def test_render_takes_any_shape_without_a_traceback():
     for odd in (None, [], {"engine": 3}, {"engine": "e", "caches": "x"}, {"engine": "e", "caches": [{"endpoints": [1]}]},
                 {"engine": "e", "caches": [{"alias": "a", "endpoints": [{"state": "timeout", "ms": "x"}]}]}):
         store_health.render_status(odd)
+
+
+def test_an_address_nothing_can_connect_to_is_an_error_not_a_traceback():
+    assert ask(Endpoint("redis", "tcp", ("a" * 80 + ".example", 6379))).state == ERROR  # a label over 63 characters
