@@ -45,14 +45,14 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import printable
+from .sessions import DEFAULT_ENGINE
+from .store_watch import DEFAULT_CACHES
 from .venv import VenvInfo, effective
 
 TIMEOUT = 1.0  # seconds one endpoint has for connect, TLS, AUTH and PING together
 FRESH = 1.0  # seconds a check's result is shown again instead of asking anew
 SESSION_ENGINE = "omero.web.session_engine"
 CACHES = "omero.web.caches"
-DEFAULT_ENGINE = "django.contrib.sessions.backends.file"
-DEFAULT_CACHES = '{"default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}}'
 CACHE_ENGINES = ("django.contrib.sessions.backends.cache", "django.contrib.sessions.backends.cached_db")
 ANSWERS, REFUSED, TIMEOUT_STATE, ERROR = "answers", "refused", "timeout", "error"
 
