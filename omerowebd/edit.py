@@ -23,12 +23,10 @@ the same name; :func:`edit` verifies that for every edit):
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import re
 import shlex
-import time
 import types
 import typing
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -47,6 +45,7 @@ from . import venv as venv_module
 from .errors import ConfigError, ConfigErrors, UserError
 from .exits import EXIT_FAILURE, EXIT_USAGE
 from .files import write_atomic
+from .locks import flock_within
 from .names import did_you_mean
 from .omero_config import encode_value, flatten_omero_tree
 from .toml_values import is_namespace
@@ -678,17 +677,10 @@ class _locked:
                     "(run as root or as the file's owner)", exit_code=EXIT_FAILURE) from None
         except FileNotFoundError:
             raise ConfigError(f"{self.path.with_suffix('')}: config file not found (its directory is missing)") from None
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(self.fd)
-                    raise UserError(f"another edit holds {self.path} for over {self.timeout:.0f}s; try again",
-                                    exit_code=EXIT_FAILURE) from None
-                time.sleep(0.05)
+        if not flock_within(self.fd, self.timeout):
+            os.close(self.fd)
+            raise UserError(f"another edit holds {self.path} for over {self.timeout:.0f}s; try again",
+                            exit_code=EXIT_FAILURE)
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)  # closing releases the lock

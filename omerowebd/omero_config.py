@@ -21,14 +21,12 @@ profile itself.
 from __future__ import annotations
 
 import datetime
-import fcntl
 import hashlib
 import io
 import json
 import os
 import re
 import stat
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from xml.etree.ElementTree import Comment, Element, ElementTree, ParseError, Sub
 
 from .errors import ConfigError
 from .files import write_atomic
+from .locks import flock_within
 from .toml_values import is_namespace, plain
 
 PROFILE = "default"
@@ -201,15 +200,8 @@ def write_config_bytes(path: Path, data: bytes) -> bool:
     # `omero config` holds an flock on config.xml.lock while it edits; take
     # it too, so an admin's edit and ours never interleave.
     with open(f"{path}.lock", "a+") as lock:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        if not flock_within(lock, 10):
+            raise BlockingIOError(f"{path}.lock: `omero config` (or another writer) holds it for over 10s")
         try:
             return write_atomic(path, data, mode=0o600)
         finally:
