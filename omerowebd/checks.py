@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import multihost, nginx, venv
+from . import desired, nginx, venv
 from . import metrics
 from .config import Config
 from .errors import ConfigErrors, UserError
-from .generation import PlanError, plan_gunicorn
+from .generation import PlanError
 from .venv import VenvInfo
 
 
@@ -78,8 +78,7 @@ def _judge(config: Config, info: VenvInfo | None, error: UserError | None) -> tu
         errors, warnings = venv.property_problems(config, info)
         problems += errors
         problems += plan_problems(config, info)
-        problems += nginx.config_problems(config, info)
-        warnings += multihost.warnings(config, info)  # sessions several hosts cannot share
+        problems += nginx.config_problems(config, info, desired.backends_of(config))
     metrics_problems, metrics_warnings = metrics.config_problems(config)
     return problems + metrics_problems, warnings + metrics_warnings
 
@@ -90,9 +89,7 @@ def plan_problems(config: Config, info: VenvInfo) -> list[str]:
     A property OMERO.web itself refused (info.errors) is reported once, by the venv.
     """
     try:
-        plan_gunicorn(config.properties, info, omerodir=config.daemon.omerodir, app=config.daemon.app,
-                      graceful_timeout=config.daemon.graceful_timeout, health_path=config.daemon.health_path,
-                      where=config.where)
+        desired.derive(config, info, "")  # the daemon's own derivation; the packages do not change the plan
     except PlanError as e:
         return [p for p, name in zip(e.problems, e.names) if name not in info.errors]
     return []

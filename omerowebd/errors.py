@@ -30,3 +30,9 @@ class ConfigErrors(ConfigError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
         self.problems = problems
+
+
+def one_line(error: BaseException) -> str:
+    """An unforeseen exception as one line: its type and its words (never a traceback in a reply)."""
+    words = " ".join(str(error).split())
+    return f"{type(error).__name__}: {words}" if words else type(error).__name__

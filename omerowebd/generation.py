@@ -9,6 +9,7 @@ generation keeps serving on the shared sockets.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import math
 import os
@@ -42,6 +43,34 @@ DEFAULT_GRACEFUL_TIMEOUT = 60
 
 class GenerationFailed(Exception):
     """The new generation did not come up; the message says why, in one line."""
+
+
+class State(str, enum.Enum):
+    """Where a generation is in its life; a str, so status and comparisons read the word."""
+
+    NEW = "new"  # numbered, no process yet
+    BOOTING = "booting"  # the master runs; its workers load the app
+    SERVING = "serving"  # every worker loaded the app and the probe answered
+    RETIRING = "retiring"  # replaced: TERMed, its requests in flight finish
+    STOPPING = "stopping"  # the daemon stops
+    EXITED = "exited"  # the master died on its own (a crash, or a boot that failed)
+    FAILED = "failed"  # killed by the daemon: it did not come up, or nginx could not follow it
+
+
+# Every move a generation may make; any other is a bug, and raises.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.NEW: frozenset({State.BOOTING, State.FAILED, State.STOPPING}),
+    State.BOOTING: frozenset({State.SERVING, State.EXITED, State.FAILED, State.STOPPING}),
+    State.SERVING: frozenset({State.RETIRING, State.EXITED, State.FAILED, State.STOPPING}),
+    State.RETIRING: frozenset({State.STOPPING}),
+    State.EXITED: frozenset({State.FAILED, State.STOPPING}),
+    State.STOPPING: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+
+class BadTransition(RuntimeError):
+    """A generation was moved where it cannot go from where it is: a bug in the daemon."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +247,7 @@ class Generation:
     plan: GunicornPlan
     directory: Path
     proc: asyncio.subprocess.Process | None = None
-    state: str = "new"  # new, booting, serving, retiring, exited, failed
+    state: State = State.NEW  # moved only by _move, along TRANSITIONS
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     ready_workers: set[int] = field(default_factory=set)
@@ -240,6 +269,13 @@ class Generation:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    def _move(self, to: State) -> None:
+        if to == self.state:
+            return
+        if to not in TRANSITIONS[self.state]:
+            raise BadTransition(f"generation {self.number}: {self.state.value} -> {to.value} is not a move it can make")
+        self.state = to
 
     @property
     def omerodir(self) -> Path:
@@ -319,7 +355,7 @@ class Generation:
                 OMEROWEBD_FDS=",".join(map(str, fds)),
                 OMEROWEBD_PID=str(os.getpid()),
             )
-            self.proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 *self.plan.command(CONF),
                 cwd=self.plan.omeroweb_dir,
                 env=env,
@@ -329,18 +365,23 @@ class Generation:
             )
         finally:
             probe.close()  # the master holds it now
-        self.state = "booting"
+        self.attach(proc)
+
+    def attach(self, proc: asyncio.subprocess.Process) -> None:
+        """The master runs: boot from here, and hear when it exits."""
+        self._move(State.BOOTING)
+        self.proc = proc
         asyncio.get_running_loop().create_task(self._watch_exit())
 
     async def _watch_exit(self) -> None:
         assert self.proc is not None
         self.exit_status = await self.proc.wait()
-        if self.state == "booting":
+        if self.state == State.BOOTING:
             why = GUNICORN_EXITS.get(self.exit_status or 0, "see gunicorn's log above")
             self._boot_failure = self._boot_failure or (
                 f"gunicorn master exited with status {self.exit_status} while booting ({why})")
-        if self.state not in ("failed", "retiring", "stopping"):
-            self.state = "exited"
+        if self.state in (State.BOOTING, State.SERVING):
+            self._move(State.EXITED)
         self._changed.set()
         if self.on_exit is not None:
             self.on_exit(self)
@@ -356,9 +397,9 @@ class Generation:
         elif event == "worker_leaving" and isinstance(pid, int):
             self._leaving.add(pid)  # max_requests, a graceful stop: nothing wrong
         elif event == "worker_exit" and isinstance(pid, int):
-            if self.state == "booting" and pid not in self.ready_workers:
+            if self.state == State.BOOTING and pid not in self.ready_workers:
                 self._boot_failure = "a worker exited before it had loaded the app (see gunicorn's log above)"
-            elif self.state == "serving" and pid not in self._hung_booting and (
+            elif self.state == State.SERVING and pid not in self._hung_booting and (
                     message.get("timeout") or pid not in self._leaving):
                 self._worker_fault(pid, hung=bool(message.get("timeout")))
             self.ready_workers.discard(pid)
@@ -406,7 +447,9 @@ class Generation:
         if status is None or status >= 500:
             what = "no answer" if status is None else f"HTTP {status}"
             raise GenerationFailed(f"health probe GET {self.plan.health_path} got {what}")
-        self.state = "serving"
+        if self.state != State.BOOTING:  # the master exited (or was stopped) while the probe ran
+            raise GenerationFailed(self._boot_failure or f"the master is {self.state.value}, not booting")
+        self._move(State.SERVING)
         self.ready_at = time.time()
         self._boot_watch = asyncio.get_running_loop().create_task(self._watch_boots(timeout))
 
@@ -420,24 +463,24 @@ class Generation:
         the generation would serve with one worker fewer, silently. It gets
         what a new generation gets: daemon.ready_timeout.
         """
-        while self.state == "serving" and self.alive:
+        while self.state == State.SERVING and self.alive:
             await asyncio.sleep(max(0.5, min(5.0, timeout / 2)))
             children = self.worker_pids()
             for pid, forked in list(self._booting.items()):
                 if pid not in children:  # gone without a word (its exit report was lost)
                     self._booting.pop(pid, None)
                     continue
-                if time.monotonic() - forked <= timeout or pid in self._hung_booting or self.state != "serving":
+                if time.monotonic() - forked <= timeout or pid in self._hung_booting or self.state != State.SERVING:
                     continue
                 self._hung_booting.add(pid)
                 self._worker_fault(pid, why=f"hung while loading OMERO.web for more than {timeout:.0f}s "
                                             "(daemon.ready_timeout) and was killed by omerowebd")
                 _signal_group(pid, signal.SIGKILL, group=False)
 
-    async def stop(self, timeout: float, *, state: str = "retiring") -> None:
+    async def stop(self, timeout: float, *, state: State = State.RETIRING) -> None:
         """Graceful stop: TERM lets in-flight requests finish; KILL the group after ``timeout``."""
-        if self.state not in ("failed",):
-            self.state = state
+        if state in TRANSITIONS[self.state]:  # else it has ended already (exited, failed): only clean up
+            self._move(state)
         if self.alive:
             assert self.proc is not None
             _signal_group(self.proc.pid, signal.SIGTERM, group=False)
@@ -453,7 +496,8 @@ class Generation:
 
     async def kill(self) -> None:
         """A generation that failed to boot: nothing in it is worth waiting for."""
-        self.state = "failed"
+        if self.state != State.STOPPING:  # the daemon's stop got to it first: it goes either way
+            self._move(State.FAILED)
         if self.proc is not None:
             _signal_group(self.proc.pid, signal.SIGKILL, group=True)
             await self.proc.wait()
@@ -462,7 +506,7 @@ class Generation:
     def describe(self) -> dict[str, Any]:
         return {
             "number": self.number,
-            "state": self.state,
+            "state": self.state.value,
             "master_pid": self.pid,
             "worker_pids": self.worker_pids(),
             "workers": self.plan.workers,

@@ -70,10 +70,6 @@ if "OMEROWEBD_FDS" in os.environ:
     _take_sockets()
 
 
-def when_ready(server):
-    _tell_daemon("master_ready", pid=os.getpid())
-
-
 def post_fork(server, worker):
     # In the new worker, before it loads the app: the daemon times its boot from here.
     _tell_daemon("worker_booting", pid=os.getpid())

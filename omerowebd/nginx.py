@@ -46,15 +46,18 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, NginxSettings
 from .errors import UserError
 from .exits import EXIT_FAILURE
 from .files import write_atomic
-from .nginx_syntax import value_problem  # checked before rendering; also nginx.value_problem to callers
+from .nginx_syntax import listen_address, value_problem  # value_problem: also nginx.value_problem to callers
 from .static import static_location
 from .venv import VenvInfo, effective, probe_env
+
+if TYPE_CHECKING:
+    from .desired import Desired
 
 # omerowebctl's names -> omero-web's template names (`omero web config TYPE`).
 KINDS = {"server": "nginx", "location": "nginx-location", "development": "nginx-development"}
@@ -290,11 +293,6 @@ class Rendered:
     warnings: tuple[str, ...] = ()
 
 
-def backends_of(config: Config) -> list[str]:
-    """Where gunicorn listens, as nginx addresses: daemon.bind, else application_server.host:port."""
-    return list(config.bind_addresses())
-
-
 def output_dir(config: Config) -> Path:
     return config.nginx.output_dir or config.daemon.state_dir / "nginx"
 
@@ -369,12 +367,15 @@ def render_outputs(config: Config, properties: Mapping[str, str], info: VenvInfo
     return Rendered(files=files, server=server, location=location, maintenance=page, warnings=tuple(warnings))
 
 
-def config_problems(config: Config, info: VenvInfo) -> list[str]:
-    """What ``omerowebctl check`` reports about the nginx files: what apply() would refuse."""
+def config_problems(config: Config, info: VenvInfo, backends: Sequence[str] | None = None) -> list[str]:
+    """What ``omerowebctl check`` reports about the nginx files: what apply() would refuse.
+
+    ``backends``: desired.backends_of(config) (what the config binds, when None).
+    """
     if not config.nginx.enabled:
         return []
     try:
-        render_outputs(config, config.properties, info, backends_of(config))
+        render_outputs(config, config.properties, info, config.bind_addresses() if backends is None else backends)
     except UserError as e:
         return [str(e)]
     return []
@@ -382,10 +383,10 @@ def config_problems(config: Config, info: VenvInfo) -> list[str]:
 
 def check_listen_conflict(listen: str, backends: Sequence[str], config: Config) -> None:
     """nginx must not listen on an address gunicorn holds (the daemon's version of the port check)."""
-    first = listen.split()[0]
-    host, _, port = first.rpartition(":")
-    if not port.isdigit():
+    address = listen_address(listen)
+    if address is None:
         return
+    host, port = address[0] or "", address[1]  # no host: every address
     for backend in backends:
         b_host, _, b_port = backend.rpartition(":")
         if backend.startswith("unix:") or b_port != port:
@@ -615,10 +616,8 @@ def first_error(lines: Sequence[str]) -> str | None:
 class NginxOutput:
     """The daemon's nginx files: written at start and on every reload that changes them."""
 
-    def __init__(self, log: Any, addresses: Callable[[Config], Sequence[str]] | None = None) -> None:
+    def __init__(self, log: Any) -> None:
         self.log = log
-        # Where gunicorn listens; the supervisor may pass the sockets it holds.
-        self.addresses = addresses or backends_of
         self.paths: dict[str, str] = {}
         self.enabled: bool | None = None
         self.written_at: float | None = None
@@ -629,10 +628,15 @@ class NginxOutput:
 
     async def apply(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> Undo | None:
         """Stage and switch at once (a change that waits for nothing). Return how to put the old files back."""
-        switch = await self.stage(config, properties, info)
+        switch = await self._stage(config, properties, info, config.bind_addresses())
         return await switch() if switch else None
 
-    async def stage(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> Switch | None:
+    async def stage(self, desired: Desired) -> Switch | None:
+        """The supervisor's Output: the files for ``desired`` (desired.py derived its backends)."""
+        return await self._stage(desired.config, desired.properties, desired.info, desired.backends)
+
+    async def _stage(self, config: Config, properties: Mapping[str, str], info: VenvInfo,
+                     backends: Sequence[str]) -> Switch | None:
         """Render and validate the files; nginx keeps what it has. Return the switch to them (None: no change).
 
         Files that depend on a new generation (a new prefix, static files)
@@ -643,7 +647,7 @@ class NginxOutput:
         self.enabled = config.nginx.enabled
         if not config.nginx.enabled:
             return None
-        rendered = render_outputs(config, properties, info, self.addresses(config))
+        rendered = render_outputs(config, properties, info, backends)
         self.paths = {"server": str(rendered.server), "location": str(rendered.location),
                       "maintenance": str(rendered.maintenance)}
         self.checked_at = time.time()

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, nginx, omero_config, trust
+from . import __version__, desired, nginx, trust
 from .config import DEFAULT_CONFIG, Config, parse
 from .errors import UserError
 from .exits import EXIT_OK, PUBLISH_FAILED, PUBLISH_REFUSED
@@ -233,7 +233,7 @@ def parse_listen(text: str) -> list[str] | None:
 
 def backends(config: Config, socket_unit: str | None) -> tuple[str, ...]:
     listening = socket_addresses(socket_unit) if socket_unit else None
-    return tuple(listening or nginx.backends_of(config))
+    return desired.backends_of(config, listening or ())
 
 
 def template_digest(config: Config) -> str | None:
@@ -449,7 +449,7 @@ def publish(inputs: Inputs, options: Options, dest: Destination) -> str:
     """Render, write what changed, test, reload; one line saying what happened. Raises Refused."""
     config = inputs.config
     info = probe(config)
-    properties = omero_config.with_session_path(config.properties, omero_config.default_session_dir(config.daemon.state_dir))
+    properties = desired.properties_of(config)
     try:
         rendered = nginx.render_outputs(config, properties, info, list(inputs.backends),
                                         directory=dest.path, page_dir=dest.path / MAINTENANCE_DIR)

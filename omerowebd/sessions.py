@@ -56,7 +56,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import omero_config, printable, trust
+from . import desired, omero_config, printable, trust
 from .config import Config, SessionsSettings
 from .procs import signal_group as _signal  # the sweep's own session: clearsessions' children go too
 from .schedule import Schedule, parse_schedule
@@ -130,7 +130,7 @@ def target_for(config: Config, properties: Mapping[str, str], info: VenvInfo) ->
 
 def pinned_properties(config: Config) -> dict[str, str]:
     """The properties the daemon writes to config.xml: the session store pinned under its state dir."""
-    return omero_config.with_session_path(config.properties, omero_config.default_session_dir(config.daemon.state_dir))
+    return desired.properties_of(config)
 
 
 # -- who runs it ----------------------------------------------------------------------

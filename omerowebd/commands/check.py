@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import checks, control, omero_config, printable, trust
+from .. import checks, control, desired, omero_config, printable, trust
 from .. import config as config_module
 from ..config import Config
 from ..errors import ConfigErrors, UserError
@@ -59,7 +59,7 @@ def foreign_edits(config: Config) -> tuple[list[str], list[str]]:
         return [], []  # nothing there to lose
     if os.geteuid() == 0 and trust.path_problems(path, "config.xml"):
         return _foreign_edits_from_daemon(config)
-    wanted = omero_config.with_session_path(config.properties, omero_config.default_session_dir(d.state_dir))
+    wanted = desired.properties_of(config)
     try:
         found = omero_config.foreign_edits(d.omerodir, d.state_dir, wanted, config.properties)
     except OSError as e:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, access, checks, control, nginx, omero_config, redact
+from .. import __version__, access, checks, control, desired, nginx, omero_config, redact
 from .. import config as config_module
 from ..errors import UserError
 from ..exits import EXIT_FAILURE, EXIT_OK
-from ..generation import CONF, plan_gunicorn
+from ..generation import CONF
 from ..venv import VenvInfo, effective, python_of
 from . import socket_path
 
@@ -284,19 +284,17 @@ def _daemon_state(args: argparse.Namespace) -> dict[str, Any]:
 
 def gunicorn_command(config: config_module.Config, info: VenvInfo) -> dict[str, Any]:
     """The command line, settings and environment a new generation gets (secrets never appear here)."""
-    d = config.daemon
-    properties = omero_config.with_session_path(config.properties, omero_config.default_session_dir(d.state_dir))
     try:
-        plan = plan_gunicorn(properties, info, omerodir=d.omerodir, app=d.app,
-                             graceful_timeout=d.graceful_timeout, health_path=d.health_path)
+        wanted = desired.derive(config, info, "")  # the packages do not change the command line
     except ValueError as e:
         return {"error": f"cannot work it out: {e}"}
+    plan = wanted.plan
     return {
         "command": shlex.join(redact.argv(plan.command(CONF))),  # wsgi_args may hold --env SECRET=...
         "cwd": str(plan.omeroweb_dir),
         "settings": dict(plan.settings),
         "env": redact.structure(dict(plan.env)),
-        "listens on": ", ".join(nginx.backends_of(config)) + " (unless systemd passes sockets: omerowebd.socket)",
+        "listens on": ", ".join(wanted.bind) + " (unless systemd passes sockets: omerowebd.socket)",
         "health": f"GET {plan.health_path} (Host: {plan.health_host})",
     }
 

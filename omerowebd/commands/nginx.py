@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import nginx, venv
+from .. import desired, nginx, venv
 from ..errors import UserError
 from ..exits import EXIT_OK, EXIT_USAGE
 from . import load_config
@@ -67,7 +67,8 @@ def _print_written(args: argparse.Namespace, config: nginx.Config, info: venv.Ve
     if args.http or args.servername != "$hostname" or args.max_body_size != "0":
         raise UserError("--written takes listen, server_name and max_body_size from the [nginx] table,"
                         " not from --http, --servername or --max-body-size", exit_code=EXIT_USAGE)
-    rendered = nginx.render_outputs(config, config.properties, info, nginx.backends_of(config))
+    wanted = desired.derive(config, info, venv.fingerprint(config.daemon.venv))  # what the daemon renders from
+    rendered = nginx.render_outputs(config, wanted.properties, info, wanted.backends)
     for warning in rendered.warnings:
         print(f"omerowebctl: warning: {warning}", file=sys.stderr)
     path = rendered.server if args.type == "server" else rendered.location

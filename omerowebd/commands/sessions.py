@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import control, printable, progress, sessions, trust
+from .. import control, desired, printable, progress, sessions, trust
 from ..config import SessionsSettings
 from ..errors import UserError
 from ..exits import EXIT_FAILURE, EXIT_OK
@@ -131,7 +131,7 @@ def sweep_here(args: argparse.Namespace) -> dict[str, Any]:
         if problems:
             raise UserError(f"refusing to sweep as root: {problems[0]}; the config and every directory above it "
                             "must be root's and writable by root alone", exit_code=EXIT_SWEEP_FAILED)
-    properties = sessions.pinned_properties(config)
+    properties = desired.properties_of(config)
     info = probe_sync(config.daemon.venv, properties, config.daemon.omerodir)
     target = sessions.target_for(config, properties, info)
     if target.sweeper is None:

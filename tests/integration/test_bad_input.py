@@ -292,31 +292,5 @@ def test_any_exception_in_a_reload_is_a_rejection_and_ready_follows_reloading(tm
     assert supervisor.last_reload is result
 
 
-def test_crash_restart_backs_off_the_same_way_whatever_spawning_raises(tmp_path, monkeypatch):
-    """Each failed attempt doubles the wait (1, 2, 4 ... at most BACKOFF_MAX), be it an OSError or a bug."""
-    from omerowebd import supervisor as supervisor_module
-
-    config = write(tmp_path, "", venv=tmp_path / "venv")
-    supervisor = Supervisor(config_module.load(config), _Recorder())
-    errors = [OSError(2, "No such file or directory"), PermissionError(13, "Permission denied"),
-              RuntimeError("a bug"), OSError(8, "Exec format error")]
-    waits: list[float] = []
-
-    async def spawn(*args: object) -> None:
-        if not errors:
-            supervisor._stopping.set()  # enough: stop the loop
-            raise OSError(2, "gone")
-        raise errors.pop(0)
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-
-    class Dead:
-        exit_status = -9
-
-    monkeypatch.setattr(supervisor, "_spawn", spawn)
-    monkeypatch.setattr(supervisor_module.asyncio, "sleep", sleep)
-    supervisor.applied = object()  # type: ignore[assignment]
-    asyncio.run(asyncio.wait_for(supervisor._restart_after_crash(Dead()), 30))  # type: ignore[arg-type]
-    assert waits == [1.0, 2.0, 4.0, 8.0]
-    assert supervisor.last_crash["restart"] == "in 8s, after a failed attempt"
+# The crash restart's backoff (the same whatever spawning raises) is tested with the
+# generations' state machine: tests/unit/test_generations.py.

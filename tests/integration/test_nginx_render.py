@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from omerowebd import config as config_module
-from omerowebd import nginx, omero_config, venv
+from omerowebd import desired, nginx, omero_config, venv
 from omerowebd.errors import UserError
 from omerowebd.venv import VenvInfo
 
@@ -223,7 +223,7 @@ def test_written_server_file_is_omero_web_config_plus_marked_additions(omero_cli
         server_name = "omero.example.org"
         [omero]""")))
     config = config_module.load(path)
-    out = nginx.render_outputs(config, config.properties, info, nginx.backends_of(config))
+    out = nginx.render_outputs(config, config.properties, info, desired.backends_of(config))
     written = out.files[out.server].decode().splitlines(keepends=True)
     assert written[0].startswith("# Written by omerowebd from omero-web's nginx.conf.template")
     added = [i for i, line in enumerate(written) if "# omerowebd:" in line]

@@ -429,13 +429,6 @@ def test_listen_on_the_gunicorn_address_is_a_port_conflict(tmp_path: Path, info:
     nginx.render_outputs(other_host, other_host.properties, info, ["127.0.0.1:4080"])
 
 
-def test_backends_default_to_bind_then_application_server(tmp_path: Path) -> None:
-    assert nginx.backends_of(make_config(tmp_path)) == ["127.0.0.1:4080"]
-    assert nginx.backends_of(make_config(tmp_path, omero='"application_server.host" = "::1"\n')) == ["[::1]:4080"]
-    bound = make_config(tmp_path, daemon='bind = ["127.0.0.1:5000", "unix:/run/w.sock"]')
-    assert nginx.backends_of(bound) == ["127.0.0.1:5000", "unix:/run/w.sock"]
-
-
 def test_maintenance_page_says_the_service_will_be_back(tmp_path: Path, info: VenvInfo) -> None:
     config = make_config(tmp_path, omero='prefix = "/omero"\n')
     out = nginx.render_outputs(config, config.properties, info, ["127.0.0.1:4080"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from omerowebd import nginx, omero_config
+from omerowebd.desired import derive
 from omerowebd.errors import UserError
 
 from unit.test_nginx import Log, info, make_config, script  # noqa: F401 (info is a fixture)
@@ -28,7 +29,7 @@ def test_stage_checks_the_new_files_and_nginx_keeps_the_old_until_the_switch(tmp
     second = make_config(tmp_path, table, omero='prefix = "/b"\n')
 
     async def stage_then_switch() -> None:
-        switch = await output.stage(second, second.properties, info)
+        switch = await output.stage(derive(second, info, ""))
         assert switch is not None
         assert "location /b {" in seen.read_text()  # the check saw the new files where nginx includes them
         assert server.read_bytes() == old  # and they are back to what nginx runs
@@ -39,7 +40,7 @@ def test_stage_checks_the_new_files_and_nginx_keeps_the_old_until_the_switch(tmp
         assert server.read_bytes() == old and reloads.read_text() == "x\nx\nx\n"
 
     asyncio.run(stage_then_switch())
-    assert asyncio.run(output.stage(first, first.properties, info)) is None  # nothing differs: no switch
+    assert asyncio.run(output.stage(derive(first, info, ""))) is None  # nothing differs: no switch
 
 
 def test_a_refused_stage_changes_nothing(tmp_path: Path, info) -> None:
@@ -53,7 +54,7 @@ def test_a_refused_stage_changes_nothing(tmp_path: Path, info) -> None:
     before = server.read_bytes()
     bad = make_config(tmp_path, table, omero='prefix = "/bad"\n')
     with pytest.raises(UserError, match="nginx rejected the new config"):
-        asyncio.run(output.stage(bad, bad.properties, info))
+        asyncio.run(output.stage(derive(bad, info, "")))
     assert server.read_bytes() == before and reloads.read_text() == "x\n"
 
 

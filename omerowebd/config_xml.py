@@ -1,0 +1,161 @@
+"""The site's config.xml (what `omero config get` shows): one writer, and who else wrote it.
+
+The running generations never read this file (each has its own copy in its
+OMERODIR view): it is written for people and tools, once a generation of
+the config serves. Like the nginx files it is an Output: staged, switched
+(written in a thread: it may wait up to 10 s for the lock `omero config`
+holds while it edits), and put back by the switch's undo, in a thread too.
+An edit made outside omerowebd is never overwritten unless the person said so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import omero_config
+from .config import Config
+from .desired import Desired, properties_of
+from .errors import one_line
+from .watch import ConfigWatcher
+
+Undo = Callable[[], Awaitable[None]]
+Switch = Callable[[], Awaitable[Undo]]
+
+
+class SiteConfigXml:
+    def __init__(self, log: Any, config: Config, on_change: Callable[[], None]) -> None:
+        self.log = log
+        self.config_path = config.path
+        self._config = config  # what runs (or is about to): what "foreign" is measured against
+        self._properties: Mapping[str, str] = properties_of(config)
+        self._on_change = on_change  # the status line names a foreign edit
+        self.foreign: omero_config.ForeignEdits | None = None
+        self.foreign_since: float | None = None
+        self.written_at: float | None = None
+        self._watcher: ConfigWatcher | None = None
+
+    @property
+    def path(self) -> Path:
+        return omero_config.config_xml_path(self._config.daemon.omerodir)
+
+    def refusal(self, config: Config) -> str | None:
+        """Why writing ``config``'s properties would lose someone's edit; None if it would not."""
+        self.look()
+        if self.foreign is None or not self.foreign.lost_by(properties_of(config), config.properties):
+            return None
+        return f"{self.foreign.describe()}; a reload would overwrite them: {self.foreign.ways_out(self.config_path)}"
+
+    def look(self) -> None:
+        """Compare the file with what omerowebd wrote; report a change of what is found."""
+        config = self._config
+        try:
+            found = omero_config.foreign_edits(config.daemon.omerodir, config.daemon.state_dir, self._properties,
+                                               config.properties)
+        except Exception as e:  # a bug must not stop a reload or a status: report it, assume nothing foreign
+            self.log.warning("cannot compare config.xml with what omerowebd wrote", error=one_line(e))
+            found = None
+        before, self.foreign = self.foreign, found
+        if found is None:
+            if before is not None:
+                self.foreign_since = None
+                self.log.info("config.xml holds what omerowebd wrote again", path=str(before.path))
+                self._on_change()
+            return
+        if before is None or (before.names, before.problem) != (found.names, found.problem):
+            self.foreign_since = self.foreign_since or time.time()
+            self.log.warning("config.xml edited outside omerowebd; the running generations do not read it",
+                             path=str(found.path), properties=list(found.names), problem=found.problem,
+                             fix=found.ways_out(self.config_path))
+            self._on_change()
+
+    async def stage(self, desired: Desired, *, discard: bool = False) -> Switch | None:
+        """The switch that writes ``desired``'s properties once its generation serves (None: leave the file).
+
+        Never over someone else's edit unless ``discard``: a reload got here
+        only if the edit is kept by the new config, or dropped on purpose; at
+        start the file is left as it is, and reported.
+        """
+        config = desired.config
+        self._config, self._properties = config, desired.properties
+        self._follow(config)
+        self.look()
+        if self.foreign is not None and not discard and self.foreign.lost_by(desired.properties, config.properties):
+            self.log.warning("config.xml left as it is: it holds edits made outside omerowebd",
+                             path=str(self.foreign.path), fix=self.foreign.ways_out(self.config_path))
+            return None
+        data = omero_config.render_config_xml(desired.properties, str(config.path))
+        omerodir, state_dir = config.daemon.omerodir, config.daemon.state_dir
+
+        async def switch() -> Undo:
+            previous = await self._write(omerodir, state_dir, data)
+
+            async def undo() -> None:
+                if previous is not None:
+                    await self._write(omerodir, state_dir, previous)
+
+            return undo
+
+        return switch
+
+    async def _write(self, omerodir: Path, state_dir: Path, data: bytes) -> bytes | None:
+        """The one writer; returns what the file held before (None: nothing to put back)."""
+        path = omero_config.config_xml_path(omerodir)
+        if self._watcher is not None:
+            self._watcher.seen(hashlib.sha256(data).hexdigest())
+        try:
+            previous, changed = await asyncio.to_thread(_replace, omerodir, state_dir, data)
+        except OSError as e:  # disk full, permissions: the generations have their own copies and serve on
+            self.log.error("cannot write config.xml; OMERO.web serves on from its own copy", path=str(path),
+                           error=e.strerror)
+            return None
+        if changed:
+            self.written_at = time.time()
+            self.log.info("config.xml written", path=str(path))
+        self.look()
+        return previous if changed else None
+
+    def _follow(self, config: Config) -> None:
+        """Notice an edit of the file when it happens, not at the next reload."""
+        path = omero_config.config_xml_path(config.daemon.omerodir)
+        if self._watcher is not None and self._watcher.path == path:
+            return
+        self.stop()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._watcher = ConfigWatcher(path, self.look)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+
+    def status(self) -> dict[str, Any]:
+        found = self.foreign
+        return {
+            "path": str(self.path),
+            "written_at": self.written_at,
+            # Names only: the values may be secrets, and they are someone else's.
+            "foreign_edits": None if found is None else {
+                "properties": list(found.names), "problem": found.problem, "since": self.foreign_since,
+                "message": found.describe(), "fix": found.ways_out(self.config_path),
+            },
+        }
+
+    def summary(self) -> str | None:
+        """For the status line: what was edited outside omerowebd, if anything."""
+        if self.foreign is None:
+            return None
+        return f"config.xml edited outside omerowebd ({', '.join(self.foreign.names) or self.foreign.problem})"
+
+
+def _replace(omerodir: Path, state_dir: Path, data: bytes) -> tuple[bytes | None, bool]:
+    try:
+        previous: bytes | None = omero_config.config_xml_path(omerodir).read_bytes()
+    except OSError:
+        previous = None
+    return previous, omero_config.write_site_config_xml(omerodir, state_dir, data)
