@@ -161,25 +161,35 @@ _LISTEN_FLAGS = {"default_server", "default", "ssl", "http2", "quic", "proxy_pro
 _LISTEN_OPTIONS = {"setfib", "fastopen", "backlog", "rcvbuf", "sndbuf", "accept_filter", "ipv6only", "so_keepalive"}
 
 
+def listen_address(listen: str) -> tuple[str | None, str] | None:
+    """(host, port) of nginx's ``listen`` value: host None for every address, port "80" where it names none;
+    None for a unix socket or an empty value."""
+    words = listen.split()
+    if not words or words[0].startswith("unix:"):
+        return None
+    first = words[0]
+    if first.isdigit():
+        return None, first
+    if first.startswith("[") and first.endswith("]"):
+        return first, "80"
+    host, colon, port = first.rpartition(":")
+    return (host, port) if colon else (first, "80")  # an address alone: nginx listens on port 80
+
+
 def listen_problem(listen: str) -> str | None:
     """Why ``listen`` is not what nginx's ``listen`` takes (PORT, ADDRESS[:PORT] or unix:/path, then flags)."""
     words = listen.split()
     if not words:
         return "is empty: give a port such as 80, or ADDRESS:PORT"
     first, flags = words[0], words[1:]
-    if first.startswith("unix:"):
+    address = listen_address(listen)
+    if address is None:
         problem = address_problem(first)
         if problem:
             return problem
-    elif first.isdigit():
-        problem = port_problem(first)
-    elif first.startswith("[") and first.endswith("]"):
-        problem = host_problem(first)
     else:
-        host, colon, port = first.rpartition(":")
-        if not colon:
-            host, port = first, ""  # an address alone: nginx listens on port 80
-        problem = (None if host == "*" else host_problem(host)) or (port_problem(port) if colon else None)
+        host, port = address
+        problem = (None if host in (None, "*") else host_problem(host)) or port_problem(port)
     if problem:
         return f"{listen!r}: {problem}"
     for flag in flags:

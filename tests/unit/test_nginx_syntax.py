@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from omerowebd.config import NginxSettings
-from omerowebd.nginx_syntax import address_problem, listen_problem, settings_problems, value_problem
+from omerowebd.nginx_syntax import address_problem, listen_address, listen_problem, settings_problems, value_problem
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:4080", "[::1]:4080", "web-1.example.org:80", "unix:/run/web.sock"])
@@ -63,3 +63,17 @@ def test_the_nginx_table_is_checked_without_importing_nginx_py():
     assert "nginx size" in found["max_body_size"]
     # a value that breaks the text is reported once, by the text rule, not again by the listen rule
     assert settings_problems(NginxSettings(listen="80;")) == [("listen", "'80;' contains ';', which ends an nginx directive")]
+
+
+@pytest.mark.parametrize("listen, address", [
+    ("80", (None, "80")),
+    ("8080 default_server", (None, "8080")),
+    ("127.0.0.1:8080", ("127.0.0.1", "8080")),
+    ("[::]:443 ssl", ("[::]", "443")),
+    ("[::1]", ("[::1]", "80")),
+    ("localhost", ("localhost", "80")),
+    ("unix:/run/n.sock", None),
+    ("", None),
+])
+def test_the_address_nginx_listens_on(listen: str, address: tuple[str | None, str] | None):
+    assert listen_address(listen) == address
