@@ -56,10 +56,23 @@ def run_sync(config: Config) -> tuple[list[str], list[str], VenvInfo | None]:
     return (*_judge(config, info, error), info)
 
 
-async def run(config: Config, prober: venv.Prober) -> tuple[VenvInfo, list[str]]:
-    """The daemon's version: raise ConfigErrors listing every problem; return (info, warnings)."""
+async def run(config: Config, prober: venv.Prober, packages: str | None = None,
+              known: VenvInfo | None = None) -> tuple[VenvInfo, list[str]]:
+    """The daemon's version: raise ConfigErrors listing every problem; return (info, warnings).
+
+    ``packages``: the venv's fingerprint, taken once by the caller. ``known``:
+    the venv's answer as remembered from an earlier start (verdicts.py), judged
+    without asking the venv; its files are still checked.
+    """
     try:
-        info, error = await prober.probe(config.daemon.venv, config.properties, config.daemon.omerodir), None
+        if known is not None:
+            layout = venv.layout_problems(config.daemon.venv, packages)
+            if layout:
+                raise ConfigErrors(layout)
+            info, error = known, None
+        else:
+            info, error = await prober.probe(config.daemon.venv, config.properties, config.daemon.omerodir,
+                                             packages), None
     except UserError as e:
         info, error = None, e
     problems, warnings = _judge(config, info, error)

@@ -50,8 +50,11 @@ def site_packages(venv: Path) -> list[Path]:
     return sorted(venv.glob("lib/python3*/site-packages"))
 
 
-def layout_problems(venv: Path) -> list[str]:
-    """Cheap checks on the venv's files, each one line with the fix."""
+def layout_problems(venv: Path, packages: str | None = None) -> list[str]:
+    """Cheap checks on the venv's files, each one line with the fix.
+
+    ``packages``: the venv's fingerprint if the caller has taken it (it is taken once per start or reload).
+    """
     python = python_of(venv)
     if not venv.is_dir():
         return [f"venv {venv} does not exist: point daemon.venv at the OMERO.web virtualenv"]
@@ -59,7 +62,7 @@ def layout_problems(venv: Path) -> list[str]:
         return [f"venv {venv} has no runnable bin/python: recreate it (python3.10 -m venv {venv})"]
     # Root runs the venv's Python only if root alone controls what it runs
     # (the service user must not be able to plant code root imports).
-    refusal = _root_refusal(venv, python)
+    refusal = _root_refusal(venv, python, packages)
     if refusal:
         return [refusal]
     sites = site_packages(venv)
@@ -74,7 +77,7 @@ _TRUSTED: dict[tuple[Path, str], float] = {}
 TRUST_TTL = 60.0
 
 
-def _root_refusal(venv: Path, python: Path) -> str | None:
+def _root_refusal(venv: Path, python: Path, packages: str | None = None) -> str | None:
     """trust.venv_refusal, remembered for a minute per package set: the walk costs most of a second.
 
     Only root can make a venv root alone controls writable by others; the
@@ -86,7 +89,7 @@ def _root_refusal(venv: Path, python: Path) -> str | None:
         return None
     env = probe_env()
     tops = [venv, *site_packages(venv)]
-    key = (venv, fingerprint(venv) + "".join(f":{st.st_uid}.{st.st_gid}.{st.st_mode}" for st in map(os.stat, tops))
+    key = (venv, (packages or fingerprint(venv)) + "".join(f":{st.st_uid}.{st.st_gid}.{st.st_mode}" for st in map(os.stat, tops))
            + json.dumps([env.get(name) for name in ("PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH", "LD_PRELOAD")]))
     now = time.monotonic()
     if now - _TRUSTED.get(key, -TRUST_TTL) < TRUST_TTL:
@@ -184,11 +187,14 @@ class Prober:
         self._reaping: set[asyncio.Task[Any]] = set()
         self._asked = 0  # numbers the questions; the probe echoes the number in its answer
 
-    async def probe(self, venv: Path, properties: Mapping[str, str], omerodir: Path | None = None) -> VenvInfo:
-        problems = layout_problems(venv)
+    async def probe(self, venv: Path, properties: Mapping[str, str], omerodir: Path | None = None,
+                    packages: str | None = None) -> VenvInfo:
+        """``packages``: the venv's fingerprint, if the caller has taken it already (once per start or reload)."""
+        packages = packages or fingerprint(venv)
+        problems = layout_problems(venv, packages)
         if problems:
             raise ConfigErrors(problems)
-        key = (venv, fingerprint(venv))
+        key = (venv, packages)
         async with self._lock:
             if self._proc is None or self._proc.returncode is not None or self._key != key:
                 await self.close()

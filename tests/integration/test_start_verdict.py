@@ -1,0 +1,100 @@
+"""A start with the config and venv unchanged since the last successful one runs on the venv's remembered answer
+(issue 14): it serves, and asks the venv once it does; a venv changed since makes it ask before it starts; a
+remembered answer the venv contradicts is replaced, without a moment of not serving."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, Load, NotifyListener, free_port, wait_for
+
+from omerowebd.verdicts import NAME
+
+pytestmark = pytest.mark.omeroweb
+
+REMEMBERED = "checking the config on the venv's remembered answer"
+
+
+def shadow_venv(real: Path, where: Path) -> Path:
+    """A venv of links into ``real``: one more package can be installed in it without touching ``real``."""
+    (where / "bin").mkdir(parents=True)
+    (where / "bin" / "python").symlink_to(os.path.realpath(real / "bin" / "python"))
+    (where / "pyvenv.cfg").write_text((real / "pyvenv.cfg").read_text())
+    site = next(real.glob("lib/python3*/site-packages"))
+    mine = where / site.relative_to(real)
+    mine.mkdir(parents=True)
+    for entry in site.iterdir():
+        (mine / entry.name).symlink_to(entry)
+    return where
+
+
+@pytest.fixture
+def site(tmp_path: Path, omero_venv: Path, notify: NotifyListener) -> Iterator[Daemon]:
+    d = Daemon(root=tmp_path, venv=shadow_venv(omero_venv, tmp_path / "venv"), port=free_port(), notify=notify)
+    yield d
+    d.cleanup()
+
+
+def start_and_serve(d: Daemon) -> str:
+    """Start, wait until it serves and has told systemd READY; the log lines of this start."""
+    mark = len(d.log())
+    after = len(d.notify.messages)
+    d.start()
+    d.notify.wait("READY", "1", timeout=120, after=after)
+    return d.log()[mark:]
+
+
+def test_a_second_start_runs_on_the_remembered_answer_and_a_venv_change_asks_again(site):
+    site.write_config(workers=1)
+    verdict = site.root / "state" / NAME
+    first = start_and_serve(site)
+    assert REMEMBERED not in first
+    wait_for(verdict.exists, 60, "the venv's answer to be remembered")
+    remembered = verdict.read_bytes()
+    assert verdict.stat().st_mode & 0o777 == 0o600
+    assert site.stop() == 0
+
+    second = start_and_serve(site)
+    assert REMEMBERED in second, second
+    assert "differs" not in second and "refuses" not in second
+    assert site.status()["serving"]
+    assert verdict.read_bytes() == remembered  # the venv agreed: nothing to rewrite
+    assert site.stop() == 0
+
+    # pip install of one more package since: the fingerprint differs, so the venv is asked before the start.
+    packages = next((site.root / "venv").glob("lib/python3*/site-packages"))
+    (packages / "omerowebd_test_extra-1.0.dist-info").mkdir()
+    third = start_and_serve(site)
+    assert REMEMBERED not in third, third
+    assert site.status()["serving"]
+    wait_for(lambda: verdict.read_bytes() != remembered, 60, "the new answer to be remembered")
+
+
+def test_a_remembered_answer_the_venv_contradicts_is_replaced_under_load(site):
+    site.write_config(workers=1)
+    verdict = site.root / "state" / NAME
+    start_and_serve(site)
+    wait_for(verdict.exists, 60, "the venv's answer to be remembered")
+    assert site.stop() == 0
+    # The same key, another answer: as if an app's settings module changed without any package change.
+    record = json.loads(verdict.read_text())
+    record["answer"]["catalogue"]["omero.web.login_logo"]["description"] = "REMEMBERED-ONLY"
+    verdict.write_text(json.dumps(record))
+
+    mark = len(site.log())
+    start_and_serve(site)
+    with Load(site.port, clients=2) as load:
+        load.wait_requests(5)
+        # The first generation serves until the one derived from the fresh answer does.
+        state = wait_for(lambda: (s := site.status())["last_reload"] and s["generation"]["number"] == 2 and s, 180,
+                         "a generation from the fresh answer")
+        load.wait_requests(5)
+    log = site.log()[mark:]
+    assert REMEMBERED in log and "differs from the remembered one" in log and "omero.web.login_logo" in log, log
+    assert state["last_reload"]["outcome"] == "applied", state["last_reload"]
+    assert load.failed == [] and load.refused == 0
+    wait_for(lambda: verdict.exists() and "REMEMBERED-ONLY" not in verdict.read_text(), 60, "the fresh answer to be remembered")
