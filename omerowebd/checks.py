@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import desired, nginx, venv
+from . import desired, multihost, nginx, venv
 from . import metrics
 from .config import Config
 from .errors import ConfigErrors, UserError
@@ -92,6 +92,7 @@ def _judge(config: Config, info: VenvInfo | None, error: UserError | None) -> tu
         problems += errors
         problems += plan_problems(config, info)
         problems += nginx.config_problems(config, info, desired.backends_of(config))
+        warnings += multihost.warnings(config, info)  # sessions several hosts cannot share
     metrics_problems, metrics_warnings = metrics.config_problems(config)
     return problems + metrics_problems, warnings + metrics_warnings
 
