@@ -163,8 +163,9 @@ class _Collector:
                                     value=last["seconds"])
             yield GaugeMetricFamily("omerowebd_last_reload_timestamp_seconds", "when the last reload ended",
                                     value=last.get("at") or 0)
+        crashes = getattr(getattr(d, "gens", None), "crashes", None)  # the generations' owner counts them
         yield CounterMetricFamily("omerowebd_master_restarts", "gunicorn masters that exited and were started again",
-                                  value=getattr(d, "crashes", 0))
+                                  value=crashes if isinstance(crashes, int) else getattr(d, "crashes", 0))
         yield CounterMetricFamily("omerowebd_worker_deaths", "gunicorn workers that died or hung while serving",
                                   value=COUNTS.worker_deaths)
         yield SummaryMetricFamily("omerowebd_health_probe_duration_seconds",

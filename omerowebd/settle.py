@@ -31,7 +31,8 @@ from .generation import Generation, http_probe
 # Two failed probes in a row: one alone may be a worker that died holding it (counted as a death).
 PROBES_IN_A_ROW = 2
 PROBE_INTERVAL = 1.0
-PROBE_TIMEOUT = 5.0
+# As long as the boot probe waits: a sync worker busy with a long request delays it, and that is no fault.
+PROBE_TIMEOUT = 10.0
 POLL = 0.1  # how often worker deaths and the master are looked at
 
 
