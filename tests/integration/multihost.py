@@ -7,8 +7,10 @@ front includes host A's server file (its upstream block lists A, then B),
 and host A's TOML validates and reloads that nginx; host B renders its own
 files as a second site would, but nothing includes them.
 
-Use the ``two_hosts`` fixture in a test (import it: ``from integration.multihost
-import two_hosts``), or ``TwoHosts`` as a context manager in a bench.
+Use the ``two_hosts`` fixture in a test (import it with the fixture it needs:
+``from integration.multihost import need_nginx, two_hosts``), or ``TwoHosts``
+as a context manager in a bench. The hosts run with ``watch_config = false``:
+a change reaches a host only through its reload (or a rollout).
 ``Traffic`` is the load generator: threads of GETs through nginx, every
 outcome counted by status code or error, with the time it happened.
 """
