@@ -23,6 +23,7 @@ only (a scrape of the daemon's RSS belongs to node_exporter or systemd).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import ipaddress
 import math
 import socket
@@ -87,11 +88,7 @@ def probed(seconds: float, status: int | None) -> None:
 
 
 def available() -> bool:
-    try:
-        import prometheus_client  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("prometheus_client") is not None
 
 
 def config_problems(config: Config) -> tuple[list[str], list[str]]:

@@ -20,7 +20,7 @@ library = pytest.mark.skipif(not metrics.available(), reason="python3-prometheus
 
 
 def config(daemon: str = ""):
-    text = textwrap.dedent(f"""\
+    text = textwrap.dedent("""\
         [daemon]
         omerodir = "/srv/o"
         venv = "/srv/v"
