@@ -162,7 +162,6 @@ def test_canaries_are_watched_for_the_settle_time_before_the_rest() -> None:
     ({"serving": False, "state": "restarting", "crashes": 0, "generation": None}, "not serving (state restarting)"),
     (healthy(last_reload={"outcome": "reverted", "message": "health probe failed"}),
      "its last reload was reverted: health probe failed"),
-    (healthy(health={"ok": False, "message": "HTTP 500"}), "its health probe fails: HTTP 500"),
 ])
 def test_a_canary_that_turns_unhealthy_stops_the_rollout(later: dict[str, Any], why: str) -> None:
     log: list[str] = []
