@@ -98,6 +98,9 @@ def request(path: Path, payload: dict[str, Any], *, show_progress: bool = True,
 def describe(status: dict[str, Any]) -> str | None:
     """What a reload in progress is at, from the daemon's status; None when it cannot tell."""
     state = printable.field(status, "state", str)
+    if state == "settling":
+        serving = printable.field(printable.field(status, "generation", dict, {}), "number", int)
+        return f"reloading: generation {serving} serves; watching that it stays up (daemon.settle_seconds)"
     if state != "reloading":
         return f"reloading: waiting for the daemon (it is {state})" if state else None
     serving = printable.field(printable.field(status, "generation", dict, {}), "number", int)

@@ -126,3 +126,10 @@ def test_the_window_never_ends_on_a_failed_probe_one_more_decides():
 def test_off_when_zero_seconds():
     assert not Rule(seconds=0, worker_deaths=2).enabled
     assert Rule(seconds=0.1, worker_deaths=2).enabled
+
+
+def test_reload_progress_says_the_new_generation_is_settling():
+    from omerowebd.commands.reload import describe
+
+    line = describe({"state": "settling", "generation": {"number": 4}, "generations": []})
+    assert line == "reloading: generation 4 serves; watching that it stays up (daemon.settle_seconds)"
