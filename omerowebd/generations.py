@@ -12,11 +12,15 @@ longer after each failed attempt (supervisord's BACKOFF, gunicorn's arbiter).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from . import log
@@ -54,6 +58,7 @@ class Generations(Generic[T]):
         self.last_boot_seconds: float | None = None  # spawn -> serving, of the newest generation
         self.stopping = False
         self._sleep = asyncio.sleep  # the backoff's wait (a test counts the waits instead)
+        self._events: tuple[asyncio.BaseTransport, Path] | None = None
         # Told when the serving master is lost ("crashed") or back ("restarted"): the supervisor's effects.
         self.on_change: Callable[[str, Generation], None] = lambda what, generation: None
 
@@ -115,6 +120,30 @@ class Generations(Generic[T]):
                                for g in list(self.all.values())), return_exceptions=True)
 
     # -- events --------------------------------------------------------------
+
+    async def listen(self, path: Path) -> None:
+        """Hear the generations' gunicorn hooks (gunicorn_conf.py) on a datagram socket at ``path``."""
+        if path.is_socket():
+            path.unlink()
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _Events(self._heard), local_addr=str(path), family=socket.AF_UNIX)
+        os.chmod(path, 0o600)
+        self._events = (transport, path)
+
+    def close(self) -> None:
+        if self._events is not None:
+            transport, path = self._events
+            transport.close()
+            path.unlink(missing_ok=True)
+            self._events = None
+
+    def _heard(self, data: bytes) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(message, dict):
+            self.on_event(message)
 
     def on_event(self, message: Mapping[str, Any]) -> None:
         """A report from a generation's gunicorn hooks (gunicorn_conf.py)."""
@@ -183,3 +212,13 @@ class Generations(Generic[T]):
             "crashes": self.crashes,
             "last_crash": self.last_crash or None,
         }
+
+
+class _Events(asyncio.DatagramProtocol):
+    """Reports from gunicorn_conf.py's hooks (a worker has loaded the app, a worker exited)."""
+
+    def __init__(self, handle: Callable[[bytes], None]) -> None:
+        self.handle = handle
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.handle(data)

@@ -10,49 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import signal
-import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import access, checks, log, metrics, omero_config, redact, settle, sockets, verdicts
+from . import access, checks, log, metrics, omero_config, redact, settle, verdicts
 from . import config as config_module
 from .config import Config
-from .config_xml import SiteConfigXml
 from .control import ControlServer
-from .desired import BOUND, SYSTEMD, Action, Decision, Desired, decide, decide_early, derive
+from .desired import Action, Decision, Desired, decide, decide_early
 from .errors import ConfigError, UserError, one_line
 from .exits import (EXIT_FAILURE, RELOAD_APPLIED, RELOAD_REJECTED, RELOAD_RESTART_REQUIRED, RELOAD_REVERTED,
                     RELOAD_ROLLED_BACK)
-from .generation import Generation, GenerationFailed, http_probe
+from .generation import Generation, http_probe
 from .generations import Generations
-from .nginx import NginxOutput, Switch, mark_applied
+from .nginx import mark_applied
+from .running import Running
 from .sessions import SessionService
 from .sockets import HeldSocket
 from .store_health import StoreHealth
-from .static import StaticFiles, release_for
 from .store_watch import StoreWatch
 from .systemd import Notifier
 from .venv import Prober, VenvInfo, fingerprint
 from .verdicts import Verdicts
 from .watch import ConfigWatcher
-
-Undo = Callable[[], Awaitable[None]]
-
-
-class Output(Protocol):
-    """A file the daemon derives from the config (the nginx includes; config.xml is one too, see config_xml.py)."""
-
-    async def stage(self, desired: Desired) -> Switch | None:
-        """Render and check, changing nothing live; the switch runs once the new generation serves."""
-        ...
-
-    def status(self) -> dict[str, Any]: ...
-
 
 class Service(Protocol):
     """Something that runs beside gunicorn on its own schedule (the session sweeper)."""
@@ -70,30 +54,25 @@ class Supervisor:
         self.notifier = notifier
         self.config_path = config.path
         self.initial = config
-        self.applied: Desired | None = None  # what runs
         self.state = "starting"
         self.started_at = time.time()
-        self.sockets: list[HeldSocket] = []
-        self.gens: Generations[Desired] = Generations(self._make_generation, self._launch_generation)
-        self.gens.on_change = self.handle_generations_change
+        # What runs (sockets, generations, nginx files, config.xml, static releases) and the cutover that changes it.
+        self.running = Running(self.log, config, on_status=lambda: self.notifier.status(self._status_line()),
+                               on_slow=self._extend_timeout, spawn_task=self._spawn_task)
+        self.running.gens.on_change = self.handle_generations_change
         self.last_reload: dict[str, Any] | None = None
         self.reloads = 0  # reloads that ran (requests that shared one count once)
-        self.outputs: dict[str, Output] = {"nginx": NginxOutput(self.log)}
-        # The site's config.xml: staged last, written once a generation serves; who else wrote it.
-        self.site_xml = SiteConfigXml(self.log, config, lambda: self.notifier.status(self._status_line()))
         self.services: dict[str, Service] = {"sessions": SessionService(self.log), "session_store": StoreWatch(self.log)}
         self.store_health = StoreHealth()  # the caches, asked live by status (and the metrics)
         self.services["store_health"] = self.store_health
         self.services["metrics"] = metrics.MetricsService(self.log, self)  # on daemon.metrics, when set
         self.prober = Prober()
         self.verdicts = Verdicts(config.daemon.state_dir)  # the venv's answer, remembered across starts
-        self.static = StaticFiles(config.daemon.state_dir)  # one collected directory per release
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()  # the first generation serves
         self._reload_lock = asyncio.Lock()
         self._pending_reload: asyncio.Task[dict[str, Any]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._events_transport: asyncio.DatagramTransport | None = None
         self._control: ControlServer | None = None
         self._watcher: ConfigWatcher | None = None
         self._startup: asyncio.Task[None] | None = None
@@ -113,10 +92,26 @@ class Supervisor:
     def session_dir(self) -> Path:
         return omero_config.default_session_dir(self.state_dir)
 
+    # What runs, as the status, the metrics and the tests read it.
     @property
     def current(self) -> Generation | None:
-        """The generation that serves."""
-        return self.gens.current
+        return self.running.gens.current
+
+    @property
+    def gens(self) -> Generations[Desired]:
+        return self.running.gens
+
+    @property
+    def sockets(self) -> list[HeldSocket]:
+        return self.running.sockets
+
+    @property
+    def applied(self) -> Desired | None:
+        return self.running.applied
+
+    @applied.setter
+    def applied(self, value: Desired | None) -> None:
+        self.running.applied = value
 
     # -- life cycle --------------------------------------------------------
 
@@ -142,8 +137,7 @@ class Supervisor:
         config = self.initial
         for directory, mode in ((self.runtime_dir, 0o750), (self.state_dir, 0o750), (self.session_dir, 0o700)):
             directory.mkdir(mode=mode, parents=True, exist_ok=True)
-        self.sockets = await asyncio.to_thread(self._acquire_sockets, config)  # getaddrinfo, bind
-        await self._open_event_socket()
+        await self.running.open(config)
         self._control = ControlServer(self.runtime_dir / "control.sock", self.handle_request,
                                       policy=access.policy(config.daemon.admin_group))
         await self._control.start()
@@ -154,13 +148,13 @@ class Supervisor:
         for warning in warnings:
             self.log.warning(warning)
         try:
-            target = self._derive(config, info, packages)
+            target = self.running.derive(config, info, packages)
         except UserError:
             raise
         except Exception as e:  # exit 78 with one line, not a traceback and a restart loop
             self.log.debug("planning failed", exc_info=True)
             raise ConfigError(f"{config.path}: cannot work out how to run gunicorn from it: {one_line(e)}") from None
-        switches = await self._stage(target)
+        switches = await self.running.stage(target)
         self.notifier.status("starting gunicorn")
         fresh: VenvInfo | None = None
 
@@ -170,7 +164,7 @@ class Supervisor:
             fresh = await self.verdicts.confirm(config, self.prober, packages)
             return target if fresh is None else dataclasses.replace(target, info=fresh, packages=verdicts.UNCONFIRMED)
 
-        failure = await self._bring_up(target, self.sockets, switches, after_ready=confirm)
+        failure = await self.running.bring_up(target, self.sockets, switches, after_ready=confirm)
         if failure:
             raise UserError(f"OMERO.web did not start: {failure}", exit_code=EXIT_FAILURE)
         self.state = "serving"
@@ -190,23 +184,6 @@ class Supervisor:
         else:
             self._spawn_task(asyncio.to_thread(self.verdicts.remember, config, packages, target.info))
 
-    def _acquire_sockets(self, config: Config) -> list[HeldSocket]:
-        held = sockets.from_systemd()
-        if held:
-            self.log.debug("using sockets from systemd", sockets=[s.address for s in held])
-            return held
-        return sockets.bind(config.bind_addresses())
-
-    async def _open_event_socket(self) -> None:
-        path = self.runtime_dir / "events.sock"
-        if path.is_socket():
-            path.unlink()
-        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _GenerationEvents(self.handle_generation_event), local_addr=str(path), family=socket.AF_UNIX
-        )
-        os.chmod(path, 0o600)
-        self._events_transport = transport  # type: ignore[assignment]
-
     async def _shutdown(self) -> None:
         started = self.applied is not None or bool(self.gens.all)  # else the error says it all
         self.state = "stopping"
@@ -215,21 +192,14 @@ class Supervisor:
             self.log.info("stopping")
         if self._watcher:
             self._watcher.stop()
-        self.site_xml.stop()
+        self.running.site_xml.stop()
         for task in list(self._tasks):
             task.cancel()
         await self.gens.stop_all()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._control:
             await self._control.close()
-        if self._events_transport:
-            self._events_transport.close()
-            try:
-                (self.runtime_dir / "events.sock").unlink()
-            except FileNotFoundError:
-                pass
-        sockets.release(self.sockets)
-        self.sockets = []
+        self.running.close()
         await self.prober.close()
         if started:
             self.log.info("stopped")
@@ -252,14 +222,6 @@ class Supervisor:
     def handle_config_changed(self) -> None:
         self._spawn_task(self.reload("file change"))
 
-    def handle_generation_event(self, data: bytes) -> None:
-        try:
-            message = json.loads(data)
-        except ValueError:
-            return
-        if isinstance(message, dict):
-            self.gens.on_event(message)
-
     def handle_generations_change(self, what: str, generation: Generation) -> None:
         if what == "crashed":  # the serving master died: bring one back (the reload lock is taken per attempt)
             self.state = "restarting"
@@ -267,7 +229,7 @@ class Supervisor:
                 generation, self._reload_lock, self._running, lambda: self.sockets,
                 lambda: self._running().config.daemon.ready_timeout, self.notifier.status))
         elif what == "restarted":
-            self.static.cut_over(generation.number)
+            self.running.static.cut_over(generation.number)
             self.state = "serving"
             self.notifier.status(f"{self._status_line()}; restarted after gunicorn exited with status"
                                  f" {self.gens.last_crash.get('exit_status')}")
@@ -355,7 +317,7 @@ class Supervisor:
             return _result(RELOAD_REJECTED, "rejected", "the daemon is starting")
         try:
             config = config_module.load(self.config_path)
-            foreign = self.site_xml.refusal(config)
+            foreign = self.running.site_xml.refusal(config)
             if foreign:
                 return _result(RELOAD_REJECTED, "rejected", foreign)
             decision, _ = await self._propose(config)
@@ -376,15 +338,8 @@ class Supervisor:
         self.log.debug("reload checked", seconds=round(time.monotonic() - t0, 3))
         for warning in warnings:
             self.log.warning(warning)
-        target = self._derive(config, info, packages)
-        return decide(self.applied, target, self._sockets_origin(), serving=serving), target
-
-    def _derive(self, config: Config, info: VenvInfo, packages: str) -> Desired:
-        listening = [s.address for s in self.sockets] if self._sockets_origin() == SYSTEMD else []
-        return derive(config, info, packages, listening=listening)
-
-    def _sockets_origin(self) -> str:
-        return BOUND if all(s.origin == "bound" for s in self.sockets) else SYSTEMD
+        target = self.running.derive(config, info, packages)
+        return decide(self.applied, target, self.running.origin, serving=serving), target
 
     async def _reload(self, source: str) -> dict[str, Any]:
         old = self._running()
@@ -392,17 +347,18 @@ class Supervisor:
         try:
             config = self._load_new_config()
             # Someone ran `omero config set`: a reload would overwrite it. Say so and stop, unless told to drop it.
-            foreign = self.site_xml.refusal(config)
+            foreign = self.running.site_xml.refusal(config)
             if foreign and not discard:
                 return _result(RELOAD_REJECTED, "rejected", foreign)
             decision, target = await self._propose(config)
         except ConfigError as e:
             return _result(RELOAD_REJECTED, "rejected", str(e))
         if target is None:  # restart required, or nothing to do
-            if discard and self.site_xml.foreign is not None and decision.action is Action.NOTHING:
-                dropped = ", ".join(self.site_xml.foreign.names) or self.site_xml.foreign.path.name
-                xml = await self.site_xml.stage(old, discard=True)
-                failure = await self._switch_outputs([xml] if xml else [])
+            site_xml = self.running.site_xml
+            if discard and site_xml.foreign is not None and decision.action is Action.NOTHING:
+                dropped = ", ".join(site_xml.foreign.names) or site_xml.foreign.path.name
+                xml = await site_xml.stage(old, discard=True)
+                failure = await self.running.switch([xml] if xml else [])
                 if failure:
                     return _result(RELOAD_REJECTED, "rejected", failure, changes=[])
                 return _result(RELOAD_APPLIED, "applied", f"edits made outside omerowebd dropped ({dropped});"
@@ -411,9 +367,9 @@ class Supervisor:
         changes = list(decision.changes)
         held = self.sockets
         try:
-            switches = await self._stage(target, discard=discard)
+            switches = await self.running.stage(target, discard=discard)
             if decision.action is Action.REBIND:
-                held = await asyncio.to_thread(sockets.bind, decision.bind)  # getaddrinfo may wait
+                held = await self.running.rebind(decision.bind)
         except Exception as e:  # UserError (nginx refused, address in use), disk full, a bug: nothing live changed
             if not isinstance(e, UserError):
                 self.log.exception("preparing the reload failed", source=source)
@@ -423,21 +379,18 @@ class Supervisor:
         if decision.new_generation:
             # Watched once it serves, and published to root's nginx only once settled (a moved bind is not watched).
             watch = decision.action is Action.GENERATION and settle.Rule.of(config).enabled
-            failure = await self._bring_up(target, held, switches, publish=not watch)
+            failure = await self.running.bring_up(target, held, switches, publish=not watch)
             if failure:
-                if held is not self.sockets:
-                    sockets.release(held)
+                self.running.release(held)
                 return _result(RELOAD_ROLLED_BACK, "rolled back", failure, changes=changes)
             if watch:
                 verdict, reverted = await self._settle(old, target, changes)
                 if reverted is not None:
                     return reverted
         else:
-            failure = await self._switch_outputs(switches)
+            failure = await self.running.apply_outputs(target, switches)
             if failure:
                 return _result(RELOAD_REJECTED, "rejected", failure, changes=changes)
-            self.applied = target
-            mark_applied(config, self.log)
         self._apply_live(old, target)
         self._spawn_task(asyncio.to_thread(self.verdicts.remember, target.config, target.packages, target.info))
         if not decision.new_generation:
@@ -453,14 +406,16 @@ class Supervisor:
         generation, rule = self.current, settle.Rule.of(target.config)
         assert generation is not None
         self.notifier.status(f"generation {generation.number} serves; settling for {rule.seconds:g}s")
+        self.state = "settling"  # status and omerowebctl reload's progress say so
         verdict = await settle.watch(generation, rule, settle.probe_of(generation))
+        self.state = "reloading"
         if verdict.settled:
             mark_applied(target.config, self.log)  # settled: the root publisher may render this TOML for nginx
             return verdict, None
         self.log.error("new generation did not settle; bringing the previous config back",
                        generation=generation.number, reason=verdict.reason)
         try:
-            failure = await self._bring_up(old, self.sockets, await self._stage(old), publish=False)
+            failure = await self.running.bring_up(old, self.sockets, await self.running.stage(old), publish=False)
         except Exception as e:  # staging the previous files failed (disk full, a bug): the new config serves on
             failure = str(e) if isinstance(e, UserError) else one_line(e)
         said = f"the new generation did not settle: {verdict.reason}"
@@ -488,70 +443,6 @@ class Supervisor:
         if config.daemon.admin_group != old.config.daemon.admin_group and self._control:
             self._control.policy = access.policy(config.daemon.admin_group)
 
-    async def _stage(self, target: Desired, *, discard: bool = False) -> list[Switch]:
-        """Render and check every output for ``target``; nothing live changes. config.xml goes last."""
-        switches = [s for s in [await o.stage(target) for o in self.outputs.values()] if s]
-        xml = await self.site_xml.stage(target, discard=discard)
-        return switches + [xml] if xml else switches
-
-    async def _bring_up(self, target: Desired, held: list[HeldSocket], switches: list[Switch], *,
-                        after_ready: Callable[[Desired], Awaitable[Desired]] | None = None,
-                        publish: bool = True) -> str | None:
-        """Bring up a generation for ``target``; switch the outputs to it and retire the current one only once it serves.
-
-        The start, the reload and nothing else come through here. The serving
-        generation is not touched before that: it reads its own config.xml
-        (its OMERODIR view), and nginx's files stay as they are.
-        ``after_ready`` may replace the target once the generation serves, before anything is published.
-        Returns None on success, else why it failed (everything put back)."""
-        try:
-            generation = await self.gens.bring_up(target, held, ready_timeout=target.config.daemon.ready_timeout,
-                                                  on_slow=self._extend_timeout)
-        except GenerationFailed as e:
-            self.log.error("new generation failed; the running one keeps serving", reason=str(e))
-            return str(e)
-        if after_ready is not None:
-            target = await after_ready(target)
-        failure = await self._switch_outputs(switches)
-        if failure:  # nginx could not follow: the new generation goes, the old one never stopped
-            await self.gens.discard(generation)
-            return failure
-        retiring = self.gens.promote(generation)
-        self.applied = target
-        self.static.cut_over(generation.number)  # the unversioned static names: the new release's files from now
-        replaced, self.sockets = (self.sockets, held) if held is not self.sockets else (None, self.sockets)
-        if publish:  # else the caller does, once the generation has settled
-            mark_applied(target.config, self.log)  # serving now: the root publisher may render this TOML for nginx
-        if retiring is not None:
-            self._spawn_task(self._retire(retiring, replaced))
-        else:
-            if replaced:
-                sockets.release(replaced)
-            self._spawn_task(self.static.prune(self.gens))  # what an earlier run left, but the previous release
-        return None
-
-    async def _switch_outputs(self, switches: Sequence[Switch]) -> str | None:
-        """Make the staged files live; on failure put back what was switched and say why."""
-        undo: list[Undo] = []
-        try:
-            for switch in switches:
-                undo.append(await switch())
-        except Exception as e:  # disk full, or a bug
-            for step in reversed(undo):
-                try:
-                    await step()
-                except Exception as e2:  # keep undoing the rest
-                    self.log.error("could not undo a step of a failed reload", error=one_line(e2))
-            self.log.exception("switching the derived files failed")
-            return str(e) if isinstance(e, UserError) else one_line(e)
-        return None
-
-    async def _retire(self, generation: Generation, replaced_sockets: list[HeldSocket] | None) -> None:
-        await self.gens.retire(generation)
-        if replaced_sockets:
-            sockets.release(replaced_sockets)
-        await self.static.prune(n for n in self.gens if n != generation.number)
-
     # -- helpers -----------------------------------------------------------
 
     def _follow_config_file(self, config: Config) -> None:
@@ -564,20 +455,6 @@ class Supervisor:
             self._watcher = None
         if self._watcher is not None:
             self._watcher.seen(config.digest)
-
-    def _make_generation(self, number: int, target: Desired) -> Generation:
-        # The generation's own STATIC_ROOT and STATIC_URL: its release's directory (static.py says why).
-        release = release_for(target.info, target.properties, target.packages, target.config.daemon.omerodir)
-        view = {**target.properties, **release.properties()}
-        return Generation(number=number, plan=target.plan, directory=self.runtime_dir / f"gen-{number}",
-                          config_xml=omero_config.render_config_xml(view, str(target.config.path)))
-
-    async def _launch_generation(self, generation: Generation, target: Desired, held: Sequence[HeldSocket]) -> None:
-        await asyncio.to_thread(generation.prepare_view)
-        # collectstatic reads the settings from the new generation's view: the site's file is still the old one.
-        release = release_for(target.info, target.properties, target.packages, target.config.daemon.omerodir)
-        await self.static.collect(generation.number, release, target.info, generation.omerodir)
-        await generation.start(list(held), self.runtime_dir / "events.sock")
 
     def _extend_timeout(self, remaining: float) -> None:
         # Tell systemd we are still at it, so a slow app does not time the start or reload out.
@@ -610,13 +487,7 @@ class Supervisor:
                 self.log.warning("health probe failed", status=status)
 
     def _status_line(self) -> str:
-        g = self.current
-        if g is None:
-            return self.state
-        addresses = ", ".join(s.address for s in self.sockets)
-        line = f"serving on {addresses}: generation {g.number}, {g.plan.workers} workers, master {g.pid}"
-        foreign = self.site_xml.summary()
-        return f"{line}; {foreign}" if foreign else line
+        return self.running.status_line(self.state)
 
     def status(self) -> dict[str, Any]:
         applied = self.applied
@@ -626,28 +497,14 @@ class Supervisor:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "uptime": round(time.time() - self.started_at, 1),
-            **self.gens.describe(),  # generation, generations, crashes, last_crash
-            "sockets": [s.describe() for s in self.sockets],
             "config": {"path": str(self.config_path), "digest": applied.config.digest if applied else None,
                        "problem": self._watcher.problem if self._watcher else None},
-            "config_xml": self.site_xml.status(),
             "last_reload": self.last_reload,
             "reloads": self.reloads,
             "versions": dict(applied.info.versions) if applied else {},
-            "static": self.static.status(),
-            **{name: output.status() for name, output in self.outputs.items()},
+            **self.running.status(),  # generations, sockets, config.xml, static files, nginx files
             **{name: service.status() for name, service in self.services.items()},
         }
-
-
-class _GenerationEvents(asyncio.DatagramProtocol):
-    """Reports from gunicorn_conf.py's hooks (a worker has loaded the app, a worker exited)."""
-
-    def __init__(self, handle: Callable[[bytes], None]) -> None:
-        self.handle = handle
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.handle(data)
 
 
 def _result(exit_code: int, outcome: str, message: str, **extra: Any) -> dict[str, Any]:

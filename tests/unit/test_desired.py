@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from omerowebd import desired
+from omerowebd import desired, sockets
 from omerowebd import supervisor as supervisor_module
 from omerowebd.desired import Action, decide, derive
 from omerowebd.systemd import Notifier
@@ -104,7 +104,7 @@ def _daemon_answers(tmp_path: Path, info: Any, change: dict[str, str], packages:
     sup = supervisor_module.Supervisor(before, _Quiet())
     sup.services = {}
     held = [SimpleNamespace(address="127.0.0.1:4999", origin="bound" if origin == desired.BOUND else "systemd")]
-    sup.sockets = held  # type: ignore[assignment]
+    sup.running.sockets = held  # type: ignore[assignment]
     sup.applied = derive(before, info, "A", listening=[] if origin == desired.BOUND else ["127.0.0.1:4999"])
     if serving:
         sup.gens.current = SimpleNamespace(number=1)  # type: ignore[assignment]
@@ -116,15 +116,15 @@ def _daemon_answers(tmp_path: Path, info: Any, change: dict[str, str], packages:
 
     monkeypatch.setattr(supervisor_module.checks, "run", checks_run)
     new_sockets = [SimpleNamespace(address="127.0.0.1:4998", origin="bound")]
-    monkeypatch.setattr(supervisor_module.sockets, "bind", lambda addresses: new_sockets)
-    monkeypatch.setattr(supervisor_module.sockets, "release", lambda held: None)
+    monkeypatch.setattr(sockets, "bind", lambda addresses: new_sockets)
+    monkeypatch.setattr(sockets, "release", lambda held: None)
     brought_up: list[Any] = []
 
     async def bring_up(target: Any, sockets: Any, switches: Any, **options: Any) -> None:
         brought_up.append(sockets)
         sup.applied = target
 
-    monkeypatch.setattr(sup, "_bring_up", bring_up)
+    monkeypatch.setattr(sup.running, "bring_up", bring_up)
     write(tmp_path, change)
     fingerprint["now"] = packages
 
@@ -132,7 +132,7 @@ def _daemon_answers(tmp_path: Path, info: Any, change: dict[str, str], packages:
         try:
             return await sup.dry_run(), await sup._reload("test")
         finally:
-            sup.site_xml.stop()
+            sup.running.site_xml.stop()
 
     dry, real = asyncio.run(both())
     said = next((a for a in Action if dry["message"] == f"would {a.value}"), None)
