@@ -408,8 +408,13 @@ def _settle(canaries: Sequence[Host], baselines: dict[int, _Baseline], seconds: 
 COLUMNS = ("host", "outcome", "generation", "seconds", "message")
 
 
-def header(hosts: Iterable[str]) -> str:
-    return _row(("host", "outcome", "generation", "seconds", "message"), _width(hosts))
+def width(hosts: Iterable[str]) -> int:
+    """The host column's width for these host names."""
+    return max([len("host"), *(len(h) for h in hosts)])
+
+
+def header(width: int) -> str:
+    return _row(COLUMNS, width)
 
 
 def row(step: Step, width: int) -> str:
@@ -417,10 +422,6 @@ def row(step: Step, width: int) -> str:
     seconds = f"{step.seconds:.1f}" if step.seconds is not None else "-"
     outcome = step.outcome + (" (canary)" if step.canary else "")
     return _row((step.host, outcome, generation, seconds, step.message), width)
-
-
-def _width(hosts: Iterable[str]) -> int:
-    return max([len("host"), *(len(h) for h in hosts)])
 
 
 def _row(cells: tuple[str, str, str, str, str], width: int) -> str:

@@ -102,14 +102,14 @@ def run(args: argparse.Namespace) -> int:
     hosts = hosts_of(args)
     if args.canary > len(hosts):
         raise UserError(f"--canary {args.canary}: there are only {len(hosts)} host(s)", exit_code=EXIT_USAGE)
-    width = max(len("host"), *(len(h.name) for h in hosts))
+    width = rollout.width(h.name for h in hosts)
 
     def show(step: rollout.Step) -> None:
         if not args.json:
             print(rollout.row(step, width), flush=True)
 
     if not args.json:
-        print(rollout.header(h.name for h in hosts), flush=True)
+        print(rollout.header(width), flush=True)
     def settling(canaries: Any, seconds: float) -> None:
         if not args.json:
             print(f"watching the canaries for {seconds:g}s before the other hosts: {', '.join(canaries)}", flush=True)
