@@ -14,6 +14,7 @@ from ..exits import EXIT_USAGE
 from .reload import wait_limit
 
 DEFAULT_SETTLE = 10.0
+SHOWN_CHANGES = 20  # per host in the table
 
 
 class _Target(argparse.Action):
@@ -107,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
     def show(step: rollout.Step) -> None:
         if not args.json:
             print(rollout.row(step, width), flush=True)
+            for change in step.changes[:SHOWN_CHANGES]:
+                print(f"{'':{width}}  changed: {change}")
+            if len(step.changes) > SHOWN_CHANGES:
+                print(f"{'':{width}}  ... {len(step.changes) - SHOWN_CHANGES} more (--json lists them all)")
 
     if not args.json:
         print(rollout.header(width), flush=True)

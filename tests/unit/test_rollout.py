@@ -393,6 +393,17 @@ def test_rollout_command_prints_a_table_and_exits_with_the_failing_host_s_code(
     assert lines[1].split()[:2] == [str(path), "rejected"] and lines[1].endswith("omero.web.x: bad")
     assert lines[2].split() == ["web9", "not", "reached", "-", "-"]
     assert err.strip() == f"rollout stopped at {path}: rejected (exit 1); 0 host(s) done before it, 1 not reached"
+    replies.append(json.dumps({"exit_code": 0, "outcome": "dry run", "message": "would start a new gunicorn generation",
+                               "changes": ["omero.web.login_logo", "nginx.listen"]}).encode() + b"\n")
+    assert ctl.main(["rollout", "--dry-run", "--timeout", "30", "--socket", str(path)]) == 0
+    out, _ = capsys.readouterr()
+    first = out.splitlines()[1]
+    assert first.startswith(f"{path}  dry run                          -  ")  # then the seconds it took
+    assert first.endswith("  would start a new gunicorn generation")
+    assert out.splitlines()[2:] == [
+        f"{' ' * len(str(path))}  changed: omero.web.login_logo",
+        f"{' ' * len(str(path))}  changed: nginx.listen",
+        "rollout: would apply on all 1 host(s)"]
     replies.append(json.dumps({"exit_code": 2, "outcome": "rolled back", "message": "m"}).encode() + b"\n")
     assert ctl.main(["rollout", "--json", "--timeout", "30", "--socket", str(path)]) == 2
     report = json.loads(capsys.readouterr().out)
