@@ -70,6 +70,10 @@ def render(s: dict[str, Any]) -> str:
         checked = "not run" if not validation else "ok" if validation["ok"] else f"FAILED: {validation['message']}"
         lines.append(f"nginx:       {' '.join(nginx.get('files', {}).values())} "
                      f"(written {_when(nginx.get('written_at'))}, validation {checked})")
+    metrics = s.get("metrics") or {}
+    if metrics.get("address"):
+        problem = f" (not served: {metrics['problem']})" if metrics.get("problem") else ""
+        lines.append(f"metrics:     http://{metrics['address']}/metrics{problem}")
     if "sessions" in s:
         lines += sessions.render_status(s["sessions"])
     lines += store_health.render_status(s.get("store_health"))
