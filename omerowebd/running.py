@@ -56,6 +56,11 @@ class Running:
         self._on_slow = on_slow  # systemd hears that a start or reload is still at it
         self._spawn_task = spawn_task
 
+    def target(self) -> Desired:
+        """What runs (once the start has brought its generation up)."""
+        assert self.applied is not None
+        return self.applied
+
     # -- sockets -------------------------------------------------------------
 
     async def open(self, config: Config) -> None:

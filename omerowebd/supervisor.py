@@ -4,6 +4,11 @@ One asyncio loop. Signal handlers and the file watcher only post requests;
 what changes state is a handful of methods named after the event they
 handle. A reload is a transaction: the new generation must serve before the
 old one is retired, and anything short of that puts everything back.
+
+The supervisor only sequences. What a config means and what a change
+requires: desired.py (derive, decide); one reload: reloader.py; what runs and
+the cutover that changes it: running.py; the gunicorn generations, their
+states and crash restarts: generations.py.
 """
 
 from __future__ import annotations
@@ -17,17 +22,16 @@ from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import access, checks, log, metrics, omero_config, redact, settle, verdicts
+from . import access, desired, log, metrics, redact, verdicts
 from . import config as config_module
 from .config import Config
 from .control import ControlServer
-from .desired import Action, Decision, Desired, decide, decide_early
+from .desired import Desired
 from .errors import ConfigError, UserError, one_line
-from .exits import (EXIT_FAILURE, RELOAD_APPLIED, RELOAD_REJECTED, RELOAD_RESTART_REQUIRED, RELOAD_REVERTED,
-                    RELOAD_ROLLED_BACK)
+from .exits import EXIT_FAILURE, RELOAD_APPLIED, RELOAD_REJECTED
 from .generation import Generation, http_probe
 from .generations import Generations
-from .nginx import mark_applied
+from .reloader import Reloader, result as reply
 from .running import Running
 from .sessions import SessionService
 from .sockets import HeldSocket
@@ -68,6 +72,10 @@ class Supervisor:
         self.services["metrics"] = metrics.MetricsService(self.log, self)  # on daemon.metrics, when set
         self.prober = Prober()
         self.verdicts = Verdicts(config.daemon.state_dir)  # the venv's answer, remembered across starts
+        self.reloader = Reloader(self.log, self.running, config_path=self.config_path, prober=self.prober,
+                                 verdicts=self.verdicts, notifier=self.notifier, load=self._load_new_config,
+                                 set_state=lambda state: setattr(self, "state", state), after=self._apply_live,
+                                 spawn_task=self._spawn_task)
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()  # the first generation serves
         self._reload_lock = asyncio.Lock()
@@ -90,7 +98,7 @@ class Supervisor:
 
     @property
     def session_dir(self) -> Path:
-        return omero_config.default_session_dir(self.state_dir)
+        return desired.session_dir(self.initial)
 
     # What runs, as the status, the metrics and the tests read it.
     @property
@@ -226,8 +234,8 @@ class Supervisor:
         if what == "crashed":  # the serving master died: bring one back (the reload lock is taken per attempt)
             self.state = "restarting"
             self._spawn_task(self.gens.restart_after_crash(
-                generation, self._reload_lock, self._running, lambda: self.sockets,
-                lambda: self._running().config.daemon.ready_timeout, self.notifier.status))
+                generation, self._reload_lock, self.running.target, lambda: self.sockets,
+                lambda: self.running.target().config.daemon.ready_timeout, self.notifier.status))
         elif what == "restarted":
             self.running.static.cut_over(generation.number)
             self.state = "serving"
@@ -241,7 +249,7 @@ class Supervisor:
             return {"ok": True, **redact.structure(self.status())}  # no secret in a reply, whoever wrote the text
         if cmd == "reload":
             if request.get("dry_run"):
-                return await self.dry_run()
+                return await self.reloader.dry_run()
             if request.get("discard_foreign_edits"):
                 self._discard_foreign = True  # read by the reload that runs next (this one, or one it joins)
             task = self._spawn_task(self.reload("omerowebctl"))
@@ -270,27 +278,27 @@ class Supervisor:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            return _result(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
+            return reply(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
 
     async def _reload_when_free(self, source: str) -> dict[str, Any]:
         await self._started.wait()  # a reload asked for during start is applied right after it
         async with self._reload_lock:
             self._pending_reload = None  # from here on, a new change needs a new reload
             if self._stopping.is_set() or self.applied is None:
-                return _result(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
+                return reply(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
             started = time.monotonic()
             self.reloads += 1
             self.state = "reloading"
             self.notifier.reloading(f"reloading ({source})")
-            result = _result(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
+            result = reply(RELOAD_REJECTED, "cancelled", "the daemon is stopping")
             try:
                 try:
                     result = await self._reload(source)
                 except UserError as e:  # one a check did not foresee: still the person's to fix
-                    result = _result(RELOAD_REJECTED, "rejected", str(e))
+                    result = reply(RELOAD_REJECTED, "rejected", str(e))
                 except Exception as e:  # a bug or an unforeseen fault: refused, the serving generation untouched
                     self.log.exception("reload failed unexpectedly", source=source)
-                    result = _result(RELOAD_REJECTED, "rejected", f"the reload failed unexpectedly: {one_line(e)}")
+                    result = reply(RELOAD_REJECTED, "rejected", f"the reload failed unexpectedly: {one_line(e)}")
                 result["source"] = source
                 result["seconds"] = round(time.monotonic() - started, 3)
                 result["at"] = time.time()
@@ -311,126 +319,9 @@ class Supervisor:
             self._watcher.seen(config.digest)
         return config
 
-    async def dry_run(self) -> dict[str, Any]:
-        """What a reload would do now, changing nothing: the same questions as the reload, to the same decide."""
-        if self.applied is None:
-            return _result(RELOAD_REJECTED, "rejected", "the daemon is starting")
-        try:
-            config = config_module.load(self.config_path)
-            foreign = self.running.site_xml.refusal(config)
-            if foreign:
-                return _result(RELOAD_REJECTED, "rejected", foreign)
-            decision, _ = await self._propose(config)
-        except ConfigError as e:
-            return _result(RELOAD_REJECTED, "rejected", str(e))
-        return _decided(decision, dry_run=True)
-
-    async def _propose(self, config: Config) -> tuple[Decision, Desired | None]:
-        """What a reload of ``config`` would do, and the target it brings up (None: decided without the venv)."""
-        assert self.applied is not None
-        packages = await asyncio.to_thread(fingerprint, config.daemon.venv)
-        serving = self.current is not None
-        early = decide_early(self.applied, config, packages, serving=serving)
-        if early is not None:
-            return early, None
-        t0 = time.monotonic()
-        info, warnings = await checks.run(config, self.prober, packages)
-        self.log.debug("reload checked", seconds=round(time.monotonic() - t0, 3))
-        for warning in warnings:
-            self.log.warning(warning)
-        target = self.running.derive(config, info, packages)
-        return decide(self.applied, target, self.running.origin, serving=serving), target
-
     async def _reload(self, source: str) -> dict[str, Any]:
-        old = self._running()
         discard, self._discard_foreign = self._discard_foreign, False
-        try:
-            config = self._load_new_config()
-            # Someone ran `omero config set`: a reload would overwrite it. Say so and stop, unless told to drop it.
-            foreign = self.running.site_xml.refusal(config)
-            if foreign and not discard:
-                return _result(RELOAD_REJECTED, "rejected", foreign)
-            decision, target = await self._propose(config)
-        except ConfigError as e:
-            return _result(RELOAD_REJECTED, "rejected", str(e))
-        if target is None:  # restart required, or nothing to do
-            site_xml = self.running.site_xml
-            if discard and site_xml.foreign is not None and decision.action is Action.NOTHING:
-                dropped = ", ".join(site_xml.foreign.names) or site_xml.foreign.path.name
-                xml = await site_xml.stage(old, discard=True)
-                failure = await self.running.switch([xml] if xml else [])
-                if failure:
-                    return _result(RELOAD_REJECTED, "rejected", failure, changes=[])
-                return _result(RELOAD_APPLIED, "applied", f"edits made outside omerowebd dropped ({dropped});"
-                               " config.xml holds the running config again", changes=[])
-            return _decided(decision, dry_run=False)
-        changes = list(decision.changes)
-        held = self.sockets
-        try:
-            switches = await self.running.stage(target, discard=discard)
-            if decision.action is Action.REBIND:
-                held = await self.running.rebind(decision.bind)
-        except Exception as e:  # UserError (nginx refused, address in use), disk full, a bug: nothing live changed
-            if not isinstance(e, UserError):
-                self.log.exception("preparing the reload failed", source=source)
-            return _result(RELOAD_REJECTED, "rejected", str(e) if isinstance(e, UserError) else one_line(e),
-                           changes=changes)
-        verdict: settle.Verdict | None = None
-        if decision.new_generation:
-            # Watched once it serves, and published to root's nginx only once settled (a moved bind is not watched).
-            watch = decision.action is Action.GENERATION and settle.Rule.of(config).enabled
-            failure = await self.running.bring_up(target, held, switches, publish=not watch)
-            if failure:
-                self.running.release(held)
-                return _result(RELOAD_ROLLED_BACK, "rolled back", failure, changes=changes)
-            if watch:
-                verdict, reverted = await self._settle(old, target, changes)
-                if reverted is not None:
-                    return reverted
-        else:
-            failure = await self.running.apply_outputs(target, switches)
-            if failure:
-                return _result(RELOAD_REJECTED, "rejected", failure, changes=changes)
-        self._apply_live(old, target)
-        self._spawn_task(asyncio.to_thread(self.verdicts.remember, target.config, target.packages, target.info))
-        if not decision.new_generation:
-            return _result(RELOAD_APPLIED, "applied", "applied without a new generation", changes=changes)
-        return _result(RELOAD_APPLIED, "applied", "new generation serving", changes=changes,
-                       generation=self.current.number if self.current else None,
-                       boot_seconds=self.gens.last_boot_seconds, settle=verdict.describe() if verdict else None)
-
-    async def _settle(self, old: Desired, target: Desired,
-                      changes: list[str]) -> tuple[settle.Verdict, dict[str, Any] | None]:
-        """Watch the generation that just took over (settle.py); if it does not settle, bring ``old`` back
-        through the same bring-up as any reload. (The verdict, the reverted reply or None.)"""
-        generation, rule = self.current, settle.Rule.of(target.config)
-        assert generation is not None
-        self.notifier.status(f"generation {generation.number} serves; settling for {rule.seconds:g}s")
-        self.state = "settling"  # status and omerowebctl reload's progress say so
-        verdict = await settle.watch(generation, rule, settle.probe_of(generation))
-        self.state = "reloading"
-        if verdict.settled:
-            mark_applied(target.config, self.log)  # settled: the root publisher may render this TOML for nginx
-            return verdict, None
-        self.log.error("new generation did not settle; bringing the previous config back",
-                       generation=generation.number, reason=verdict.reason)
-        try:
-            failure = await self.running.bring_up(old, self.sockets, await self.running.stage(old), publish=False)
-        except Exception as e:  # staging the previous files failed (disk full, a bug): the new config serves on
-            failure = str(e) if isinstance(e, UserError) else one_line(e)
-        said = f"the new generation did not settle: {verdict.reason}"
-        if failure:
-            return verdict, _result(RELOAD_REVERTED, "revert failed", f"{said}; bringing the previous config back"
-                                    f" failed too ({failure}): the new config serves on", changes=changes,
-                                    settle=verdict.describe())
-        number = self.current.number if self.current else None
-        return verdict, _result(RELOAD_REVERTED, "reverted", f"{said}; the previous config serves again (generation"
-                                f" {number}); the config file is as edited: fix it and reload", changes=changes,
-                                generation=number, settle=verdict.describe())
-
-    def _running(self) -> Desired:
-        assert self.applied is not None
-        return self.applied
+        return await self.reloader.apply(source, discard=discard)
 
     def _apply_live(self, old: Desired, new: Desired) -> None:
         """The daemon's own settings and the services, after a reload went through."""
@@ -505,22 +396,3 @@ class Supervisor:
             **self.running.status(),  # generations, sockets, config.xml, static files, nginx files
             **{name: service.status() for name, service in self.services.items()},
         }
-
-
-def _result(exit_code: int, outcome: str, message: str, **extra: Any) -> dict[str, Any]:
-    # The message may quote a value the venv or gunicorn refused: it goes to
-    # status, the log and omerowebctl, so no secret stays in it. Changes are names only.
-    message = redact.scrub_known(message)
-    return {"ok": exit_code == RELOAD_APPLIED, "exit_code": exit_code, "outcome": outcome, "message": message, **extra}
-
-
-def _decided(decision: Decision, *, dry_run: bool) -> dict[str, Any]:
-    """The reply for a decision made without applying anything (a dry run, or nothing to apply)."""
-    changes = list(decision.changes)
-    if decision.action is Action.RESTART:
-        return _result(RELOAD_RESTART_REQUIRED, "restart required", decision.reasons[0], changes=changes)
-    if decision.action is Action.NOTHING:
-        return _result(RELOAD_APPLIED, "nothing to do", "the config is unchanged", changes=[])
-    assert dry_run, decision
-    return _result(RELOAD_APPLIED, "dry run", f"would {decision.action.value}", changes=changes,
-                   packages_changed=decision.packages_changed, reasons=list(decision.reasons))

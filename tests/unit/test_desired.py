@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from omerowebd import desired, sockets
+from omerowebd import desired, reloader, sockets
 from omerowebd import supervisor as supervisor_module
 from omerowebd.desired import Action, decide, derive
 from omerowebd.systemd import Notifier
@@ -109,12 +109,12 @@ def _daemon_answers(tmp_path: Path, info: Any, change: dict[str, str], packages:
     if serving:
         sup.gens.current = SimpleNamespace(number=1)  # type: ignore[assignment]
     fingerprint = {"now": "A"}
-    monkeypatch.setattr(supervisor_module, "fingerprint", lambda venv: fingerprint["now"])
+    monkeypatch.setattr(reloader, "fingerprint", lambda venv: fingerprint["now"])
 
     async def checks_run(config: Any, prober: Any, packages: str | None = None) -> tuple[Any, list[str]]:
         return info, []
 
-    monkeypatch.setattr(supervisor_module.checks, "run", checks_run)
+    monkeypatch.setattr(reloader.checks, "run", checks_run)
     new_sockets = [SimpleNamespace(address="127.0.0.1:4998", origin="bound")]
     monkeypatch.setattr(sockets, "bind", lambda addresses: new_sockets)
     monkeypatch.setattr(sockets, "release", lambda held: None)
@@ -130,7 +130,7 @@ def _daemon_answers(tmp_path: Path, info: Any, change: dict[str, str], packages:
 
     async def both() -> tuple[dict[str, Any], dict[str, Any]]:
         try:
-            return await sup.dry_run(), await sup._reload("test")
+            return await sup.reloader.dry_run(), await sup._reload("test")
         finally:
             sup.running.site_xml.stop()
 
