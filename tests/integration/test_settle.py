@@ -51,6 +51,7 @@ def test_a_crash_looping_reload_is_reverted_with_no_failed_request_and_the_metri
     before = scrape(mport)
     assert before["omerowebd_generation"] == 1 and before["omerowebd_workers"] == 2
     assert before['omerowebd_reloads_total{outcome="reverted"}'] == 0
+    assert f"metrics:     http://127.0.0.1:{mport}/metrics\n" in daemon.ctl("status").stdout
 
     # Clients wait as long as a revert may take: the point is that none fails, not how fast.
     with Load(daemon.port, clients=4, timeout=120) as load:
@@ -79,6 +80,7 @@ def test_a_crash_looping_reload_is_reverted_with_no_failed_request_and_the_metri
     assert status["config"]["digest"] == good_digest  # what runs is the previous config; the TOML is as edited
     assert APP not in read_config_xml(config_xml_path(daemon.omerodir)).get("omero.web.apps", "")
     assert "did not settle" in daemon.log() and "reverted" in daemon.log()
+    assert "reverted (omerowebctl, " in daemon.ctl("status").stdout
     # The TOML still holds the change: a reload of it would try again.
     dry = daemon.ctl("reload", "--dry-run")
     assert dry.returncode == 0 and "would start a new gunicorn generation" in dry.stdout, dry.stdout
