@@ -26,6 +26,7 @@ from typing import Any
 from . import log, metrics
 from .errors import ConfigErrors
 from .files import write_atomic
+from .http_probe import http_probe
 from .procs import signal_group as _signal_group
 from .sockets import HeldSocket
 from .venv import VenvInfo, effective, probe_env, python_of
@@ -524,31 +525,3 @@ def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
     env.pop("SCRIPT_NAME", None)  # set from omero.web.prefix, or not at all
     env.update(extra)
     return env
-
-
-async def http_probe(target: tuple[int, Any], path: str, host: str, *, timeout: float) -> int | None:
-    """GET ``path``; the HTTP status, or None when nothing sensible came back."""
-    family, address = target
-
-    async def ask() -> int | None:
-        if family == socket.AF_UNIX:
-            reader, writer = await asyncio.open_unix_connection(address)
-        else:
-            reader, writer = await asyncio.open_connection(*address[:2])
-        try:
-            writer.write(
-                f"GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: omerowebd-probe\r\nConnection: close\r\n\r\n".encode()
-            )
-            await writer.drain()
-            line = await reader.readline()
-        finally:
-            writer.close()
-        parts = line.decode("latin-1").split()
-        if len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isdigit():
-            return int(parts[1])
-        return None
-
-    try:
-        return await asyncio.wait_for(ask(), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return None

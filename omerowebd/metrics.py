@@ -36,6 +36,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from .config import Config
+from .http_probe import http_probe
 
 # Every outcome a reload reports (supervisor's results); each series exists from the start at 0.
 OUTCOMES = ("applied", "nothing to do", "rejected", "rolled back", "reverted", "revert failed",
@@ -335,8 +336,6 @@ class MetricsService:
 
 async def probe_site(daemon: Any) -> int | None:
     """One health probe through the socket the site is served on, counted and timed."""
-    from .generation import http_probe
-
     g = getattr(daemon, "current", None)
     held = getattr(daemon, "sockets", None)
     if g is None or not held:

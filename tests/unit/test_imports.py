@@ -13,7 +13,8 @@ PACKAGE = ROOT / "omerowebd"
 # Rules both sides use (the daemon, omerowebctl, root's publisher): stdlib and
 # tomlkit only, or another leaf. Anything may import them; they import none of the rest.
 LEAVES = {"omerowebd.exits", "omerowebd.toml_values", "omerowebd.names", "omerowebd.config_file",
-          "omerowebd.nginx_syntax", "omerowebd.procs", "omerowebd.locks"}
+          "omerowebd.nginx_syntax", "omerowebd.procs", "omerowebd.locks",
+          "omerowebd.http_probe"}
 # Run by the venv's own Python, apart from the package: they import nothing of it either.
 STANDALONE = {"omerowebd.gunicorn_conf", "omerowebd.venv_probe", "omerowebd.session_sweep"}
 
