@@ -81,8 +81,8 @@ class SiteConfigXml:
         start the file is left as it is, and reported.
         """
         config = desired.config
-        self._config, self._properties = config, desired.properties
-        self._follow(config)
+        if self._watcher is None:  # from the start on, even while the file is left as it is
+            self._follow(self._config)
         self.look()
         if self.foreign is not None and not discard and self.foreign.lost_by(desired.properties, config.properties):
             self.log.warning("config.xml left as it is: it holds edits made outside omerowebd",
@@ -92,6 +92,9 @@ class SiteConfigXml:
         omerodir, state_dir = config.daemon.omerodir, config.daemon.state_dir
 
         async def switch() -> Undo:
+            # From now on what omerowebd wrote is measured against this config (not before: a reload may fail).
+            self._config, self._properties = config, desired.properties
+            self._follow(config)
             previous = await self._write(omerodir, state_dir, data)
 
             async def undo() -> None:

@@ -1,0 +1,85 @@
+"""The site's config.xml as an Output (config_xml.py): staged, written by one writer off the loop, undone."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import threading
+from pathlib import Path
+
+from omerowebd import omero_config
+from omerowebd.config_xml import SiteConfigXml
+from omerowebd.desired import derive
+from unit.test_nginx import Log, info, make_config  # noqa: F401 (info is a fixture)
+
+
+def test_the_switch_writes_off_the_loop_and_its_undo_puts_the_file_back(tmp_path: Path, info) -> None:  # noqa: F811
+    first = make_config(tmp_path, omero='prefix = "/first"\n')
+    path = omero_config.config_xml_path(first.daemon.omerodir)
+    first.daemon.state_dir.mkdir(parents=True)  # the daemon made it at start
+    site = SiteConfigXml(Log(), first, lambda: None)
+
+    async def scenario() -> None:
+        try:
+            switch = await site.stage(derive(first, info, "A"))
+            assert switch is not None
+            await switch()
+            written = path.read_bytes()
+            assert b"/first" in written and site.written_at is not None
+            second = make_config(tmp_path, omero='prefix = "/second"\n')
+            switch = await site.stage(derive(second, info, "A"))
+            assert switch is not None and path.read_bytes() == written, "staging changes nothing"
+
+            # `omero config` holds the lock: the write waits for it in a thread, and the loop runs on meanwhile.
+            held, release = threading.Event(), threading.Event()
+
+            def hold_the_lock() -> None:
+                with open(f"{path}.lock", "a+") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    held.set()
+                    release.wait(30)
+
+            holder = threading.Thread(target=hold_the_lock)
+            holder.start()
+            await asyncio.to_thread(held.wait, 30)
+            writing = asyncio.ensure_future(switch())
+            for _ in range(20):
+                await asyncio.sleep(0)  # the loop turns while the write waits for the lock
+            assert not writing.done()
+            release.set()
+            undo = await writing
+            await asyncio.to_thread(holder.join, 30)
+            assert b"/second" in path.read_bytes()
+            await undo()
+            assert path.read_bytes() == written
+        finally:
+            site.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_edit_made_outside_omerowebd_is_kept_unless_dropped_on_purpose(tmp_path: Path, info) -> None:  # noqa: F811
+    config = make_config(tmp_path, omero='prefix = "/ours"\n')
+    path = omero_config.config_xml_path(config.daemon.omerodir)
+    config.daemon.state_dir.mkdir(parents=True)  # the daemon made it at start
+    site = SiteConfigXml(Log(), config, lambda: None)
+
+    async def scenario() -> None:
+        try:
+            switch = await site.stage(derive(config, info, "A"))
+            assert switch is not None
+            await switch()
+            theirs = omero_config.properties_of(path.read_bytes())
+            theirs["omero.web.debug"] = "true"  # `omero config set omero.web.debug true`
+            omero_config.write_config_xml(config.daemon.omerodir, theirs)
+            edited = path.read_bytes()
+            assert site.refusal(config) is not None and "omero.web.debug" in site.refusal(config)
+            assert await site.stage(derive(config, info, "A")) is None and path.read_bytes() == edited
+            dropped = await site.stage(derive(config, info, "A"), discard=True)
+            assert dropped is not None
+            await dropped()
+            assert b"omero.web.debug" not in path.read_bytes() and site.foreign is None
+        finally:
+            site.stop()
+
+    asyncio.run(scenario())
