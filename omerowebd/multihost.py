@@ -28,7 +28,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import omero_config, store_health
+from . import desired, omero_config, store_health
 from .config import Config
 from .venv import VenvInfo
 
@@ -43,8 +43,7 @@ REDIS_HINT = ('keep sessions in Redis (omero.web.session_engine = "django.contri
 
 def warnings(config: Config, info: VenvInfo) -> list[str]:
     """One line each: what breaks, where it is set, how to fix it."""
-    properties = omero_config.with_session_path(config.properties,
-                                                omero_config.default_session_dir(config.daemon.state_dir))
+    properties = desired.properties_of(config)
     engine = store_health.session_engine(properties, info)
     caches, _ = store_health.caches(properties, info)
     session_cache = next((c for c in caches if c.alias == store_health.session_cache_alias(properties)), None)

@@ -143,7 +143,7 @@ def daemon_paths(config: config_module.Config, info: VenvInfo | None) -> list[tu
         ("runtime dir", d.runtime_dir, True),
         ("control socket", d.runtime_dir / "control.sock", True),
         ("state dir", d.state_dir, True),
-        ("sessions", Path(sessions) if sessions else omero_config.default_session_dir(d.state_dir), True),
+        ("sessions", Path(sessions) if sessions else desired.session_dir(config), True),
         ("collectstatic record", d.state_dir / "collectstatic.json", True),
     ]
     if config.nginx.enabled:
