@@ -79,7 +79,9 @@ import platform
 import queue
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -104,11 +106,16 @@ SECRET_KEY_FILE = ("var", "django_secret_key")  # below OMERODIR, where omeroweb
 READ_BATCH = 128  # files opened ahead of reading (well under any RLIMIT_NOFILE)
 DELETE_THREADS = 4
 DELETE_QUEUE = 4096
+WINDOW = 65536  # session files sorted by inode number at a time (bounded memory on a 1M-file store)
+PACE_CHECK = 0.05  # seconds between two looks at the site's load
+BUSY_DUTY = 0.25  # share of the time the sweep works while the site serves requests
+MAX_PAUSE = 0.25  # longest pause between two batches
 FILE_ENGINES = ("django.contrib.sessions.backends.file", "omeroweb.filesessionstore")
 # ioprio_set(2) by architecture (there is no libc wrapper).
 IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "i386": 289, "i686": 289, "armv7l": 314,
                   "ppc64le": 273, "ppc64": 273, "s390x": 283}
 IOPRIO_CLASS_IDLE = 3
+FLOCK_FORMAT = "@hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid
 
 
 class Fatal(Exception):
@@ -127,6 +134,13 @@ def lower_priority(nice, idle_io):
             os.setpriority(os.PRIO_PROCESS, 0, nice)
     except OSError as e:
         notes.append("nice: %s" % e.strerror)
+    if nice >= 19 and hasattr(os, "SCHED_IDLE"):
+        # Below nice 19: the CPU only when nothing else wants it, so a request's
+        # worker never waits behind the sweep (the sweep's threads inherit it).
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as e:
+            notes.append("SCHED_IDLE: %s" % e.strerror)
     if idle_io:
         number = IOPRIO_SYSCALL.get(platform.machine())
         if number is None:
@@ -406,12 +420,26 @@ def create_new(dfd, name):
 
 
 class Sweep:
-    def __init__(self, dfd, snapshot, django, dry_run, use_ledger):
+    """One pass over the store.
+
+    Where the time goes (bench/sessions_sweep.py prints it): on a first sweep
+    every session file must be read -- only its content says whether it
+    carries ``_session_expiry`` -- so the cost is the reads (cold cache) and
+    the per-file work (warm). The listing is taken a window at a time and
+    sorted by inode number: files made one after another sit side by side on
+    disk, so the reads go out in disk order, a batch at a time, with a
+    readahead hint. Each file is opened once (O_NOATIME: a sweep must not
+    turn every read into an inode write) and judged from that fd's fstat and
+    content: the version read is the version judged. A later sweep knows
+    from the ledger what needs no reading, and pays one lstat per file."""
+
+    def __init__(self, dfd, snapshot, django, dry_run, use_ledger, pacer=None):
         self.dfd = dfd  # the store, opened once; every name below is looked up in it
         self.s = snapshot
         self.django = django
         self.dry_run = dry_run
         self.use_ledger = use_ledger
+        self.pacer = pacer or Pacer(())
         self.tz = timezone.utc if snapshot["use_tz"] else None
         self.age = snapshot["cookie_age"]
         # How far mtime + age may be from now and still need Django's exact
@@ -421,8 +449,10 @@ class Sweep:
         self.fast_decode = snapshot["serializer"] in JSON_SERIALIZERS
         self.counts = dict(scanned=0, sessions=0, deleted=0, kept=0, ignored=0, errors=0, vanished=0,
                            changed=0, read=0, decoded=0, ledger_hits=0)
+        self.phases = dict(list=0.0, read=0.0, judge=0.0, django=0.0, delete_wait=0.0, paused=0.0)
         self.error_samples = []
         self.stopping = False
+        self.open_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
 
     def error(self, name, message):
         self.counts["errors"] += 1
@@ -430,69 +460,91 @@ class Sweep:
             self.error_samples.append("%s: %s" % (shown_name(name), message))
 
     def run(self):
-        c = self.counts
-        prefix = self.s["cookie_name"]
-        valid = frozenset(self.s["valid_key_chars"])
         old = Ledger.read(self.dfd, self.s["serializer"]) if self.use_ledger else None
         self.ledger = Ledger(2 * old.count if old else 1024)
         self.deleter = None if self.dry_run else Deleter(self)
-        # Files to read are opened a batch at a time with a readahead hint, then
-        # read: the disk works on the whole batch at once instead of one file
-        # per round trip (3-4x faster from a cold cache here).
-        batch = []
         try:
-            with os.scandir(self.dfd) as entries:
-                for entry in entries:
+            for window in self.windows():
+                for i in range(0, len(window), READ_BATCH):
                     if self.stopping:
                         break
-                    name = entry.name
-                    if name in OWN_FILES:
-                        continue
-                    c["scanned"] += 1
-                    if not is_session_name(name, prefix, valid) or not entry.is_file(follow_symlinks=False):
-                        c["ignored"] += 1
-                        continue
-                    c["sessions"] += 1
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        c["vanished"] += 1
-                        continue
-                    except OSError as e:
-                        self.error(name, e.strerror)
-                        continue
-                    if st.st_size == 0:
-                        c["kept"] += 1  # Django's placeholder: clearsessions never deletes it
-                        continue
-                    vid = version_id(name, st)
-                    if old is not None and vid in old:
-                        c["ledger_hits"] += 1
-                        self.decide(name, st, self.mtime_expired(st.st_mtime), vid)
-                        continue
-                    fd = self.open(name)
-                    if fd is not None:
-                        batch.append((name, st, vid, fd))
-                        if len(batch) >= READ_BATCH:
-                            self.judge_batch(batch)
-                            batch = []
+                    self.phases["paused"] += self.pacer.pace()
+                    self.process(window[i:i + READ_BATCH], old)
         finally:
-            self.judge_batch(batch)
             if self.deleter is not None:
+                t = time.monotonic()
                 self.deleter.close()
+                self.phases["delete_wait"] += time.monotonic() - t
         if self.use_ledger and not self.stopping:
             try:
                 self.ledger.write(self.dfd, self.s["serializer"])
             except OSError as e:
                 self.error(LEDGER_NAME, "cannot write the ledger: %s" % e.strerror)
-        c["ledger_entries"] = self.ledger.count
-        return c
+        self.counts["ledger_entries"] = self.ledger.count
+        return self.counts
 
-    def judge_batch(self, batch):
-        for name, st, vid, fd in batch:
-            verdict = self.judge(name, st, fd)
+    def windows(self):
+        """The session files' (inode, name), WINDOW at a time, each window in inode order."""
+        c = self.counts
+        prefix = self.s["cookie_name"]
+        valid = frozenset(self.s["valid_key_chars"])
+        window = []
+        t = time.monotonic()
+        with os.scandir(self.dfd) as entries:
+            for entry in entries:
+                if self.stopping:
+                    break
+                name = entry.name
+                if name in OWN_FILES:
+                    continue
+                c["scanned"] += 1
+                # d_type: no syscall; a link or anything but a regular file is never opened.
+                if not is_session_name(name, prefix, valid) or not entry.is_file(follow_symlinks=False):
+                    c["ignored"] += 1
+                    continue
+                c["sessions"] += 1
+                window.append((entry.inode(), name))
+                if len(window) >= WINDOW:
+                    window.sort()
+                    self.phases["list"] += time.monotonic() - t
+                    yield window
+                    window = []
+                    t = time.monotonic()
+        window.sort()
+        self.phases["list"] += time.monotonic() - t
+        yield window
+
+    def process(self, batch, old):
+        """Open a batch (with a readahead hint each), then read and judge it."""
+        c = self.counts
+        t = time.monotonic()
+        opened = []
+        for _, name in batch:
+            if old is not None:
+                try:
+                    st = os.stat(name, dir_fd=self.dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    c["vanished"] += 1
+                    continue
+                except OSError as e:
+                    self.error(name, e.strerror)
+                    continue
+                vid = version_id(name, st)
+                if stat.S_ISREG(st.st_mode) and st.st_size and vid in old:
+                    c["ledger_hits"] += 1
+                    self.decide(name, st, self.mtime_expired(st.st_mtime), vid)
+                    continue
+            fd = self.open(name)
+            if fd is not None:
+                opened.append((name, fd))
+        t1 = time.monotonic()
+        self.phases["read"] += t1 - t
+        for name, fd in opened:
+            verdict = self.judge(name, fd)
             if verdict is not None:
-                expired, plain = verdict
-                self.decide(name, st, expired, vid if plain else 0)
+                st, expired, plain = verdict
+                self.decide(name, st, expired, version_id(name, st) if plain else 0)
+        self.phases["judge"] += time.monotonic() - t1
 
     def decide(self, name, st, expired, vid):
         if expired:
@@ -517,10 +569,17 @@ class Sweep:
     def open(self, name):
         """An fd to read, with the kernel told to fetch it now; None when it cannot be opened."""
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.dfd)
+            fd = os.open(name, self.open_flags, dir_fd=self.dfd)
         except FileNotFoundError:
             self.counts["vanished"] += 1
             return None
+        except PermissionError:
+            if not self.open_flags & getattr(os, "O_NOATIME", 0):
+                self.error(name, "cannot open: permission denied")
+                return None
+            # O_NOATIME is only for the file's owner: a file someone else made
+            self.open_flags &= ~os.O_NOATIME
+            return self.open(name)
         except OSError as e:
             self.error(name, "cannot open: %s" % e.strerror)
             return None
@@ -530,13 +589,17 @@ class Sweep:
             pass
         return fd
 
-    def judge(self, name, st, fd):
-        """Read one open file: (expired, decided by mtime alone) or None when it is left alone."""
+    def judge(self, name, fd):
+        """Read one open file: (its stat, expired, decided by mtime alone) or None when it is left alone."""
         c = self.counts
         try:
-            # One read() is the whole file unless it grew since the stat: a
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # swapped for something else since the listing
+                c["ignored"] += 1
+                return None
+            # One read() is the whole file unless it grew since the fstat: a
             # short read of a regular file is its end.
-            data = os.read(fd, st.st_size + 1)
+            data = os.read(fd, st.st_size + 1) if st.st_size else b""
             if len(data) > st.st_size:
                 chunks = [data]
                 while True:
@@ -550,32 +613,41 @@ class Sweep:
             return None
         finally:
             os.close(fd)
-        c["read"] += 1
         if not data:
-            c["kept"] += 1
+            c["kept"] += 1  # Django's placeholder: clearsessions never deletes it
             return None
-        try:
-            text = data.decode("ascii")
-        except UnicodeDecodeError:
+        c["read"] += 1
+        if not data.isascii():
             self.error(name, "not ASCII: Django cannot load it (its clearsessions stops here); left alone")
             return None
+        if self.fast_decode and not self.may_carry_expiry(data):
+            return st, self.mtime_expired(st.st_mtime), True
+        text = data.decode("ascii")
         if "\r" in text:  # Django reads in text mode: universal newlines
             text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if self.fast_decode and not self.may_carry_expiry(text):
-            return self.mtime_expired(st.st_mtime), True
-        return self.judge_with_django(name, st, text)
+        t = time.monotonic()
+        try:
+            verdict = self.judge_with_django(name, st, text)
+        finally:
+            self.phases["django"] += time.monotonic() - t
+        return None if verdict is None else (st,) + verdict
 
     @staticmethod
-    def may_carry_expiry(text):
+    def may_carry_expiry(data):
         """False only when no signature could make Django see ``_session_expiry`` here.
 
         Mirrors ``TimestampSigner.unsign_object``: value:timestamp:signature,
         a leading '.' meaning zlib. Whatever fails to decode here fails in
-        Django too, and a failed decode is an empty session."""
-        parts = text.rsplit(":", 2)
+        Django too, and a failed decode is an empty session. ``data`` is
+        ASCII (the caller checked)."""
+        if isinstance(data, str):
+            data = data.encode("ascii")
+        parts = data.rsplit(b":", 2)
         if len(parts) < 3:
             return False
-        b64 = parts[0].encode()
+        b64 = parts[0]
+        if b"\r" in b64 or b"\n" in b64:  # Django's text mode would change these: let it decide
+            return True
         compressed = b64[:1] == b"."
         if compressed:
             b64 = b64[1:]
@@ -618,10 +690,69 @@ class Sweep:
             self.deleter.put(name, st)
 
 
+class Pacer:
+    """Gentleness: the sweep works flat out while the site is idle, and only a
+    share of the time (BUSY_DUTY) while requests are waiting or being served.
+
+    Busy means: a connection waits in the accept queue of one of the site's TCP
+    ports, or one is established to it (a request in progress), as the kernel
+    shows them in /proc/net/tcp and tcp6. That is the site's real load, whatever
+    serves it (gunicorn's sync workers, nginx in front), and costs no
+    round trip. A unix socket's queue is not shown there: with only unix
+    sockets the sweep relies on its CPU and I/O priority alone."""
+
+    def __init__(self, ports, check_every=PACE_CHECK):
+        self.ports = frozenset("%04X" % int(p) for p in ports)
+        self.check_every = check_every
+        self.busy = False
+        self.busy_checks = 0
+        self.checks = 0
+        self.checked_at = 0.0
+        self.slice_started = time.monotonic()
+
+    def pace(self):
+        """Called between batches: the seconds it paused."""
+        now = time.monotonic()
+        worked = now - self.slice_started
+        paused = 0.0
+        if self.ports and now - self.checked_at >= self.check_every:
+            self.checked_at = now
+            self.checks += 1
+            self.busy = self.site_busy()
+            self.busy_checks += self.busy
+        if self.busy:
+            paused = min(MAX_PAUSE, max(0.002, worked * (1 / BUSY_DUTY - 1)))
+            time.sleep(paused)
+        self.slice_started = time.monotonic()
+        return paused
+
+    def site_busy(self):
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table, "rb") as f:
+                    lines = f.read().split(b"\n")[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) < 5:
+                    continue
+                port = fields[1].rpartition(b":")[2].decode()
+                if port not in self.ports:
+                    continue
+                state = fields[3]
+                if state == b"01":  # ESTABLISHED on our port: a request being served
+                    return True
+                if state == b"0A" and int(fields[4].partition(b":")[2], 16):  # LISTEN with a backlog
+                    return True
+        return False
+
+
 class Deleter:
     """Unlinks on a few threads: the kernel frees a deleted inode after it has
     let go of the directory's lock, so several unlinks overlap (2-4x faster
-    here than one at a time); the verdicts stay on the main thread.
+    here than one at a time); the verdicts stay on the main thread. While the
+    site is busy (the Pacer says so) only one thread unlinks.
 
     A file is unlinked only if it is still the version that was judged: a
     session that a request saved again in the meantime stays. The check and
@@ -634,7 +765,8 @@ class Deleter:
         # Bounded: the scan waits for the unlinks rather than piling up work in memory.
         self.queue = queue.Queue(maxsize=DELETE_QUEUE)
         self.results = []  # one (counts, errors) per thread, merged by close()
-        self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(threads)]
+        self.closing = False
+        self.threads = [threading.Thread(target=self.work, args=(i,), daemon=True) for i in range(threads)]
         for t in self.threads:
             t.start()
 
@@ -642,6 +774,7 @@ class Deleter:
         self.queue.put((name, st))
 
     def close(self):
+        self.closing = True  # no more pacing: every thread helps finish
         for _ in self.threads:
             self.queue.put(None)
         for t in self.threads:
@@ -652,12 +785,15 @@ class Deleter:
             for name, message in errors:
                 self.sweep.error(name, message)
 
-    def work(self):
+    def work(self, index):
         dfd = self.sweep.dfd
+        pacer = self.sweep.pacer
         counts = dict(deleted=0, changed=0, kept=0, vanished=0)
         errors = []
         self.results.append((counts, errors))
         while True:
+            while index and pacer.busy and not self.closing:
+                time.sleep(PACE_CHECK)  # the site is busy: thread 0 alone unlinks
             item = self.queue.get()
             if item is None:
                 return
@@ -715,7 +851,16 @@ def open_store(store):
 
 
 def take_lock(dfd):
-    """One sweeper per store: an flock on a file in the store; (None, holder) when another holds it."""
+    """One sweeper per store, on this host or any other sharing it: (fd, None), or (None, holder).
+
+    A POSIX record lock (fcntl F_SETLK) on a file in the store, because that
+    is the lock NFS carries between hosts (natively in NFSv4, through lockd in
+    v3); flock() is emulated with it on Linux NFS clients but stays local with
+    ``local_lock=flock`` or ``all``, and on other systems. The holder writes
+    "host pid" into the file for status and for whoever is kept out. A POSIX
+    lock goes with any close of the file in this process: nothing else here
+    opens it. The lock file is never removed, so two sweepers always lock
+    the same inode."""
     for _ in range(3):
         try:
             fd = os.open(LOCK_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
@@ -732,22 +877,53 @@ def take_lock(dfd):
             continue
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
-            os.close(fd)  # a FIFO, someone else's file, a hard link: not a lock file we made
-            replace_foreign(dfd, LOCK_NAME)
+            holder = lock_holder(fd) if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
+            os.close(fd)
+            if holder is not None:  # another host's user, whose uid differs from ours: its sweep runs
+                return None, holder
+            replace_foreign(dfd, LOCK_NAME)  # a FIFO, a hard link, someone else's stale file: not our lock
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            except OSError:
-                holder = ""
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = read_holder(fd)
             os.close(fd)
-            return None, holder if holder.isdigit() else ""
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, ("%d\n" % os.getpid()).encode(), 0)
+            return None, holder
+        record = ("%s %d\n" % (socket.gethostname(), os.getpid())).encode()
+        os.pwrite(fd, record, 0)
+        os.ftruncate(fd, len(record))
         return fd, None
     raise OSError(errno.EAGAIN, "the lock file %s keeps changing under us" % LOCK_NAME)
+
+
+def read_holder(fd):
+    """The "host pid" a holder wrote, or "" when it is not that."""
+    try:
+        text = os.pread(fd, 128, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return text if is_holder(text) else ""
+
+
+def is_holder(text):
+    host, _, pid = text.partition(" ")
+    return (0 < len(host) <= 64 and all(ch.isalnum() or ch in "-._" for ch in host) and host.isascii()
+            and pid.isdigit() and len(pid) <= 10)
+
+
+def lock_holder(fd):
+    """Who holds a lock on the open file: "host pid" (or "" unknown), None when nobody does (F_GETLK)."""
+    probe = struct.pack(FLOCK_FORMAT, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
+    except OSError:
+        return None
+    if struct.unpack(FLOCK_FORMAT, answer)[0] == fcntl.F_UNLCK:
+        return None
+    return read_holder(fd)
 
 
 def replace_foreign(dfd, name):
@@ -772,10 +948,12 @@ def sweep(request):
 
 def sweep_with(request, django, started, t0):
     snapshot = request.get("snapshot")
+    t_settings = time.monotonic()
     if not snapshot or snapshot.get("config_digest") != django.digest():
         snapshot = django.load().snapshot
     elif not snapshot["use_tz"]:
         set_time_zone(snapshot["time_zone"])
+    t_settings = time.monotonic() - t_settings
     # The store omerowebd derived from its own config, whatever the settings say.
     store = request.get("store") or snapshot["file_path"]
     result = {"engine": snapshot["engine"], "store": store, "dry_run": bool(request.get("dry_run")),
@@ -792,11 +970,14 @@ def sweep_with(request, django, started, t0):
             result.update(busy=True, holder=holder, duration=round(time.monotonic() - t0, 3))
             return result
         try:
-            job = Sweep(dfd, snapshot, django, result["dry_run"], request.get("ledger", True))
+            pacer = Pacer([p for p in request.get("ports") or () if isinstance(p, int) and 0 < p < 65536])
+            job = Sweep(dfd, snapshot, django, result["dry_run"], request.get("ledger", True), pacer)
             signal.signal(signal.SIGTERM, lambda *_: setattr(job, "stopping", True))
             result.update(job.run())
             result["error_samples"] = job.error_samples
             result["interrupted"] = job.stopping
+            result["phases"] = {k: round(v, 3) for k, v in dict(job.phases, settings=t_settings).items()}
+            result["busy_share"] = round(pacer.busy_checks / pacer.checks, 3) if pacer.checks else None
         finally:
             os.close(lock)
     finally:

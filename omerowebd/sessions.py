@@ -86,6 +86,8 @@ class Target:
     # settings from a private copy of it. None: the site's own (tests that made one).
     config_xml: str | None = None
     state_dir: Path | None = None  # whose owner runs clearsessions for root
+    # The site's TCP ports: the sweep slows down while requests wait or run on them (session_sweep.Pacer).
+    ports: tuple[int, ...] = ()
 
     @property
     def sweeper(self) -> str | None:
@@ -125,7 +127,20 @@ def target_for(config: Config, properties: Mapping[str, str], info: VenvInfo) ->
         engine=engine, kind=kind, store=store, omerodir=config.daemon.omerodir,
         python=python_of(config.daemon.venv), manage=info.omeroweb_dir / "manage.py", settings=config.sessions,
         config_xml=omero_config.render_config_xml(properties).decode(), state_dir=config.daemon.state_dir,
+        ports=tcp_ports(config.bind_addresses()),
     )
+
+
+def tcp_ports(addresses: tuple[str, ...]) -> tuple[int, ...]:
+    """The ports of "host:port" and "[v6]:port" addresses (unix sockets have none)."""
+    ports = []
+    for address in addresses:
+        if address.startswith("unix:"):
+            continue
+        port = address.rpartition(":")[2]
+        if port.isdigit() and 0 < int(port) < 65536:
+            ports.append(int(port))
+    return tuple(sorted(set(ports)))
 
 
 def pinned_properties(config: Config) -> dict[str, str]:
@@ -233,6 +248,7 @@ def _request(target: Target, dry_run: bool, snapshot: Mapping[str, Any] | None) 
         request.update(mode="clearsessions", manage=str(target.manage))
     else:
         request.update(mode="sweep", dry_run=dry_run, snapshot=dict(snapshot) if snapshot else None, ledger=True,
+                       ports=list(target.ports),
                        store=str(target.store) if target.store else None)
     return json.dumps(request).encode()
 
@@ -254,9 +270,12 @@ _REPORT_TYPES: dict[str, tuple[type, ...]] = {
     **{name: (int,) for name in (*COUNTS, "sessions", "ignored", "vanished", "changed", "read", "decoded",
                                  "ledger_hits", "ledger_entries")},
     "busy": (bool,), "interrupted": (bool,), "started_at": (int, float), "holder": (str,), "fatal": (str,),
+    "busy_share": (int, float),
 }
 _TEXT_LISTS = {"error_samples": 20, "priority_notes": 5}
 _SNAPSHOT_VALUES = (str, int, float, bool, type(None))
+# Where a sweep's time went (session_sweep.Sweep.phases), in seconds.
+PHASES = ("settings", "list", "read", "judge", "django", "delete_wait", "paused")
 
 
 def _text(value: str) -> str:
@@ -277,6 +296,10 @@ def checked_report(report: Any) -> dict[str, Any] | None:
         value = report.get(name)
         if isinstance(value, list):
             out[name] = [_text(v) for v in value if isinstance(v, str)][:limit]
+    phases = report.get("phases")
+    if isinstance(phases, dict):
+        out["phases"] = {k: v for k, v in phases.items() if k in PHASES and isinstance(v, (int, float))
+                         and not isinstance(v, bool)}
     snapshot = report.get("snapshot")
     if isinstance(snapshot, dict) and all(isinstance(k, str) and isinstance(v, _SNAPSHOT_VALUES)
                                           for k, v in snapshot.items()):
@@ -315,7 +338,7 @@ def _outcome(target: Target, dry_run: bool, returncode: int | None, stdout: byte
         if timed_out:
             base["error"] = f"the sweep ran over sessions.timeout ({target.settings.timeout:.0f}s); stopped part way"
         elif report.get("busy"):
-            holder = f" (pid {report['holder']})" if report.get("holder") else ""
+            holder = f" ({_holder_text(report['holder'])})" if report.get("holder") else ""
             base["error"] = f"another sweep holds the lock on {base['store']}{holder}; not run"
         return base
     if report is not None:
@@ -325,6 +348,50 @@ def _outcome(target: Target, dry_run: bool, returncode: int | None, stdout: byte
     else:
         base["error"] = f"the sweep failed ({returncode}): {_last_line(stderr)}"
     return base
+
+
+def _holder_text(holder: str) -> str:
+    """"host pid" (what the lock's holder writes) for a person."""
+    host, _, pid = holder.partition(" ")
+    return f"host {host}, pid {pid}" if pid else f"pid {host}"
+
+
+# -- who holds the store's lock, right now ---------------------------------------------
+
+LOCK_NAME = ".omerowebd-sweep.lock"  # session_sweep.LOCK_NAME (that script imports nothing of ours)
+LOCK_CHECK_INTERVAL = 5.0
+LOCK_CHECK_TIMEOUT = 3.0  # a store on a hung NFS server must not hang status
+
+
+def lock_state(store: Path) -> dict[str, Any]:
+    """{"held": bool, "holder": "host pid" or ""} for the store's sweep lock, without taking it.
+
+    Run by the daemon, maybe as root, on the service user's store: the store is
+    opened without following a link, the lock file likewise and only if it is
+    a regular file with one name; only a "host pid" record is shown."""
+    from . import session_sweep as script  # the holder rules, one copy
+
+    try:
+        dfd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        return {"held": None, "error": e.strerror or str(e)}
+    try:
+        try:
+            fd = os.open(LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except FileNotFoundError:
+            return {"held": False, "holder": ""}
+        except OSError as e:
+            return {"held": None, "error": e.strerror or str(e)}
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return {"held": False, "holder": ""}  # not a lock file a sweeper made: the next sweep replaces it
+            holder = script.lock_holder(fd)
+            return {"held": holder is not None, "holder": holder or ""}
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
 
 
 def _last_line(stderr: bytes) -> str:
@@ -530,6 +597,7 @@ class SessionService:
         self.running: dict[str, Any] | None = None
         self.sweeps = 0
         self._snapshot: dict[str, Any] | None = None
+        self.lock: dict[str, Any] | None = None  # the store's sweep lock, as last seen
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -543,7 +611,26 @@ class SessionService:
             self._changed.set()  # the schedule loop works out the next sweep again
 
     async def run(self) -> None:
-        """The schedule loop: started once the daemon is READY, cancelled on stop."""
+        """The schedule loop and the lock watch: started once the daemon is READY, cancelled on stop."""
+        await asyncio.gather(self._schedule_loop(), self._watch_lock())
+
+    async def _watch_lock(self) -> None:
+        """Who holds the file store's sweep lock (this daemon, another host on a shared store), for status."""
+        loop = asyncio.get_running_loop()
+        while True:
+            target = self.target
+            if target is not None and target.kind == "file" and target.store is not None:
+                job = loop.run_in_executor(None, lock_state, target.store)
+                try:
+                    state = await asyncio.wait_for(asyncio.shield(job), LOCK_CHECK_TIMEOUT)
+                except asyncio.TimeoutError:
+                    state = {"held": None, "error": f"no answer within {LOCK_CHECK_TIMEOUT:.0f}s"}
+                self.lock = {**state, "checked_at": time.time()}
+            else:
+                self.lock = None
+            await asyncio.sleep(LOCK_CHECK_INTERVAL)
+
+    async def _schedule_loop(self) -> None:
         first = True
         while True:
             target = self.target
@@ -636,6 +723,7 @@ class SessionService:
             "last": self.last,
             "next": self.next_at,
             "sweeps": self.sweeps,
+            "lock": self.lock,
         }
 
 
@@ -664,6 +752,15 @@ def render_status(s: Any) -> list[str]:
         lines.append(f"  last:      {_when(field(last, 'at', (int, float)))}, {describe(last)}")
     else:
         lines.append("  last:      none yet")
+    lock = field(s, "lock", dict)
+    if lock:
+        holder = field(lock, "holder", str, "")
+        if lock.get("held") is True:
+            lines.append("  lock:      held by " + (_holder_text(holder) if holder else "an unknown sweeper"))
+        elif lock.get("held") is False:
+            lines.append("  lock:      free")
+        else:
+            lines.append(f"  lock:      not known ({field(lock, 'error', str, '?')})")
     next_at = field(s, "next", (int, float))
     if next_at:
         lines.append(f"  next:      {_when(next_at)} (schedule {field(s, 'schedule', str, '?')})")

@@ -317,11 +317,11 @@ def test_lock_keeps_a_second_sweeper_out(sites: tuple[Site, Site]) -> None:
     ours, _ = sites
     made = ours.make(["expired"])
     with open(ours.store / LOCK_NAME, "a+") as holder:
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        holder.write("4242\n")
+        fcntl.lockf(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock, as NFS carries it between hosts
+        holder.write("web-2.example.org 4242\n")
         holder.flush()
         result = sessions.sweep_sync(ours.target())
-        assert result["busy"] and "4242" in result["error"]
+        assert result["busy"] and "host web-2.example.org, pid 4242" in result["error"]
         assert (ours.store / made["expired"]).exists()
     result = sessions.sweep_sync(ours.target())
     assert result.get("error") is None and result["deleted"] == 1

@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -757,3 +758,104 @@ def test_roots_sweep_outlives_a_hostile_child(shared_dir: Path, monkeypatch: pyt
     finally:
         if held.exists():
             os.kill(int(held.read_text()), 9)
+
+
+# -- one sweeper per store, across hosts ------------------------------------------------
+
+HOLD = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+os.write(fd, sys.argv[2].encode())
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(store: Path, record: str) -> Iterator[None]:
+    """Another process (as another host's sweeper would be, through NFS) holds the POSIX lock."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(store / sweep_script.LOCK_NAME), record],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_lock_is_posix_and_names_its_holder(tmp_path: Path) -> None:
+    with lock_held_elsewhere(tmp_path, "web-2.example.org 4242\n"):
+        with store_fd(tmp_path) as dfd:
+            assert sweep_script.take_lock(dfd) == (None, "web-2.example.org 4242")
+        assert sessions.lock_state(tmp_path) == {"held": True, "holder": "web-2.example.org 4242"}
+    assert sessions.lock_state(tmp_path) == {"held": False, "holder": ""}
+    with store_fd(tmp_path) as dfd:
+        fd, holder = sweep_script.take_lock(dfd)
+        assert fd is not None and holder is None
+        record = (tmp_path / sweep_script.LOCK_NAME).read_text()
+        assert record == f"{socket.gethostname()} {os.getpid()}\n"
+        os.close(fd)
+
+
+def test_a_holder_record_that_is_not_host_and_pid_is_not_shown(tmp_path: Path) -> None:
+    with lock_held_elsewhere(tmp_path, "\x1b]0;owned\x07 1\n"):
+        assert sessions.lock_state(tmp_path) == {"held": True, "holder": ""}
+    assert sessions.render_status({"engine": "e", "sweeper": "omerowebd", "enabled": True, "note": "",
+                                   "lock": {"held": True, "holder": ""}})[-2:] == [
+        "  last:      none yet", "  lock:      held by an unknown sweeper"]
+
+
+def test_status_says_who_holds_the_lock() -> None:
+    status = {"engine": "e", "sweeper": "omerowebd", "enabled": True, "note": "",
+              "lock": {"held": True, "holder": "web-2 77"}}
+    assert "  lock:      held by host web-2, pid 77" in sessions.render_status(status)
+    status["lock"] = {"held": False, "holder": ""}
+    assert "  lock:      free" in sessions.render_status(status)
+
+
+def test_lock_state_never_follows_a_link(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("host 1\n")
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / sweep_script.LOCK_NAME).symlink_to(secret)
+    assert sessions.lock_state(store)["held"] is None  # ELOOP: nothing read through it
+    link = tmp_path / "store-link"
+    link.symlink_to(store)
+    assert sessions.lock_state(link)["held"] is None
+
+
+# -- gentleness ---------------------------------------------------------------------------
+
+
+def test_tcp_ports_of_bind_addresses() -> None:
+    assert sessions.tcp_ports(("127.0.0.1:4080", "[::1]:4080", "unix:/run/x.sock", "0.0.0.0:8080")) == (4080, 8080)
+
+
+def test_pacer_sees_requests_waiting_and_being_served() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        pacer = sweep_script.Pacer([port], check_every=0)
+        assert pacer.site_busy() is False
+        assert sweep_script.Pacer([]).pace() == 0.0  # no ports known: never pauses
+        with socket.create_connection(("127.0.0.1", port)):  # queued, not yet accepted
+            assert pacer.site_busy() is True
+            conn, _ = listener.accept()  # accepted: a request in progress
+            with conn:
+                assert pacer.site_busy() is True
+                assert pacer.pace() > 0 and pacer.busy
+        conn.close()
+        assert wait_until(lambda: not pacer.site_busy())
+
+
+def wait_until(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
