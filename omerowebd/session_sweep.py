@@ -573,9 +573,9 @@ class Sweep:
         except FileNotFoundError:
             self.counts["vanished"] += 1
             return None
-        except PermissionError:
+        except PermissionError as e:
             if not self.open_flags & getattr(os, "O_NOATIME", 0):
-                self.error(name, "cannot open: permission denied")
+                self.error(name, "cannot open: %s" % e.strerror)
                 return None
             # O_NOATIME is only for the file's owner: a file someone else made
             self.open_flags &= ~os.O_NOATIME
@@ -969,6 +969,7 @@ def sweep_with(request, django, started, t0):
         if lock is None:
             result.update(busy=True, holder=holder, duration=round(time.monotonic() - t0, 3))
             return result
+        result["locked_at"] = time.time()
         try:
             pacer = Pacer([p for p in request.get("ports") or () if isinstance(p, int) and 0 < p < 65536])
             job = Sweep(dfd, snapshot, django, result["dry_run"], request.get("ledger", True), pacer)
@@ -979,6 +980,7 @@ def sweep_with(request, django, started, t0):
             result["phases"] = {k: round(v, 3) for k, v in dict(job.phases, settings=t_settings).items()}
             result["busy_share"] = round(pacer.busy_checks / pacer.checks, 3) if pacer.checks else None
         finally:
+            result["unlocked_at"] = time.time()  # just before: the lock goes with the close
             os.close(lock)
     finally:
         os.close(dfd)
