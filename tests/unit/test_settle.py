@@ -133,3 +133,94 @@ def test_reload_progress_says_the_new_generation_is_settling():
 
     line = describe({"state": "settling", "generation": {"number": 4}, "generations": []})
     assert line == "reloading: generation 4 serves; watching that it stays up (daemon.settle_seconds)"
+
+
+# -- the reload's side (reloader.Reloader._settle) with a stand-in of what runs ---------------------------
+
+
+class Running:
+    """What reloader needs of running.py: the serving generation, staging and the one bring-up."""
+
+    def __init__(self, generation: Gen, *, bring_up_fails: str | None = None, stage_fails: bool = False) -> None:
+        self.gens = type("Gens", (), {"current": generation})()
+        self.sockets = ["held"]
+        self.brought_up: list[tuple[object, object, bool]] = []
+        self.bring_up_fails, self.stage_fails = bring_up_fails, stage_fails
+
+    async def stage(self, target):
+        if self.stage_fails:
+            raise OSError(28, "No space left on device")
+        return [f"switch to {target.name}"]
+
+    async def bring_up(self, target, held, switches, *, publish=True):
+        self.brought_up.append((target, held, publish))
+        if self.bring_up_fails:
+            return self.bring_up_fails
+        self.gens.current = Gen(number=self.gens.current.number + 1)
+        return None
+
+
+def desired(name: str, seconds: float = 0.3, deaths: int = 0):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, config=SimpleNamespace(
+        daemon=SimpleNamespace(settle_seconds=seconds, settle_worker_deaths=deaths)))
+
+
+def settle_with(monkeypatch, running: Running, during=None):
+    from omerowebd import reloader
+
+    published, states, said = [], [], []
+    monkeypatch.setattr(reloader, "mark_applied", lambda config, log: published.append(config))
+    monkeypatch.setattr(reloader.settle, "probe_of", lambda generation: Probes())
+    notifier = type("N", (), {"status": lambda self, text: said.append(text)})()
+    log = type("L", (), {"error": lambda self, *a, **k: None})()
+    r = reloader.Reloader(log, running, config_path=None, prober=None, verdicts=None, notifier=notifier,
+                          load=None, set_state=states.append, after=None, spawn_task=None)
+    old, new = desired("old"), desired("new")
+
+    async def main():
+        task = asyncio.create_task(during(running.gens.current)) if during else None
+        try:
+            return await r._settle(old, new, ["omero.web.apps"])
+        finally:
+            if task:
+                task.cancel()
+
+    verdict, reply = asyncio.run(main())
+    return verdict, reply, published, states, old, new
+
+
+async def one_death(gen):
+    await asyncio.sleep(0.05)
+    gen.worker_faults += 1
+
+
+def test_a_generation_that_settles_is_published_only_then(monkeypatch):
+    running = Running(Gen(number=2))
+    verdict, reply, published, states, old, new = settle_with(monkeypatch, running)
+    assert verdict.settled and reply is None
+    assert published == [new.config] and running.brought_up == []
+    assert states == ["settling", "reloading"]
+
+
+def test_one_that_does_not_is_replaced_by_the_previous_config_through_the_same_bring_up(monkeypatch):
+    running = Running(Gen(number=2))
+    verdict, reply, published, _, old, _ = settle_with(monkeypatch, running, one_death)
+    assert not verdict.settled
+    assert running.brought_up == [(old, ["held"], False)]  # the previous target, on the held sockets, unpublished
+    assert published == []  # root's nginx never hears of the config that did not settle
+    assert reply["exit_code"] == 5 and reply["outcome"] == "reverted" and reply["generation"] == 3
+    assert "1 gunicorn workers died" in reply["message"] and "previous config serves again" in reply["message"]
+    assert reply["changes"] == ["omero.web.apps"] and reply["settle"]["settled"] is False
+
+
+def test_a_revert_that_cannot_come_up_says_the_new_config_serves_on(monkeypatch):
+    running = Running(Gen(number=2), bring_up_fails="a worker exited before it had loaded the app")
+    _, reply, published, _, _, _ = settle_with(monkeypatch, running, one_death)
+    assert reply["exit_code"] == 5 and reply["outcome"] == "revert failed"
+    assert "failed too (a worker exited before it had loaded the app): the new config serves on" in reply["message"]
+    assert published == []
+    running = Running(Gen(number=2), stage_fails=True)
+    _, reply, _, _, _, _ = settle_with(monkeypatch, running, one_death)
+    assert reply["outcome"] == "revert failed" and "No space left on device" in reply["message"]
