@@ -146,6 +146,8 @@ class Reloader:
         assert generation is not None
         self.notifier.status(f"generation {generation.number} serves; settling for {rule.seconds:g}s")
         self._set_state("settling")  # status and omerowebctl reload's progress say so
+        # systemctl reload waits through the window (and a last probe) too, however long it is set.
+        self.notifier.extend_timeout(rule.seconds + 2 * rule.probe_timeout + 10.0)
         verdict = await settle.watch(generation, rule, settle.probe_of(generation))
         self._set_state("reloading")
         if verdict.settled:
