@@ -173,7 +173,8 @@ def settle_with(monkeypatch, running: Running, during=None):
     published, states, said = [], [], []
     monkeypatch.setattr(reloader, "mark_applied", lambda config, log: published.append(config))
     monkeypatch.setattr(reloader.settle, "probe_of", lambda generation: Probes())
-    notifier = type("N", (), {"status": lambda self, text: said.append(text)})()
+    notifier = type("N", (), {"status": lambda self, text: said.append(text),
+                              "extend_timeout": lambda self, seconds: None})()
     log = type("L", (), {"error": lambda self, *a, **k: None})()
     r = reloader.Reloader(log, running, config_path=None, prober=None, verdicts=None, notifier=notifier,
                           load=None, set_state=states.append, after=None, spawn_task=None)
