@@ -227,6 +227,9 @@ class Django:
         self.view = None
         self._store = None
         self.settings = None
+        self.configured_by = None  # how Django got its settings, if it was needed
+        self.known = None  # settings an earlier sweep learnt, valid for this config (see configure_from)
+        self.known_store = None
 
     def digest(self):
         return config_digest(self.omerodir, self.config_xml)
@@ -256,6 +259,7 @@ class Django:
 
             engine = settings.SESSION_ENGINE
             self.settings = settings
+            self.configured_by = "omeroweb.settings"
             self.engine_module = importlib.import_module(engine)
             self.snapshot = {
                 "engine": engine,
@@ -268,18 +272,59 @@ class Django:
                 "valid_key_chars": base.VALID_KEY_CHARS,
                 "django_version": django.get_version(),
                 "config_digest": self.digest(),
+                # What the next sweep checks before it decodes without omeroweb.settings (see configure_from).
+                "secret_key_sha256": key_digest(settings.SECRET_KEY),
+                "secret_key_fallbacks": len(list(getattr(settings, "SECRET_KEY_FALLBACKS", None) or ())),
             }
         return self
+
+    def configure_from(self, snapshot, store):
+        """Django's settings for decoding a session, without importing omeroweb.settings (which
+        imports Ice: over a second): only from settings omeroweb.settings gave an earlier sweep
+        (same config digest), and only while the secret key on disk is the one it read then
+        (a key from a property, fallback keys: the full import, as before)."""
+        if (not snapshot or snapshot.get("secret_key_fallbacks") != 0 or not snapshot.get("secret_key_sha256")
+                or snapshot.get("engine") not in FILE_ENGINES or self.settings is not None):
+            return False
+        try:
+            key = read_secret_key(self.omerodir)
+        except Fatal:
+            return False
+        try:
+            key = key.decode("utf-8").strip() if key is not None else None
+        except UnicodeDecodeError:
+            return False
+        if key is None or key_digest(key) != snapshot["secret_key_sha256"]:
+            return False
+        import importlib
+
+        from django.conf import settings
+
+        settings.configure(
+            SECRET_KEY=key, SECRET_KEY_FALLBACKS=[], USE_TZ=snapshot["use_tz"], TIME_ZONE=snapshot["time_zone"],
+            SESSION_SERIALIZER=snapshot["serializer"], SESSION_COOKIE_AGE=snapshot["cookie_age"],
+            SESSION_COOKIE_NAME=snapshot["cookie_name"], SESSION_FILE_PATH=store,
+            SESSION_ENGINE="django.contrib.sessions.backends.file")
+        self.settings = settings
+        self.configured_by = "snapshot"
+        # omeroweb.filesessionstore is this class with a deprecation warning: same salt, same decode.
+        self.engine_module = importlib.import_module("django.contrib.sessions.backends.file")
+        return True
 
     def store(self):
         if self._store is None:
             import warnings
 
-            self.load()
+            if not self.configure_from(self.known, self.known_store):
+                self.load()
             with warnings.catch_warnings():  # omeroweb.filesessionstore warns that it is deprecated
                 warnings.simplefilter("ignore")
                 self._store = self.engine_module.SessionStore()
         return self._store
+
+
+def key_digest(key):
+    return hashlib.sha256(str(key).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def set_time_zone(name):
@@ -951,11 +996,14 @@ def sweep_with(request, django, started, t0):
     t_settings = time.monotonic()
     if not snapshot or snapshot.get("config_digest") != django.digest():
         snapshot = django.load().snapshot
-    elif not snapshot["use_tz"]:
-        set_time_zone(snapshot["time_zone"])
+    else:
+        if not snapshot["use_tz"]:
+            set_time_zone(snapshot["time_zone"])
+        django.known = snapshot
     t_settings = time.monotonic() - t_settings
     # The store omerowebd derived from its own config, whatever the settings say.
     store = request.get("store") or snapshot["file_path"]
+    django.known_store = store
     result = {"engine": snapshot["engine"], "store": store, "dry_run": bool(request.get("dry_run")),
               "started_at": started, "snapshot": snapshot}
     if snapshot["engine"] not in FILE_ENGINES:
@@ -977,6 +1025,7 @@ def sweep_with(request, django, started, t0):
             result.update(job.run())
             result["error_samples"] = job.error_samples
             result["interrupted"] = job.stopping
+            result["django_settings"] = django.configured_by
             result["phases"] = {k: round(v, 3) for k, v in dict(job.phases, settings=t_settings).items()}
             result["busy_share"] = round(pacer.busy_checks / pacer.checks, 3) if pacer.checks else None
         finally:

@@ -270,7 +270,7 @@ _REPORT_TYPES: dict[str, tuple[type, ...]] = {
     **{name: (int,) for name in (*COUNTS, "sessions", "ignored", "vanished", "changed", "read", "decoded",
                                  "ledger_hits", "ledger_entries")},
     "busy": (bool,), "interrupted": (bool,), "started_at": (int, float), "holder": (str,), "fatal": (str,),
-    "busy_share": (int, float), "locked_at": (int, float), "unlocked_at": (int, float),
+    "busy_share": (int, float), "django_settings": (str,), "locked_at": (int, float), "unlocked_at": (int, float),
 }
 _TEXT_LISTS = {"error_samples": 20, "priority_notes": 5}
 _SNAPSHOT_VALUES = (str, int, float, bool, type(None))

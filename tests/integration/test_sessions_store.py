@@ -214,7 +214,9 @@ def add_odd_entries(site: Site, made: dict[str, str], outside: Path) -> dict[str
     return odd
 
 
-def test_sweep_deletes_exactly_what_clearsessions_deletes(sites: tuple[Site, Site], tmp_path: Path) -> None:
+@pytest.mark.parametrize("settings_known", [False, True], ids=["first-sweep", "settings-known"])
+def test_sweep_deletes_exactly_what_clearsessions_deletes(sites: tuple[Site, Site], tmp_path: Path,
+                                                          settings_known: bool) -> None:
     ours, theirs = sites
     made = ours.make(CASES)
     entries = {**made, **add_odd_entries(ours, made, tmp_path)}
@@ -223,9 +225,13 @@ def test_sweep_deletes_exactly_what_clearsessions_deletes(sites: tuple[Site, Sit
 
     done = theirs.clearsessions()
     assert done.returncode == 0, done.stderr
-    result = sessions.sweep_sync(ours.target())
+    # The daemon's later sweeps: Django decodes with the settings an earlier sweep learnt, without
+    # importing omeroweb.settings again (the secret key checked against what that sweep saw).
+    snapshot = sessions.sweep_sync(ours.target(), dry_run=True)["snapshot"] if settings_known else None
+    result = sessions.sweep_sync(ours.target(), snapshot=snapshot)
 
     assert result.get("error") is None, result
+    assert result["django_settings"] == ("snapshot" if settings_known else "omeroweb.settings")
     assert ours.listing() == theirs.listing()
     deleted = {name for name, filename in entries.items() if filename not in ours.listing()}
     assert deleted == DJANGO_DELETES
@@ -253,6 +259,19 @@ def test_second_sweep_reads_only_what_changed(sites: tuple[Site, Site]) -> None:
     os.replace(tmp, saved)
     third = sessions.sweep_sync(ours.target(), snapshot=first["snapshot"])
     assert third["read"] == 2 and third["ledger_hits"] == 1
+
+
+def test_a_new_secret_key_means_the_full_settings_again(sites: tuple[Site, Site]) -> None:
+    ours, theirs = sites
+    ours.make(["live", "shorter_custom_fresh", "longer_custom_old", "expired"])
+    snapshot = sessions.sweep_sync(ours.target(), dry_run=True)["snapshot"]
+    for site in sites:  # the key changes (the old sessions' signatures fail now, in Django too)
+        (site.omerodir / "var" / "django_secret_key").write_bytes(base64.b64encode(os.urandom(40)))
+    ours.copy_to(theirs)
+    assert theirs.clearsessions().returncode == 0
+    result = sessions.sweep_sync(ours.target(), snapshot=snapshot)
+    assert result.get("error") is None and result["django_settings"] == "omeroweb.settings", result
+    assert ours.listing() == theirs.listing()
 
 
 def test_dry_run_deletes_nothing(sites: tuple[Site, Site]) -> None:
