@@ -6,8 +6,10 @@ so the benchmarks measure with exactly what the tests assert with.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pwd
 import signal
 import statistics
 import subprocess
@@ -27,7 +29,51 @@ from conftest import Load, free_port, http_get, wait_for  # noqa: E402
 VENV = Path(os.environ.get("OMEROWEBD_TEST_VENV", "/opt/omero/web/venv3"))
 OMEROWEB = next(VENV.glob("lib/python3*/site-packages/omeroweb"))
 
-__all__ = ["Load", "free_port", "http_get", "wait_for", "BareGunicorn", "Omerowebd", "median", "table"]
+__all__ = ["Load", "free_port", "http_get", "wait_for", "BareGunicorn", "Omerowebd", "median", "table", "row",
+           "report_args", "write_report", "service_user", "as_user"]
+
+# The user the daemon runs as in production is the service user, not root: as root it would also walk the
+# whole venv to check that root alone controls it (trust.py) before it runs anything from it.
+SERVICE_USER = "nobody"
+
+
+def service_user(choice: str | None) -> str | None:
+    """The user to run the servers as: ``choice``, else the stand-in service user when this runs as root."""
+    if choice == "root":
+        return None
+    return choice or (SERVICE_USER if os.geteuid() == 0 else None)
+
+
+def as_user(user: str | None) -> dict[str, object]:
+    """Popen's arguments that run the child as ``user`` (its own pid, unlike runuser's)."""
+    if not user:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def give_to(user: str | None, path: Path) -> None:
+    """Let ``user`` own ``path`` and everything below it (the scratch dirs the servers write)."""
+    if user:
+        subprocess.run(["chown", "-R", f"{user}:", str(path)], check=True)
+        subprocess.run(["chmod", "0755", str(path)], check=True)
+
+
+def row(measure: str, omerowebd: float, anchor_name: str = "", anchor: float | None = None, unit: str = "",
+        goal: str = "", met: bool | None = None) -> dict[str, object]:
+    """One row of the report (bench/report.py): what omerowebd measured against what it is compared with."""
+    return {"measure": measure, "omerowebd": round(float(omerowebd), 4), "anchor_name": anchor_name,
+            "anchor": None if anchor is None else round(float(anchor), 4), "unit": unit, "goal": goal, "met": met}
+
+
+def report_args(parser: "argparse.ArgumentParser") -> None:
+    parser.add_argument("--quick", action="store_true", help="a shorter run, for bench/report.py")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="also write the rows as JSON (bench/report.py)")
+
+
+def write_report(path: Path | None, rows: list[dict[str, object]]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def first_200(port: int, timeout: float = 120) -> None:
@@ -57,8 +103,8 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> None:
 class BareGunicorn:
     """gunicorn the way `omero web start` runs it (minus -D), on OMERODIR's config.xml."""
 
-    def __init__(self, omerodir: Path, port: int, workers: int) -> None:
-        self.omerodir, self.port, self.workers = omerodir, port, workers
+    def __init__(self, omerodir: Path, port: int, workers: int, user: str | None = None) -> None:
+        self.omerodir, self.port, self.workers, self.user = omerodir, port, workers, user
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
@@ -66,7 +112,7 @@ class BareGunicorn:
         env = dict(os.environ, OMERODIR=str(self.omerodir))
         self.proc = subprocess.Popen(
             [str(VENV / "bin" / "python"), "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}",
-             "--workers", str(self.workers), "--timeout", "60", "omeroweb.wsgi:application"],
+             "--workers", str(self.workers), "--timeout", "60", "omeroweb.wsgi:application"], **as_user(self.user),
             cwd=OMEROWEB, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         first_200(self.port)
@@ -83,8 +129,9 @@ class BareGunicorn:
 
 
 class Omerowebd:
-    def __init__(self, root: Path, port: int, workers: int, python: str = sys.executable) -> None:
-        self.root, self.port, self.workers, self.python = root, port, workers, python
+    def __init__(self, root: Path, port: int, workers: int, python: str = sys.executable,
+                 user: str | None = None) -> None:
+        self.root, self.port, self.workers, self.python, self.user = root, port, workers, python, user
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / "omerowebd.toml"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -120,7 +167,7 @@ class Omerowebd:
     def start(self) -> float:
         t0 = time.monotonic()
         self.proc = subprocess.Popen([self.python, "-m", "omerowebd", "--config", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **as_user(self.user))
         first_200(self.port)
         elapsed = time.monotonic() - t0
         wait_for(lambda: self.status().get("serving"), 60, "omerowebd to report serving")
