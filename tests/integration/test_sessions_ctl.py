@@ -83,3 +83,6 @@ def test_daemon_sweeps_at_start_and_on_request(daemon: Daemon) -> None:
     shown = daemon.ctl("sessions", "status")
     assert "deleted 2" in shown.stdout and "next:" in shown.stdout
     assert "sessions swept" in daemon.log()
+    # Who holds the store's lock (another host's sweep, on a shared store): nobody, between sweeps.
+    lock = wait_for(lambda: daemon.status()["sessions"].get("lock"), 60, "the lock's state in status")
+    assert lock["held"] is False and "lock:      free" in daemon.ctl("sessions", "status").stdout
