@@ -248,13 +248,62 @@ def _session_round_trip(status: Mapping[str, Any]) -> float | None:
 # -- the server -------------------------------------------------------------------
 
 
+MAX_CLIENTS = 8  # requests served at once; more are closed unanswered
+
+
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """One thread per request, at most MAX_CLIENTS of them.
+
+    Anyone who reaches the address (every local user, on loopback) could
+    otherwise hold a thread each, as many as they open connections: the
+    daemon's unit then runs out of tasks (systemd's TasksMax) and gunicorn
+    can no longer start a worker."""
+
     daemon_threads = True  # a client that never finishes its request does not hold the daemon's stop
     request_queue_size = 16
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # busy: closed at once, no thread for it
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: no traceback in the journal for whoever connects
+
 
 class _Quiet(WSGIRequestHandler):
-    timeout = 10  # seconds a client may take to send its request
+    timeout = 10  # seconds a client has for its whole request and the reply, not for each read
+
+    def handle(self) -> None:
+        # The socket's timeout alone bounds each read: a byte every few seconds would hold the slot for ever.
+        cut = threading.Timer(self.timeout, self._cut)
+        cut.daemon = True
+        cut.start()
+        try:
+            super().handle()
+        finally:
+            cut.cancel()
+
+    def _cut(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # the handler's read or write then ends at once
+        except OSError:
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes are not news; the journal keeps what matters

@@ -218,3 +218,60 @@ def test_a_client_that_never_sends_its_request_does_not_stall_a_scrape(daemon):
     finally:
         idle.close()
         service.close()
+
+
+@library
+def test_many_slow_clients_hold_a_few_threads_for_a_bounded_time_and_scrapes_come_back(daemon, monkeypatch):
+    # Every local user reaches a loopback address: a thread per connection, held while the client sends a
+    # byte now and then, would let one exhaust the unit's tasks (and gunicorn could start no worker).
+    import socket
+    import threading
+
+    monkeypatch.setattr(metrics._Quiet, "timeout", 2)
+    port = free_port()
+    service = metrics.MetricsService(Log(), daemon)
+    service.update(config(f'metrics = "127.0.0.1:{port}"\n'), {}, None)
+
+    def handlers() -> int:
+        return sum(1 for t in threading.enumerate() if "process_request_thread" in t.name)
+
+    clients, stop = [], threading.Event()
+
+    def dribble():  # a byte every 0.5 s to every client: no single read ever times out
+        while not stop.wait(0.5):
+            for c in list(clients):
+                try:
+                    c.sendall(b"G")
+                except OSError:
+                    pass
+
+    dribbler = threading.Thread(target=dribble, daemon=True)
+    dribbler.start()
+    try:
+        for _ in range(3 * metrics.MAX_CLIENTS):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        deadline = time.monotonic() + 30
+        most = 0
+        while time.monotonic() < deadline:
+            most = max(most, handlers())
+            closed = 0
+            for c in clients:  # the server closes the extra ones at once and the slow ones at the deadline
+                c.setblocking(False)
+                try:
+                    closed += c.recv(1) == b""
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed += 1
+            if closed == len(clients):
+                break
+            time.sleep(0.05)
+        assert closed == len(clients), f"{len(clients) - closed} slow clients still held after 30 s"
+        assert 0 < most <= metrics.MAX_CLIENTS
+        stop.set()
+        assert scrape(port)["omerowebd_serving"] == 1
+    finally:
+        stop.set()
+        for c in clients:
+            c.close()
+        service.close()
