@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import grp
 import hashlib
+import math
 import os
 import re
 import types
@@ -275,6 +276,8 @@ def _coerce(value: Any, hint: Any) -> Any:
         accepts, wanted = _SCALARS[hint]
         if isinstance(value, bool) is not (hint is bool) or not isinstance(value, accepts):
             raise ValueError(f"must be {wanted}, not {_tname(value)}")
+        if hint is float and not math.isfinite(value):  # TOML has inf and nan: a wait that never ends, or compares false
+            raise ValueError(f"must be a finite number of seconds, not {value}")
         return hint(value)  # float(3) -> 3.0; the others give the value back
     if hint is Path:
         if not isinstance(value, str) or not value:

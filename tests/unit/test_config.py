@@ -366,3 +366,15 @@ def test_bind_addresses_follow_omero_web_start():
     assert load(HEAD).bind_addresses() == ("127.0.0.1:4080",)
     assert load(HEAD + '[omero.web]\n"application_server.host" = "::"\n"application_server.port" = 4090\n'
                 ).bind_addresses() == ("[::]:4090",)
+
+
+@pytest.mark.parametrize("line", ["settle_seconds = inf", "ready_timeout = inf", "graceful_timeout = nan",
+                                  "settle_seconds = nan", "ready_timeout = -inf"])
+def test_a_time_must_be_finite(line):
+    # TOML has inf and nan. settle_seconds = inf got past the checks: a reload's settle step then raised
+    # (systemd's timeout extension cannot be infinite) after the new generation had taken over, and the
+    # reload was reported as rejected while the new config served, never published to nginx.
+    found = problems(HEAD + line + "\n")
+    key = line.split()[0]
+    assert len(found) == 1 and f"daemon.{key} must be a finite number of seconds" in found[0], found
+    assert found[0].startswith("/etc/omerowebd/omerowebd.toml:4:")
