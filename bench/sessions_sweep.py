@@ -288,6 +288,7 @@ def main() -> int:
     args = parser.parse_args()
     files = args.files or (10_000 if args.quick else 100_000)
     soon = 45 if args.quick else 120
+    samples = 150 if args.quick else 300  # idle requests before and after the sweeps
     if not (VENV / "bin" / "python").exists():
         raise SystemExit(f"no OMERO.web venv at {VENV}")
     colds = [False] if args.no_cold or os.geteuid() != 0 else [False, True]
@@ -363,9 +364,9 @@ def main() -> int:
             gunicorn = Gunicorn(o)
             try:
                 gunicorn.sample(count=50)  # warm up
-                idle = gunicorn.sample(count=300)
+                idle = gunicorn.sample(count=samples)
                 swept = during(gunicorn, lambda: ours(o, snapshot, ports=[gunicorn.port], deployed=True))
-                idle += gunicorn.sample(count=300)
+                idle += gunicorn.sample(count=samples)
                 cleared = during(gunicorn, lambda: clearsessions(d))
                 latency = [("idle (before and after)", idle), ("during omerowebd's sweep", swept),
                            ("during clearsessions (cron's priority)", cleared)]
