@@ -102,7 +102,10 @@ def reply_from(data: Any, returncode: int | None = None) -> Reply:
     short, an exit code outside 0-255 is 1. ``returncode`` is the exit status of
     the command that printed it, when there was one: a reply that claims
     success from a command that failed is a failure."""
-    data = printable.structure(data)
+    try:
+        data = printable.structure(data)
+    except RecursionError:  # nested deeper than printable.structure goes (the parser goes further): no reply
+        data = None
     code = printable.field(data, "exit_code", int)
     outcome = printable.field(data, "outcome", str)
     message = printable.field(data, "message", str) or printable.field(data, "error", str) or ""
@@ -128,7 +131,8 @@ def parse_remote(stdout: bytes) -> Any:
     text = stdout.decode("utf-8", errors="replace").strip()
     for candidate in (text, text.rsplit("\n", 1)[-1]):  # a login banner may come before it
         try:
-            value = json.loads(candidate)
+            # Made printable here, where a nesting too deep for that is still just "no reply".
+            value = printable.structure(json.loads(candidate))
         except (ValueError, RecursionError):
             continue
         if isinstance(value, dict):
@@ -235,7 +239,7 @@ class SshHost:
         if data is None:
             raise Unreachable(f"omerowebctl status there printed no status (exit status {returncode})"
                               + (f": {last}" if last else ""))
-        return printable.structure(data)
+        return data  # made printable by parse_remote
 
 
 def _last_line(stderr: bytes) -> str:

@@ -432,3 +432,25 @@ def test_reload_json_prints_one_line_even_when_the_daemon_does_not_answer(
     assert ctl.main(["--socket", str(path.with_name("none.sock")), "reload", "--json"]) == 3
     reply = json.loads(capsys.readouterr().out)
     assert reply["exit_code"] == 3 and reply["outcome"] == "unreachable" and "not running" in reply["message"]
+
+
+@pytest.mark.parametrize("depth", [700, 950])
+def test_a_remote_reply_nested_deeper_than_printable_goes_is_no_reply_never_a_traceback(depth: int) -> None:
+    # json.loads takes this nesting; making it printable recursed past Python's limit (on 3.11, where
+    # each level is two frames) and the RecursionError ended the rollout with a traceback mid-way.
+    nested = "[" * depth + "]" * depth
+    stdout = ('{"exit_code": 0, "outcome": "applied", "serving": true, "x": ' + nested + "}").encode()
+    json.loads(stdout)  # the parser itself accepts it
+    result = rollout.run([rollout.SshHost("web2", 100, run=fake_ssh(0, stdout))])
+    # No reply, unless this Python makes the whole of it printable (then it is what it says).
+    assert (result.steps[0].outcome, result.exit_code) in (("error", 1), ("applied", 0))
+    try:
+        status = rollout.SshHost("web2", 100, run=fake_ssh(0, stdout)).status()
+    except rollout.Unreachable as e:
+        assert "printed no status" in str(e)
+    else:
+        assert status["serving"] is True and (result.steps[0].outcome == "applied")
+    deep: Any = []
+    for _ in range(5000):  # what a local daemon's reply could hold, were it handed over unparsed
+        deep = [deep]
+    assert rollout.reply_from({"exit_code": 0, "outcome": "applied", "x": deep}).exit_code == 1
