@@ -123,7 +123,7 @@ def main() -> None:
     report_args(parser)
     args = parser.parse_args()
     if args.quick:
-        args.reloads = min(args.reloads, 3)
+        args.reloads = min(args.reloads, 2)
     user = service_user(args.user)
     rows = []
     boots = []
