@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, Load, NotifyListener, free_port, wait_for
 
-from omerowebd.verdicts import NAME
+from omerowebd import config as config_module
+from omerowebd.venv import fingerprint
+from omerowebd.verdicts import NAME, key
 
 pytestmark = pytest.mark.omeroweb
 
@@ -98,3 +100,18 @@ def test_a_remembered_answer_the_venv_contradicts_is_replaced_under_load(site):
     assert state["last_reload"]["outcome"] == "applied", state["last_reload"]
     assert load.failed == [] and load.refused == 0
     wait_for(lambda: verdict.exists() and "REMEMBERED-ONLY" not in verdict.read_text(), 60, "the fresh answer to be remembered")
+    assert site.stop() == 0
+
+    # A value OMERO.web itself would take ("yes" reads as false) but its check refuses, with an answer that
+    # accepted it under the very same key: the start serves on it, asks the venv, and fails as a first start would.
+    record = json.loads(verdict.read_text())
+    site.write_config(workers=1, omero='"public.enabled" = "yes"')
+    config = config_module.load(site.config_path)
+    record["key"] = key(config.daemon.venv, config.properties, config.daemon.omerodir, fingerprint(site.venv))
+    verdict.write_text(json.dumps(record))
+    mark = len(site.log())
+    site.start(wait=False)
+    assert site.proc is not None and site.proc.wait(180) == 78
+    log = site.log()[mark:]
+    assert REMEMBERED in log and "refuses the config" in log and "omero.web.public.enabled" in log, log
+    assert site.gunicorn_pids() == [] and not verdict.exists()
