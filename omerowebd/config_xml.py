@@ -4,7 +4,9 @@ The running generations never read this file (each has its own copy in its
 OMERODIR view): it is written for people and tools, once a generation of
 the config serves. Like the nginx files it is an Output: staged, switched
 (written in a thread: it may wait up to 10 s for the lock `omero config`
-holds while it edits), and put back by the switch's undo, in a thread too.
+holds while it edits), and put back by the switch's undo, in a thread too:
+the file and omerowebd's ledger of it as they were, and what it is measured
+against, so an undone reload leaves nothing that looks edited by someone else.
 An edit made outside omerowebd is never overwritten unless the person said so.
 """
 
@@ -14,6 +16,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from . import omero_config
 from .config import Config
 from .desired import Desired, properties_of
 from .errors import one_line
+from .files import write_atomic
 from .watch import ConfigWatcher
 
 Undo = Callable[[], Awaitable[None]]
@@ -92,35 +96,52 @@ class SiteConfigXml:
         omerodir, state_dir = config.daemon.omerodir, config.daemon.state_dir
 
         async def switch() -> Undo:
-            # From now on what omerowebd wrote is measured against this config (not before: a reload may fail).
-            self._config, self._properties = config, desired.properties
-            self._follow(config)
-            previous = await self._write(omerodir, state_dir, data)
+            before = (self._config, self._properties)
+            written, snapshot = await self._write(omerodir, state_dir, data)
+            # Measured against this config only once its file is written: what omerowebd wrote is what the
+            # ledger says, so a write that failed (or an undo) never makes our own file look edited by someone.
+            if written:
+                self._config, self._properties = config, desired.properties
+                self._follow(config)
+            self.look()
 
             async def undo() -> None:
-                if previous is not None:
-                    await self._write(omerodir, state_dir, previous)
+                if snapshot is not None:
+                    await self._put_back(omerodir, state_dir, snapshot)
+                self._config, self._properties = before
+                self._follow(before[0])
+                self.look()
 
             return undo
 
         return switch
 
-    async def _write(self, omerodir: Path, state_dir: Path, data: bytes) -> bytes | None:
-        """The one writer; returns what the file held before (None: nothing to put back)."""
+    async def _write(self, omerodir: Path, state_dir: Path, data: bytes) -> tuple[bool, _Snapshot | None]:
+        """The one writer: whether the file holds ``data`` now, and what it and the ledger held before
+        (None: nothing to put back)."""
         path = omero_config.config_xml_path(omerodir)
         if self._watcher is not None:
             self._watcher.seen(hashlib.sha256(data).hexdigest())
         try:
-            previous, changed = await asyncio.to_thread(_replace, omerodir, state_dir, data)
+            snapshot, changed = await asyncio.to_thread(_replace, omerodir, state_dir, data)
         except OSError as e:  # disk full, permissions: the generations have their own copies and serve on
             self.log.error("cannot write config.xml; OMERO.web serves on from its own copy", path=str(path),
                            error=e.strerror)
-            return None
+            return False, None
         if changed:
             self.written_at = time.time()
             self.log.info("config.xml written", path=str(path))
-        self.look()
-        return previous if changed else None
+        return True, snapshot if changed else None
+
+    async def _put_back(self, omerodir: Path, state_dir: Path, snapshot: _Snapshot) -> None:
+        """The undo's write, by the same writer: the file as it was (gone if we created it), and its ledger."""
+        if self._watcher is not None and snapshot.xml is not None:
+            self._watcher.seen(hashlib.sha256(snapshot.xml).hexdigest())
+        try:
+            await asyncio.to_thread(_restore, omerodir, state_dir, snapshot)
+        except OSError as e:
+            self.log.error("cannot put config.xml back; OMERO.web serves on from its own copy",
+                           path=str(omero_config.config_xml_path(omerodir)), error=e.strerror)
 
     def _follow(self, config: Config) -> None:
         """Notice an edit of the file when it happens, not at the next reload."""
@@ -156,9 +177,33 @@ class SiteConfigXml:
         return f"config.xml edited outside omerowebd ({', '.join(self.foreign.names) or self.foreign.problem})"
 
 
-def _replace(omerodir: Path, state_dir: Path, data: bytes) -> tuple[bytes | None, bool]:
+@dataclass(frozen=True)
+class _Snapshot:
+    """The site's config.xml and omerowebd's ledger of it before a write (None: there was none)."""
+
+    xml: bytes | None
+    ledger: bytes | None
+
+
+def _read(path: Path) -> bytes | None:
     try:
-        previous: bytes | None = omero_config.config_xml_path(omerodir).read_bytes()
+        return path.read_bytes()
     except OSError:
-        previous = None
-    return previous, omero_config.write_site_config_xml(omerodir, state_dir, data)
+        return None
+
+
+def _replace(omerodir: Path, state_dir: Path, data: bytes) -> tuple[_Snapshot, bool]:
+    snapshot = _Snapshot(_read(omero_config.config_xml_path(omerodir)), _read(state_dir / omero_config.LEDGER))
+    return snapshot, omero_config.write_site_config_xml(omerodir, state_dir, data)
+
+
+def _restore(omerodir: Path, state_dir: Path, snapshot: _Snapshot) -> None:
+    path, ledger = omero_config.config_xml_path(omerodir), state_dir / omero_config.LEDGER
+    if snapshot.xml is None:
+        path.unlink(missing_ok=True)  # a file this write created goes with it
+    else:
+        omero_config.write_config_bytes(path, snapshot.xml)
+    if snapshot.ledger is None:
+        ledger.unlink(missing_ok=True)
+    else:
+        write_atomic(ledger, snapshot.ledger, mode=0o600)

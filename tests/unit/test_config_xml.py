@@ -83,3 +83,44 @@ def test_an_edit_made_outside_omerowebd_is_kept_unless_dropped_on_purpose(tmp_pa
             site.stop()
 
     asyncio.run(scenario())
+
+
+def test_an_undo_puts_back_the_file_its_ledger_and_what_it_is_measured_against(tmp_path: Path, info) -> None:  # noqa: F811
+    first = make_config(tmp_path, omero='prefix = "/first"\n')
+    second = make_config(tmp_path, omero='prefix = "/second"\n')
+    path = omero_config.config_xml_path(first.daemon.omerodir)
+    ledger = first.daemon.state_dir / omero_config.LEDGER
+    first.daemon.state_dir.mkdir(parents=True)  # the daemon made it at start
+    site = SiteConfigXml(Log(), first, lambda: None)
+
+    async def scenario() -> None:
+        try:
+            # A switch that created the file: its undo removes it, and the ledger it wrote.
+            switch = await site.stage(derive(first, info, "A"))
+            assert switch is not None
+            undo = await switch()
+            assert path.exists() and ledger.exists()
+            await undo()
+            assert not path.exists() and not ledger.exists()
+
+            # Over a file omerowebd wrote: the file and the ledger byte for byte, and the first config's record.
+            switch = await site.stage(derive(first, info, "A"))
+            assert switch is not None
+            await switch()
+            file_before, ledger_before, record_before = path.read_bytes(), ledger.read_bytes(), site._properties
+            switch = await site.stage(derive(second, info, "A"))
+            assert switch is not None
+            undo = await switch()
+            assert b"/second" in path.read_bytes() and site._properties != record_before
+            await undo()
+            assert path.read_bytes() == file_before and ledger.read_bytes() == ledger_before
+            assert site._properties == record_before and site._config is first
+            # Nothing looks edited outside omerowebd, even measured without the ledger: the next reload goes on.
+            assert site.foreign is None and site.refusal(first) is None and site.refusal(second) is None
+            ledger.unlink()
+            site.look()
+            assert site.foreign is None
+        finally:
+            site.stop()
+
+    asyncio.run(scenario())
