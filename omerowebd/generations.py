@@ -140,7 +140,7 @@ class Generations(Generic[T]):
     def _heard(self, data: bytes) -> None:
         try:
             message = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past what the parser takes: not our hooks
             return
         if isinstance(message, dict):
             self.on_event(message)

@@ -194,3 +194,14 @@ def test_a_wrong_transition_raises(tmp_path: Path) -> None:
         assert booting.state is State.FAILED and gens.all == {}
 
     run(tmp_path, "never ready", test=test)
+
+
+def test_a_hostile_datagram_is_dropped_and_the_next_one_heard(tmp_path: Path) -> None:
+    # Anyone who can reach the events socket may send JSON nested past what the parser takes (RecursionError).
+    gens: Generations[str] = Generations(lambda number, target: None, lambda generation, target, sockets: None)  # type: ignore[arg-type,return-value]
+    heard: list[Any] = []
+    gens.on_event = heard.append  # type: ignore[method-assign]
+    for data in (b"[" * 200_000 + b"]" * 200_000, b'{"a":' * 200_000, b"\xff", b"[1]"):
+        gens._heard(data)
+    gens._heard(b'{"gen": 1, "event": "worker_ready", "pid": 7}')
+    assert heard == [{"gen": 1, "event": "worker_ready", "pid": 7}]
