@@ -113,7 +113,7 @@ class Reloader:
                 self.log.exception("preparing the reload failed", source=source)
             return result(RELOAD_REJECTED, "rejected", str(e) if isinstance(e, UserError) else one_line(e),
                            changes=changes)
-        verdict: settle.Verdict | None = None
+        watch = False
         if decision.new_generation:
             # Watched once it serves, and published to root's nginx only once settled (a moved bind is not watched).
             watch = decision.action is Action.GENERATION and settle.Rule.of(config).enabled
@@ -121,14 +121,24 @@ class Reloader:
             if failure:
                 self.running.release(held)
                 return result(RELOAD_ROLLED_BACK, "rolled back", failure, changes=changes)
-            if watch:
-                verdict, reverted = await self._settle(old, target, changes)
-                if reverted is not None:
-                    return reverted
         else:
             failure = await self.running.apply_outputs(target, switches)
             if failure:
                 return result(RELOAD_REJECTED, "rejected", failure, changes=changes)
+        # The new config serves from here on: no step after the cutover may turn into "rejected".
+        try:
+            return await self._after_cutover(old, target, decision, changes, watch=watch)
+        except Exception as e:  # a bug or an unforeseen fault
+            return await self._serves_anyway(old, target, decision, changes, e)
+
+    async def _after_cutover(self, old: Desired, target: Desired, decision: Decision, changes: list[str], *,
+                             watch: bool) -> dict[str, Any]:
+        """The settle window (if watched), the daemon's own settings and the services, the venv's answer kept."""
+        verdict: settle.Verdict | None = None
+        if watch:
+            verdict, reverted = await self._settle(old, target, changes)
+            if reverted is not None:
+                return reverted
         self._after(old, target)
         self._spawn_task(asyncio.to_thread(self.verdicts.remember, target.config, target.packages, target.info))
         if not decision.new_generation:
@@ -136,6 +146,26 @@ class Reloader:
         return result(RELOAD_APPLIED, "applied", "new generation serving", changes=changes,
                        generation=self.running.gens.current.number if self.running.gens.current else None,
                        boot_seconds=self.running.gens.last_boot_seconds, settle=verdict.describe() if verdict else None)
+
+    async def _serves_anyway(self, old: Desired, target: Desired, decision: Decision, changes: list[str],
+                             error: Exception) -> dict[str, Any]:
+        """A step after the cutover failed: say what serves as it is, and publish it (root's nginx follows
+        what serves, not what was last published)."""
+        self.log.exception("a step after the cutover failed; the config that serves stays", error=one_line(error))
+        serving = self.running.target()
+        try:
+            await asyncio.to_thread(mark_applied, serving.config, self.log)
+        except Exception as e:  # the reply must still say what serves
+            self.log.error("cannot tell root's nginx publisher what serves", error=one_line(e))
+        current = self.running.gens.current
+        number = current.number if current is not None else None
+        warning = f"a step after the cutover failed ({one_line(error)}); see the journal"
+        if serving is not target:  # put back by the settle window before the failure
+            return result(RELOAD_REVERTED, "reverted", f"the previous config serves again (generation {number});"
+                           f" {warning}", changes=changes, generation=number, warning=warning)
+        what = "new generation serving" if decision.new_generation else "applied without a new generation"
+        return result(RELOAD_APPLIED, "applied", f"{what}, with a warning: {warning}", changes=changes,
+                       generation=number if decision.new_generation else None, warning=warning)
 
 
     async def _settle(self, old: Desired, target: Desired,
@@ -150,8 +180,8 @@ class Reloader:
         self.notifier.extend_timeout(rule.seconds + 2 * rule.probe_timeout + 10.0)
         verdict = await settle.watch(generation, rule, settle.probe_of(generation))
         self._set_state("reloading")
-        if verdict.settled:
-            mark_applied(target.config, self.log)  # settled: the root publisher may render this TOML for nginx
+        if verdict.settled:  # settled: the root publisher may render this TOML for nginx (a file write: not on the loop)
+            await asyncio.to_thread(mark_applied, target.config, self.log)
             return verdict, None
         self.log.error("new generation did not settle; bringing the previous config back",
                        generation=generation.number, reason=verdict.reason)

@@ -131,14 +131,14 @@ class Running:
         self.applied = target
         self.static.cut_over(generation.number)  # the unversioned static names: the new release's files from now
         replaced, self.sockets = (self.sockets, held) if held is not self.sockets else (None, self.sockets)
-        if publish:
-            mark_applied(target.config, self.log)  # serving now: the root publisher may render this TOML for nginx
         if retiring is not None:
             self._spawn_task(self._retire(retiring, replaced))
         else:
             if replaced:
                 sockets.release(replaced)
             self._spawn_task(self.static.prune(self.gens))  # what an earlier run left, but the previous release
+        if publish:  # serving now: the root publisher may render this TOML for nginx (written and synced in a thread)
+            await asyncio.to_thread(mark_applied, target.config, self.log)
         return None
 
     async def apply_outputs(self, target: Desired, switches: list[Switch]) -> str | None:
@@ -147,7 +147,7 @@ class Running:
         if failure:
             return failure
         self.applied = target
-        mark_applied(target.config, self.log)
+        await asyncio.to_thread(mark_applied, target.config, self.log)
         return None
 
     async def switch(self, switches: Sequence[Switch]) -> str | None:
