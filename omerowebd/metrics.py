@@ -26,6 +26,7 @@ import asyncio
 import importlib.util
 import ipaddress
 import math
+import selectors
 import socket
 import socketserver
 import threading
@@ -111,6 +112,20 @@ def config_problems(config: Config) -> tuple[list[str], list[str]]:
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _is_numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(host: str, port: int) -> tuple[int, str]:
+    """(address family, numeric host) to bind: a lookup for a name, none for an address."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    return family, str(sockaddr[0])
 
 
 def _is_loopback(host: str) -> bool:
@@ -264,7 +279,40 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._stopping = False
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        # TCPServer's bind, not HTTPServer's: that one asks getfqdn(), a DNS lookup on the event loop.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+        self.setup_environ()
+
+    def serve(self) -> None:
+        """Serve until :meth:`stop` (the server's thread), then close the listening socket.
+
+        Not serve_forever(): its shutdown() waits for the next poll (up to
+        poll_interval) and the caller for the thread, and the caller is the
+        event loop, on every reload that moves or ends the endpoint."""
+        try:
+            with selectors.PollSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                while not self._stopping:
+                    # stop() wakes this at once; the timeout only bounds a stop whose wake-up was lost.
+                    if selector.select(1.0) and not self._stopping:
+                        self._handle_request_noblock()
+        finally:
+            self.server_close()  # here, once no select() uses the descriptor: never a number reused meanwhile
+
+    def stop(self) -> None:
+        """Stop listening now, without waiting (from the event loop); the serving thread ends by itself."""
+        self._stopping = True
+        try:
+            # Linux: a listening socket shut down refuses connections at once, wakes the select() above,
+            # and no longer holds its port against a new server's bind (both set SO_REUSEADDR).
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -319,52 +367,86 @@ class MetricsService:
         self.address: str | None = None
         self.problem: str | None = None
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._registry: Any = None
+        self._lookup: asyncio.Future[Any] | None = None  # a host name being resolved for self.address
 
     def update(self, config: Config, properties: Mapping[str, str], info: Any) -> None:
+        """Serve on ``daemon.metrics``, move or stop (on the event loop: nothing here waits).
+
+        The old server stops listening at once and its thread ends by itself;
+        a host name is resolved in a thread (a DNS lookup can take seconds)
+        and served once it answers."""
         wanted = config.daemon.metrics
-        if wanted == self.address and (self._server is not None or wanted is None):
+        if wanted == self.address and (self._server is not None or self._lookup is not None or wanted is None):
             return
         self.close()
         self.address = wanted
         if wanted is None:
             return
+        host, port = split_address(wanted)
         try:
-            self._serve(wanted)
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # no loop to hold up (a test, a tool): resolve here
+        if loop is not None and not _is_numeric(host):
+            lookup = loop.run_in_executor(None, _resolve, host, port)
+            self._lookup = lookup
+            lookup.add_done_callback(lambda done: self._resolved(done, wanted))
+            return
+        try:
+            found = _resolve(host, port)  # a numeric host: no lookup
+        except OSError as e:
+            self._failed(wanted, f"cannot listen on {wanted}: {e.strerror or e}")
+            return
+        self._start(wanted, found)
+
+    def _resolved(self, lookup: asyncio.Future[Any], wanted: str) -> None:
+        if lookup is not self._lookup:  # moved or stopped meanwhile
+            if not lookup.cancelled():
+                lookup.exception()  # a failure nobody waits for any more: not logged as never retrieved
+            return
+        self._lookup = None
+        error = lookup.exception()
+        if error is not None:
+            reason = getattr(error, "strerror", None) or error
+            self._failed(wanted, f"cannot listen on {wanted}: {reason}")
+            return
+        self._start(wanted, lookup.result())
+
+    def _start(self, wanted: str, found: tuple[int, str]) -> None:
+        try:
+            self._serve(*found, split_address(wanted)[1])
         except ImportError:
-            self.problem = f"prometheus_client is not installed: {INSTALL_HINT}"
+            self._failed(wanted, f"prometheus_client is not installed: {INSTALL_HINT}")
         except OSError as e:  # the address in use, not on this host: the site serves on all the same
-            self.problem = f"cannot listen on {wanted}: {e.strerror or e}"
-        if self.problem:
-            self.log.error("metrics not served", address=wanted, problem=self.problem)
+            self._failed(wanted, f"cannot listen on {wanted}: {e.strerror or e}")
         else:
             self.log.info("metrics served", address=wanted, path="/metrics")
 
-    def _serve(self, address: str) -> None:
+    def _failed(self, wanted: str, problem: str) -> None:
+        self.problem = problem
+        self.log.error("metrics not served", address=wanted, problem=problem)
+
+    def _serve(self, family: int, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry, make_wsgi_app
 
         if self._registry is None:
             self._registry = CollectorRegistry(auto_describe=False)
             self._registry.register(_Collector(self.daemon))
-        host, port = split_address(address)
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server_class = type("_MetricsServer", (_Server,), {"address_family": family})
         server = make_server(host, port, make_wsgi_app(self._registry), server_class, handler_class=_Quiet)
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="omerowebd-metrics", daemon=True)
-        self._thread.start()
+        threading.Thread(target=server.serve, name="omerowebd-metrics", daemon=True).start()
 
     def close(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
+        """Stop serving (and any lookup), without waiting for the server's thread."""
+        server, lookup = self._server, self._lookup
+        self._server = self._lookup = None
         self.problem = None
+        if lookup is not None:
+            lookup.cancel()  # the thread's answer, when it comes, is dropped
         if server is not None:
-            server.shutdown()  # waits at most one poll_interval
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+            server.stop()
 
     async def run(self) -> None:
         """Probe the site's health now and then while metrics are on; stop serving when cancelled."""
@@ -377,7 +459,7 @@ class MetricsService:
                     if health is not None:
                         await health.refresh()  # nothing else asks the caches on a clock
         finally:
-            await asyncio.to_thread(self.close)
+            self.close()  # never waits: on the loop, which also owns a pending lookup
 
     def status(self) -> dict[str, Any]:
         return {"address": self.address, "serving": self._server is not None, "problem": self.problem}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,8 +19,8 @@ from omerowebd import metrics
 from omerowebd.config import parse
 from omerowebd.errors import ConfigErrors
 
-# The settings are checked without the library; serving needs it (the test venvs have it, as bootstrap.sh sets up).
-library = pytest.mark.skipif(not metrics.available(), reason="python3-prometheus-client (a Recommends) is not installed")
+# The settings are checked without the library; serving needs it. Every test venv has it (bootstrap.sh): a test
+# that serves fails where it is missing, and the one about its absence fakes that.
 
 
 def config(daemon: str = ""):
@@ -72,14 +76,19 @@ def test_without_the_library_enabling_metrics_is_one_clear_line(monkeypatch):
     found, _ = metrics.config_problems(config('metrics = "127.0.0.1:9449"\n'))
     assert len(found) == 1 and "prometheus_client is not installed" in found[0] and "apt install" in found[0]
     assert metrics.config_problems(config()) == ([], [])  # off: not needed
+    # Gone after the check passed (uninstalled under a running daemon): reported, the site serves on.
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # the import then fails, as if not installed
+    log = Log()
+    service = metrics.MetricsService(log, SimpleNamespace(services={}))
+    service.update(config(f'metrics = "127.0.0.1:{free_port()}"\n'), {}, None)
+    assert service.status()["serving"] is False and "prometheus_client is not installed" in service.status()["problem"]
+    assert log.lines[-1][:2] == ("error", "metrics not served")
 
 
 # -- a scrape --------------------------------------------------------------------
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -122,7 +131,6 @@ def daemon():
     metrics.COUNTS = saved
 
 
-@library
 def test_a_scrape_reads_what_happened(daemon):
     port = free_port()
     service = metrics.MetricsService(Log(), daemon)
@@ -180,7 +188,6 @@ def test_a_scrape_reads_what_happened(daemon):
         scrape(port)
 
 
-@library
 def test_a_reload_moves_or_ends_the_endpoint_and_a_taken_port_is_reported_not_fatal(daemon):
     first, second = free_port(), free_port()
     log = Log()
@@ -203,10 +210,7 @@ def test_a_reload_moves_or_ends_the_endpoint_and_a_taken_port_is_reported_not_fa
         service.close()
 
 
-@library
 def test_a_client_that_never_sends_its_request_does_not_stall_a_scrape(daemon):
-    import socket
-
     port = free_port()
     service = metrics.MetricsService(Log(), daemon)
     service.update(config(f'metrics = "127.0.0.1:{port}"\n'), {}, None)
@@ -220,13 +224,9 @@ def test_a_client_that_never_sends_its_request_does_not_stall_a_scrape(daemon):
         service.close()
 
 
-@library
 def test_many_slow_clients_hold_a_few_threads_for_a_bounded_time_and_scrapes_come_back(daemon, monkeypatch):
     # Every local user reaches a loopback address: a thread per connection, held while the client sends a
     # byte now and then, would let one exhaust the unit's tasks (and gunicorn could start no worker).
-    import socket
-    import threading
-
     monkeypatch.setattr(metrics._Quiet, "timeout", 2)
     port = free_port()
     service = metrics.MetricsService(Log(), daemon)
@@ -275,3 +275,102 @@ def test_many_slow_clients_hold_a_few_threads_for_a_bounded_time_and_scrapes_com
         for c in clients:
             c.close()
         service.close()
+
+
+# -- a reload that moves or ends the endpoint never holds the event loop ----------------------------------------------
+
+
+class Stalled:
+    """Holds the old server's close (its thread's last step) until the loop releases it: a reload that waited for it
+    would never return to the loop, and the close would see no release."""
+
+    def __init__(self, monkeypatch):
+        self.closing, self.release, self.released = threading.Event(), threading.Event(), None
+        real = metrics._Server.server_close
+
+        def server_close(server):
+            if not self.closing.is_set():
+                self.closing.set()
+                self.released = self.release.wait(60)
+            real(server)
+
+        monkeypatch.setattr(metrics._Server, "server_close", server_close)
+
+
+def test_moving_the_endpoint_to_a_name_never_waits_for_the_old_server_nor_the_lookup(daemon, monkeypatch):
+    port = free_port()
+    stalled = Stalled(monkeypatch)
+    asked, answer = [], threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):  # a slow DNS: answers once the loop says so
+        if host == "metrics.test":
+            asked.append(threading.current_thread())
+            assert answer.wait(60), "the loop never ran while the name was looked up"
+            host = "127.0.0.1"
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    service = metrics.MetricsService(Log(), daemon)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        service.update(config(f'metrics = "127.0.0.1:{port}"\n'), {}, None)
+        # The same port under a name (resolving to the same address): the old server must let go of it at once.
+        service.update(config(f'metrics = "metrics.test:{port}"\n'), {}, None)
+        assert service.status() == {"address": f"metrics.test:{port}", "serving": False, "problem": None}
+        assert await asyncio.to_thread(stalled.closing.wait, 60), "the old server never stopped"
+        loop.call_soon(stalled.release.set)  # runs only if update() returned while the old server was closing
+        loop.call_soon(answer.set)  # and while the name was being looked up
+        while not service.status()["serving"]:
+            await asyncio.sleep(0.01)
+        assert service.status()["problem"] is None
+
+    try:
+        asyncio.run(main())
+        assert stalled.released is True and asked and threading.main_thread() not in asked
+        assert scrape(port)["omerowebd_serving"] == 1  # the new server, on the port the old one held
+    finally:
+        service.close()
+
+
+def test_turning_the_endpoint_off_never_waits_for_the_old_server(daemon, monkeypatch):
+    port = free_port()
+    stalled = Stalled(monkeypatch)
+    service = metrics.MetricsService(Log(), daemon)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        service.update(config(f'metrics = "127.0.0.1:{port}"\n'), {}, None)
+        await asyncio.to_thread(scrape, port)
+        service.update(config(), {}, None)
+        with pytest.raises(urllib.error.URLError):  # refused at once, while the old server's thread still closes
+            await asyncio.to_thread(scrape, port)
+        assert await asyncio.to_thread(stalled.closing.wait, 60), "the old server never stopped"
+        loop.call_soon(stalled.release.set)
+
+    try:
+        asyncio.run(main())
+        assert stalled.released is True
+        assert service.status() == {"address": None, "serving": False, "problem": None}
+    finally:
+        service.close()
+
+
+def test_a_name_that_does_not_resolve_is_reported_not_fatal(daemon, monkeypatch):
+    def getaddrinfo(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    log = Log()
+    service = metrics.MetricsService(log, daemon)
+
+    async def main():
+        service.update(config('metrics = "metrics.test:9449"\n'), {}, None)
+        while service.status()["problem"] is None:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert service.status()["serving"] is False
+    assert service.status()["problem"] == "cannot listen on metrics.test:9449: Name or service not known"
+    assert log.lines[-1][:2] == ("error", "metrics not served")
