@@ -4,8 +4,8 @@ OME's own infrastructure watches OMERO with Prometheus; a fleet of
 omerowebd hosts is watched the same way. The exporter is prometheus_client
 (Debian: python3-prometheus-client, a Recommends of the package): its own
 text format and WSGI app, served from a thread by the standard library's
-WSGI server, so a scrape never waits on the daemon's event loop and a slow
-client never stalls it.
+WSGI server (metrics_http.py), so a scrape never waits on the daemon's
+event loop and a slow client never stalls it.
 
 Values come from two places. Events the daemon only sees as they happen
 (a reload's outcome, a worker's death, a health probe) are counted here by
@@ -26,18 +26,17 @@ import asyncio
 import importlib.util
 import ipaddress
 import math
-import selectors
 import socket
-import socketserver
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .http_probe import http_probe
+
+if TYPE_CHECKING:
+    from . import metrics_http
 
 # Every outcome a reload reports (supervisor's results); each series exists from the start at 0.
 OUTCOMES = ("applied", "nothing to do", "rejected", "rolled back", "reverted", "revert failed",
@@ -260,103 +259,6 @@ def _session_round_trip(status: Mapping[str, Any]) -> float | None:
     return max(times) / 1000 if times else None
 
 
-# -- the server -------------------------------------------------------------------
-
-
-MAX_CLIENTS = 8  # requests served at once; more are closed unanswered
-
-
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    """One thread per request, at most MAX_CLIENTS of them.
-
-    Anyone who reaches the address (every local user, on loopback) could
-    otherwise hold a thread each, as many as they open connections: the
-    daemon's unit then runs out of tasks (systemd's TasksMax) and gunicorn
-    can no longer start a worker."""
-
-    daemon_threads = True  # a client that never finishes its request does not hold the daemon's stop
-    request_queue_size = 16
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
-        self._stopping = False
-        super().__init__(*args, **kwargs)
-
-    def server_bind(self) -> None:
-        # TCPServer's bind, not HTTPServer's: that one asks getfqdn(), a DNS lookup on the event loop.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-        self.setup_environ()
-
-    def serve(self) -> None:
-        """Serve until :meth:`stop` (the server's thread), then close the listening socket.
-
-        Not serve_forever(): its shutdown() waits for the next poll (up to
-        poll_interval) and the caller for the thread, and the caller is the
-        event loop, on every reload that moves or ends the endpoint."""
-        try:
-            with selectors.PollSelector() as selector:
-                selector.register(self, selectors.EVENT_READ)
-                while not self._stopping:
-                    # stop() wakes this at once; the timeout only bounds a stop whose wake-up was lost.
-                    if selector.select(1.0) and not self._stopping:
-                        self._handle_request_noblock()
-        finally:
-            self.server_close()  # here, once no select() uses the descriptor: never a number reused meanwhile
-
-    def stop(self) -> None:
-        """Stop listening now, without waiting (from the event loop); the serving thread ends by itself."""
-        self._stopping = True
-        try:
-            # Linux: a listening socket shut down refuses connections at once, wakes the select() above,
-            # and no longer holds its port against a new server's bind (both set SO_REUSEADDR).
-            self.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # busy: closed at once, no thread for it
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that timed out or went away: no traceback in the journal for whoever connects
-
-
-class _Quiet(WSGIRequestHandler):
-    timeout = 10  # seconds a client has for its whole request and the reply, not for each read
-
-    def handle(self) -> None:
-        # The socket's timeout alone bounds each read: a byte every few seconds would hold the slot for ever.
-        cut = threading.Timer(self.timeout, self._cut)
-        cut.daemon = True
-        cut.start()
-        try:
-            super().handle()
-        finally:
-            cut.cancel()
-
-    def _cut(self) -> None:
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)  # the handler's read or write then ends at once
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # scrapes are not news; the journal keeps what matters
-
-
 class MetricsService:
     """A service beside gunicorn (the supervisor's ``services``): serves the metrics while
     ``daemon.metrics`` is set, moves with it on a reload, probes the site's health now and then."""
@@ -366,7 +268,7 @@ class MetricsService:
         self.daemon = daemon
         self.address: str | None = None
         self.problem: str | None = None
-        self._server: _Server | None = None
+        self._server: metrics_http.Server | None = None
         self._registry: Any = None
         self._lookup: asyncio.Future[Any] | None = None  # a host name being resolved for self.address
 
@@ -430,13 +332,12 @@ class MetricsService:
     def _serve(self, family: int, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry, make_wsgi_app
 
+        from . import metrics_http  # here: its http.server and email would add to every start, metrics or none
+
         if self._registry is None:
             self._registry = CollectorRegistry(auto_describe=False)
             self._registry.register(_Collector(self.daemon))
-        server_class = type("_MetricsServer", (_Server,), {"address_family": family})
-        server = make_server(host, port, make_wsgi_app(self._registry), server_class, handler_class=_Quiet)
-        self._server = server
-        threading.Thread(target=server.serve, name="omerowebd-metrics", daemon=True).start()
+        self._server = metrics_http.serve(family, host, port, make_wsgi_app(self._registry))
 
     def close(self) -> None:
         """Stop serving (and any lookup), without waiting for the server's thread."""

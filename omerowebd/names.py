@@ -8,7 +8,6 @@ it imports nothing of omerowebd.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 
@@ -22,6 +21,8 @@ def shown(name: str) -> str:
 
 def closest(word: str, choices: Iterable[str], *, cutoff: float = 0.6) -> str | None:
     """The choice most like ``word``, if any is like it enough."""
+    import difflib  # only for a misspelt name: not on every start
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
     return close[0] if close else None
 

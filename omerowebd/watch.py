@@ -12,11 +12,12 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
+from typing import TYPE_CHECKING
 
 from . import log
+
+if TYPE_CHECKING:
+    from watchdog.observers import Observer
 
 DEBOUNCE = 0.3  # seconds of quiet after the last event before the file is read
 
@@ -37,6 +38,10 @@ class ConfigWatcher:
         self.digest = digest
 
     def start(self) -> None:
+        # Here, not at the top: watchdog (and ctypes) would add to every start before gunicorn is spawned.
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
         self._loop = asyncio.get_running_loop()
         watcher = self
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from omerowebd import metrics
+from omerowebd import metrics, metrics_http
 from omerowebd.config import parse
 from omerowebd.errors import ConfigErrors
 
@@ -218,7 +218,7 @@ def test_a_client_that_never_sends_its_request_does_not_stall_a_scrape(daemon):
     try:
         started = time.monotonic()
         scrape(port)
-        assert time.monotonic() - started < metrics._Quiet.timeout  # not served after the idle one gave up
+        assert time.monotonic() - started < metrics_http.QuietHandler.timeout  # not served after the idle one gave up
     finally:
         idle.close()
         service.close()
@@ -227,7 +227,7 @@ def test_a_client_that_never_sends_its_request_does_not_stall_a_scrape(daemon):
 def test_many_slow_clients_hold_a_few_threads_for_a_bounded_time_and_scrapes_come_back(daemon, monkeypatch):
     # Every local user reaches a loopback address: a thread per connection, held while the client sends a
     # byte now and then, would let one exhaust the unit's tasks (and gunicorn could start no worker).
-    monkeypatch.setattr(metrics._Quiet, "timeout", 2)
+    monkeypatch.setattr(metrics_http.QuietHandler, "timeout", 2)
     port = free_port()
     service = metrics.MetricsService(Log(), daemon)
     service.update(config(f'metrics = "127.0.0.1:{port}"\n'), {}, None)
@@ -248,7 +248,7 @@ def test_many_slow_clients_hold_a_few_threads_for_a_bounded_time_and_scrapes_com
     dribbler = threading.Thread(target=dribble, daemon=True)
     dribbler.start()
     try:
-        for _ in range(3 * metrics.MAX_CLIENTS):
+        for _ in range(3 * metrics_http.MAX_CLIENTS):
             clients.append(socket.create_connection(("127.0.0.1", port), timeout=30))
         deadline = time.monotonic() + 30
         most = 0
@@ -267,7 +267,7 @@ def test_many_slow_clients_hold_a_few_threads_for_a_bounded_time_and_scrapes_com
                 break
             time.sleep(0.05)
         assert closed == len(clients), f"{len(clients) - closed} slow clients still held after 30 s"
-        assert 0 < most <= metrics.MAX_CLIENTS
+        assert 0 < most <= metrics_http.MAX_CLIENTS
         stop.set()
         assert scrape(port)["omerowebd_serving"] == 1
     finally:
@@ -286,7 +286,7 @@ class Stalled:
 
     def __init__(self, monkeypatch):
         self.closing, self.release, self.released = threading.Event(), threading.Event(), None
-        real = metrics._Server.server_close
+        real = metrics_http.Server.server_close
 
         def server_close(server):
             if not self.closing.is_set():
@@ -294,7 +294,7 @@ class Stalled:
                 self.released = self.release.wait(60)
             real(server)
 
-        monkeypatch.setattr(metrics._Server, "server_close", server_close)
+        monkeypatch.setattr(metrics_http.Server, "server_close", server_close)
 
 
 def test_moving_the_endpoint_to_a_name_never_waits_for_the_old_server_nor_the_lookup(daemon, monkeypatch):
