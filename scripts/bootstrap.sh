@@ -44,34 +44,40 @@ if [ ${#missing[@]} -gt 0 ]; then
     step_end
 fi
 
-pip_install() { "$1/bin/pip" install --disable-pip-version-check "${@:2}"; }
-stamp() { sha256sum pyproject.toml | cut -d' ' -f1; }
-fresh() { [ -x "$1/bin/pytest" ] && [ "$(cat "$1/.stamp" 2>/dev/null)" = "$(stamp)" ]; }
+# What each venv installs from PyPI. A venv is rebuilt when its stamp (pyproject.toml and its own list here)
+# no longer matches: a library added to a list, or to pyproject's extras, reaches venvs made before it.
+VENV_PIP=(-e '.[test]')  # the newest releases pyproject allows; the test extra has pytest, prometheus-client
+VENV_DEBIAN_PIP=(pytest hypothesis)  # the rest, prometheus-client 0.16.0 included, from Debian (APT_PACKAGES)
+VENV_DEBIAN13_PIP=(systemd-python==235 watchdog==6.0.0 tomlkit==0.13.2 structlog==25.3.0 prometheus-client==0.21.1
+                   pytest hypothesis)
 
-if ! fresh .venv; then
-    step_begin venv "the daemon's venv .venv: its libraries' newest releases, pytest, hypothesis, playwright" "1-2 minutes"
+pip_install() { "$1/bin/pip" install --disable-pip-version-check "${@:2}"; }
+stamp() { { sha256sum pyproject.toml; printf '%s\n' "$@"; } | sha256sum | cut -d' ' -f1; }
+fresh() { [ -x "$1/bin/pytest" ] && [ "$(cat "$1/.stamp" 2>/dev/null)" = "$(stamp "${@:2}")" ]; }
+
+if ! fresh .venv "${VENV_PIP[@]}"; then
+    step_begin venv "the daemon's venv .venv: its libraries' newest releases, pytest, hypothesis, playwright, prometheus-client" "1-2 minutes"
     step_run /usr/bin/python3 -m venv .venv
-    step_run pip_install .venv -e '.[test]'
-    stamp > .venv/.stamp
+    step_run pip_install .venv "${VENV_PIP[@]}"
+    stamp "${VENV_PIP[@]}" > .venv/.stamp
     step_end
 fi
-if ! fresh .venv-debian; then
-    step_begin venv-debian "the daemon's venv .venv-debian: Debian 12's python3-systemd, -watchdog, -tomlkit, -structlog" "under a minute"
+if ! fresh .venv-debian "${VENV_DEBIAN_PIP[@]}"; then
+    step_begin venv-debian "the daemon's venv .venv-debian: Debian 12's python3-systemd, -watchdog, -tomlkit, -structlog, -prometheus-client" "under a minute"
     step_run /usr/bin/python3 -m venv --system-site-packages .venv-debian
     step_run pip_install .venv-debian --no-deps -e .
-    step_run pip_install .venv-debian pytest hypothesis
-    stamp > .venv-debian/.stamp
+    step_run pip_install .venv-debian "${VENV_DEBIAN_PIP[@]}"
+    stamp "${VENV_DEBIAN_PIP[@]}" > .venv-debian/.stamp
     step_end
 fi
-if $tests && ! fresh .venv-debian13; then
-    # Debian 13's releases of the four libraries, on this machine's Python
+if $tests && ! fresh .venv-debian13 "${VENV_DEBIAN13_PIP[@]}"; then
+    # Debian 13's releases of the five libraries, on this machine's Python
     # (the system tests run the packaged daemon on Debian 13's own Python).
     step_begin venv-debian13 "the daemon's venv .venv-debian13: Debian 13's systemd-python 235, watchdog 6.0, tomlkit 0.13.2, structlog 25.3, prometheus-client 0.21.1" "under a minute"
     step_run /usr/bin/python3 -m venv .venv-debian13
-    step_run pip_install .venv-debian13 systemd-python==235 watchdog==6.0.0 tomlkit==0.13.2 structlog==25.3.0 \
-        prometheus-client==0.21.1 pytest hypothesis
+    step_run pip_install .venv-debian13 "${VENV_DEBIAN13_PIP[@]}"
     step_run pip_install .venv-debian13 --no-deps -e .
-    stamp > .venv-debian13/.stamp
+    stamp "${VENV_DEBIAN13_PIP[@]}" > .venv-debian13/.stamp
     step_end
 fi
 
