@@ -6,50 +6,39 @@ handle. A reload is a transaction: the new generation must serve before the
 old one is retired, and anything short of that puts everything back.
 
 The supervisor only sequences. What a config means and what a change
-requires: desired.py (derive, decide); one reload: reloader.py; what runs and
-the cutover that changes it: running.py; the gunicorn generations, their
-states and crash restarts: generations.py.
+requires: desired.py (derive, decide); the start: startup.py; one reload:
+reloader.py; what runs and the cutover that changes it: running.py; the
+gunicorn generations, their states and crash restarts: generations.py; what
+runs beside gunicorn: services.py; systemd's watchdog: keepalive.py; what
+status shows: status_report.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
 import signal
 import time
-from collections.abc import Awaitable, Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import Any
 
-from . import access, desired, log, metrics, redact, verdicts
+from . import access, keepalive, log, metrics, redact, services, startup, status_report
 from . import config as config_module
 from .config import Config
 from .control import ControlServer
 from .desired import Desired
-from .errors import ConfigError, UserError, one_line
-from .exits import EXIT_FAILURE, RELOAD_APPLIED, RELOAD_REJECTED
-from .generation import Generation, http_probe
+from .errors import UserError, one_line
+from .exits import RELOAD_APPLIED, RELOAD_REJECTED
+from .generation import Generation
 from .generations import Generations
 from .reloader import Reloader, result as reply
 from .running import Running
 from .sessions import SessionService
 from .sockets import HeldSocket
 from .store_health import StoreHealth
-from .store_watch import StoreWatch
 from .systemd import Notifier
-from .venv import Prober, VenvInfo, fingerprint
+from .venv import Prober
 from .verdicts import Verdicts
 from .watch import ConfigWatcher
-
-class Service(Protocol):
-    """Something that runs beside gunicorn on its own schedule (the session sweeper)."""
-
-    def update(self, config: Config, properties: Mapping[str, str], info: VenvInfo) -> None: ...
-
-    async def run(self) -> None: ...
-
-    def status(self) -> dict[str, Any]: ...
 
 
 class Supervisor:
@@ -66,10 +55,7 @@ class Supervisor:
         self.running.gens.on_change = self.handle_generations_change
         self.last_reload: dict[str, Any] | None = None
         self.reloads = 0  # reloads that ran (requests that shared one count once)
-        self.services: dict[str, Service] = {"sessions": SessionService(self.log), "session_store": StoreWatch(self.log)}
-        self.store_health = StoreHealth()  # the caches, asked live by status (and the metrics)
-        self.services["store_health"] = self.store_health
-        self.services["metrics"] = metrics.MetricsService(self.log, self)  # on daemon.metrics, when set
+        self.services = services.beside_gunicorn(self.log, self)  # the sweeper, the stores' watch, the metrics
         self.prober = Prober()
         self.verdicts = Verdicts(config.daemon.state_dir)  # the venv's answer, remembered across starts
         self.reloader = Reloader(self.log, self.running, config_path=self.config_path, prober=self.prober,
@@ -85,20 +71,6 @@ class Supervisor:
         self._watcher: ConfigWatcher | None = None
         self._startup: asyncio.Task[None] | None = None
         self._discard_foreign = False  # the next reload may overwrite edits made outside omerowebd
-
-    # -- paths -------------------------------------------------------------
-
-    @property
-    def runtime_dir(self) -> Path:
-        return self.initial.daemon.runtime_dir
-
-    @property
-    def state_dir(self) -> Path:
-        return self.initial.daemon.state_dir
-
-    @property
-    def session_dir(self) -> Path:
-        return desired.session_dir(self.initial)
 
     # What runs, as the status, the metrics and the tests read it.
     @property
@@ -143,54 +115,28 @@ class Supervisor:
 
     async def _start(self) -> None:
         config = self.initial
-        for directory, mode in ((self.runtime_dir, 0o750), (self.state_dir, 0o750), (self.session_dir, 0o700)):
-            directory.mkdir(mode=mode, parents=True, exist_ok=True)
+        startup.make_dirs(config)
         await self.running.open(config)
-        self._control = ControlServer(self.runtime_dir / "control.sock", self.handle_request,
+        self._control = ControlServer(config.daemon.runtime_dir / "control.sock", self.handle_request,
                                       policy=access.policy(config.daemon.admin_group))
         await self._control.start()
-        self.notifier.status("checking the config and the OMERO.web venv")
-        # once per start: the checks, the plan and the static release
-        packages = await asyncio.to_thread(fingerprint, config.daemon.venv)
-        info, warnings = await self.verdicts.check(config, self.prober, packages)  # remembered, if it may be
-        for warning in warnings:
-            self.log.warning(warning)
-        try:
-            target = self.running.derive(config, info, packages)
-        except UserError:
-            raise
-        except Exception as e:  # exit 78 with one line, not a traceback and a restart loop
-            self.log.debug("planning failed", exc_info=True)
-            raise ConfigError(f"{config.path}: cannot work out how to run gunicorn from it: {one_line(e)}") from None
-        switches = await self.running.stage(target)
-        self.notifier.status("starting gunicorn")
-        fresh: VenvInfo | None = None
-
-        async def confirm(target: Desired) -> Desired:
-            # Started on a remembered answer: the venv is asked now, before anything is published (verdicts.py).
-            nonlocal fresh
-            fresh = await self.verdicts.confirm(config, self.prober, packages)
-            return target if fresh is None else dataclasses.replace(target, info=fresh, packages=verdicts.UNCONFIRMED)
-
-        failure = await self.running.bring_up(target, self.sockets, switches, after_ready=confirm)
-        if failure:
-            raise UserError(f"OMERO.web did not start: {failure}", exit_code=EXIT_FAILURE)
+        started = await startup.first_generation(config, self.running, self.verdicts, self.prober, self.notifier,
+                                                 self.log)
         self.state = "serving"
         self._started.set()
         for service in self.services.values():
-            service.update(config, target.properties, info)
+            service.update(config, started.target.properties, started.info)
             self._spawn_task(service.run())
         self._follow_config_file(config)
         if self.notifier.watchdog_usec:
-            self._spawn_task(self._watchdog_loop(self.notifier.watchdog_usec / 1e6))
+            self._spawn_task(keepalive.watchdog(self.notifier, self.running, self.notifier.watchdog_usec / 1e6,
+                                                self.log))
         self.notifier.ready(self._status_line())
         assert self.current is not None
         self.log.info("serving", generation=self.current.number, workers=self.current.plan.workers,
                       sockets=[s.address for s in self.sockets])
-        if fresh is not None:  # a generation derived from the venv's fresh answer replaces this one
-            self._spawn_task(self.reload("the venv's fresh answer"))
-        else:
-            self._spawn_task(asyncio.to_thread(self.verdicts.remember, config, packages, target.info))
+        # A generation derived from the venv's fresh answer replaces this one; else the answer is kept.
+        self._spawn_task(self.reload("the venv's fresh answer") if started.stale else started.remember(self.verdicts))
 
     async def _shutdown(self) -> None:
         started = self.applied is not None or bool(self.gens.all)  # else the error says it all
@@ -245,7 +191,9 @@ class Supervisor:
     async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
         if cmd == "status":
-            await self.store_health.refresh()  # within its timeout; one check serves a status flood
+            health = self.services["store_health"]
+            assert isinstance(health, StoreHealth)
+            await health.refresh()  # within its timeout; one check serves a status flood
             return {"ok": True, **redact.structure(self.status())}  # no secret in a reply, whoever wrote the text
         if cmd == "reload":
             if request.get("dry_run"):
@@ -362,37 +310,10 @@ class Supervisor:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("background task failed", error=repr(task.exception()))
 
-    async def _watchdog_loop(self, interval: float) -> None:
-        """WATCHDOG=1 only while the serving master lives and answers over the held socket."""
-        period = interval / 3
-        while True:
-            await asyncio.sleep(period)
-            generation = self.current
-            if generation is None or not generation.alive or self.applied is None or not self.sockets:
-                continue
-            status = await http_probe(self.sockets[0].probe_target(), generation.plan.health_path,
-                                      generation.plan.health_host, timeout=period)
-            if status is not None and status < 500:
-                self.notifier.watchdog()
-            else:
-                self.log.warning("health probe failed", status=status)
-
     def _status_line(self) -> str:
         return self.running.status_line(self.state)
 
     def status(self) -> dict[str, Any]:
-        applied = self.applied
-        return {
-            "state": self.state,
-            "serving": self.current is not None and self.current.state == "serving",
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "uptime": round(time.time() - self.started_at, 1),
-            "config": {"path": str(self.config_path), "digest": applied.config.digest if applied else None,
-                       "problem": self._watcher.problem if self._watcher else None},
-            "last_reload": self.last_reload,
-            "reloads": self.reloads,
-            "versions": dict(applied.info.versions) if applied else {},
-            **self.running.status(),  # generations, sockets, config.xml, static files, nginx files
-            **{name: service.status() for name, service in self.services.items()},
-        }
+        return status_report.report(state=self.state, started_at=self.started_at, config_path=self.config_path,
+                                    watcher=self._watcher, last_reload=self.last_reload, reloads=self.reloads,
+                                    running=self.running, services=self.services)

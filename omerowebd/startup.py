@@ -1,0 +1,76 @@
+"""The start: the venv asked (or its remembered answer used), the config derived, the first generation brought up.
+
+The same bring-up as every reload (running.py). What is particular to the
+start is the venv's remembered answer (verdicts.py): gunicorn is spawned on
+it at once, and the venv is asked afresh once the first generation serves,
+before anything is published; a fresh answer that differs means a reload
+replaces the first generation with one derived from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable
+from typing import Any
+
+from . import verdicts as verdicts_module
+from .config import Config
+from .desired import Desired, session_dir
+from .errors import ConfigError, UserError, one_line
+from .exits import EXIT_FAILURE
+from .running import Running
+from .systemd import Notifier
+from .venv import Prober, VenvInfo, fingerprint
+from .verdicts import Verdicts
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    target: Desired  # what the first generation was made for
+    info: VenvInfo  # the venv's answer the checks ran on
+    packages: str
+    stale: bool  # the venv's fresh answer differs from the remembered one: a reload brings up one derived from it
+
+    def remember(self, verdicts: Verdicts) -> Awaitable[Any]:
+        """Keep the venv's answer for the next start (not for a stale one: that start is replaced)."""
+        return asyncio.to_thread(verdicts.remember, self.target.config, self.packages, self.target.info)
+
+
+def make_dirs(config: Config) -> None:
+    for directory, mode in ((config.daemon.runtime_dir, 0o750), (config.daemon.state_dir, 0o750),
+                            (session_dir(config), 0o700)):
+        directory.mkdir(mode=mode, parents=True, exist_ok=True)
+
+
+async def first_generation(config: Config, running: Running, verdicts: Verdicts, prober: Prober,
+                           notifier: Notifier, log: Any) -> Started:
+    """Bring the first generation up on the held sockets; UserError (one line) if it cannot."""
+    notifier.status("checking the config and the OMERO.web venv")
+    # once per start: the checks, the plan and the static release
+    packages = await asyncio.to_thread(fingerprint, config.daemon.venv)
+    info, warnings = await verdicts.check(config, prober, packages)  # remembered, if it may be
+    for warning in warnings:
+        log.warning(warning)
+    try:
+        target = running.derive(config, info, packages)
+    except UserError:
+        raise
+    except Exception as e:  # exit 78 with one line, not a traceback and a restart loop
+        log.debug("planning failed", exc_info=True)
+        raise ConfigError(f"{config.path}: cannot work out how to run gunicorn from it: {one_line(e)}") from None
+    switches = await running.stage(target)
+    notifier.status("starting gunicorn")
+    fresh: VenvInfo | None = None
+
+    async def confirm(target: Desired) -> Desired:
+        # Started on a remembered answer: the venv is asked now, before anything is published (verdicts.py).
+        nonlocal fresh
+        fresh = await verdicts.confirm(config, prober, packages)
+        return target if fresh is None else dataclasses.replace(target, info=fresh,
+                                                               packages=verdicts_module.UNCONFIRMED)
+
+    failure = await running.bring_up(target, running.sockets, switches, after_ready=confirm)
+    if failure:
+        raise UserError(f"OMERO.web did not start: {failure}", exit_code=EXIT_FAILURE)
+    return Started(target, info, packages, stale=fresh is not None)
