@@ -10,19 +10,26 @@ wherever they appear, e.g. in an error message that quotes one).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from typing import Any
 
-import structlog
-
 from . import redact
 
-try:
-    from systemd import journal as _journal
-except ImportError:  # pragma: no cover - depends on the machine
-    _journal = None
+# structlog and systemd's journal are imported where they are used: omerowebctl
+# imports this module (through the control socket's) and on most commands logs nothing.
+
+
+@functools.cache
+def _journal() -> Any:
+    """systemd's journal module; None without python3-systemd."""
+    try:
+        from systemd import journal
+    except ImportError:  # pragma: no cover - depends on the machine
+        return None
+    return journal
 
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2, "exception": 3}
 
@@ -40,18 +47,20 @@ def under_journald() -> bool:
 
 def pick_format(requested: str) -> str:
     if requested != "auto":
-        return requested if requested != "journal" or _journal is not None else "console"
-    if _journal is not None and under_journald():
+        return requested if requested != "journal" or _journal() is not None else "console"
+    if _journal() is not None and under_journald():
         return "journal"
     return "console"
 
 
 def _to_journal(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    import structlog
+
     message = event.pop("event", "")
     level = event.pop("level", method)
     fields = {f"OMEROWEBD_{k.upper()}": str(v) for k, v in event.items() if k != "timestamp"}
     detail = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("timestamp", "exc_info"))
-    _journal.send(f"{message} {detail}".rstrip(), PRIORITY=str(_PRIORITY.get(level, 6)), SYSLOG_IDENTIFIER="omerowebd", **fields)
+    _journal().send(f"{message} {detail}".rstrip(), PRIORITY=str(_PRIORITY.get(level, 6)), SYSLOG_IDENTIFIER="omerowebd", **fields)
     raise structlog.DropEvent
 
 
@@ -62,6 +71,8 @@ def hide_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 def configure(requested: str = "auto", level: int = logging.INFO) -> str:
     """Set up structlog once; returns the format chosen."""
+    import structlog
+
     chosen = pick_format(requested)
     processors: list[Any] = [structlog.processors.add_log_level]
     if chosen == "journal":
@@ -90,4 +101,6 @@ def configure(requested: str = "auto", level: int = logging.INFO) -> str:
 
 
 def get(name: str = "omerowebd") -> Any:
+    import structlog
+
     return structlog.get_logger(name)

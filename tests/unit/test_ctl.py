@@ -70,3 +70,11 @@ def test_a_command_gets_its_arguments_after_the_top_level_options():
     parser = ctl.build_parser(only=ctl.chosen_command(["--socket", "/x.sock", "rollout", "--ssh", "web1"]))
     args = parser.parse_args(["--socket", "/x.sock", "rollout", "--ssh", "web1"])
     assert args.command == "rollout" and args.socket == "/x.sock"
+
+
+def test_a_reload_leaves_the_daemons_logging_unimported():
+    """structlog and the journal are the daemon's; a reload logs nothing (omerowebctl's own start-up is its share)."""
+    script = ("import sys\nfrom omerowebd import ctl\ntry:\n    ctl.main(['reload', '--help'])\nexcept SystemExit:\n"
+              "    pass\nprint('imported:', *[m for m in ('structlog', 'systemd.journal') if m in sys.modules], file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "imported:"
