@@ -46,9 +46,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import printable
 from .sessions import DEFAULT_ENGINE
-from .store_watch import DEFAULT_CACHES
 from .venv import VenvInfo, effective
 
+DEFAULT_CACHES = '{"default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}}'  # OMERO.web's, when unset
 TIMEOUT = 1.0  # seconds one endpoint has for connect, TLS, AUTH and PING together
 FRESH = 1.0  # seconds a check's result is shown again instead of asking anew
 SESSION_ENGINE = "omero.web.session_engine"

@@ -8,10 +8,11 @@ daemon keeps serving and says so: one line in the log when the store goes
 away and one when it is back, and the state in ``omerowebctl status``.
 
 What is checked, every CHECK_INTERVAL seconds and after every applied config:
-* a Redis cache (Django's own RedisCache, django-redis): connect to each
-  LOCATION and PING (any Redis reply counts: a password the URL carries is
-  never sent, so "NOAUTH" means reachable);
-* a memcached cache: connect to each LOCATION;
+* a cache store (Redis, memcached): every server of the cache the sessions
+  live in, asked as ``omerowebctl status`` asks it (store_health.probe: for
+  Redis AUTH with the password the site gives, SELECT, PING; for memcached
+  ``version``), within CHECK_TIMEOUT: one Redis check in the package, so the
+  watch and the status never disagree on a password the server refuses;
 * Django's file store: the directory exists and the daemon can write it;
 * anything else (a database store, an in-process cache): not checked.
 
@@ -22,88 +23,52 @@ may carry a password.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from . import store_health
 from .config import Config
 from .sessions import Target, target_for
-from .venv import VenvInfo, effective
+from .venv import VenvInfo
 
 CHECK_INTERVAL = 10.0
-CONNECT_TIMEOUT = 3.0
-DEFAULT_CACHES = '{"default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}}'
+CHECK_TIMEOUT = 3.0  # seconds one server has for connect, AUTH and PING: a log line is worth a patient ask
 
 
 @dataclass(frozen=True)
-class Endpoint:
-    """One place the store lives: ("tcp", (host, port)), ("unix", path) or ("dir", path)."""
+class Directory:
+    """Django's file store: the directory the sessions are files in."""
 
-    how: str
-    where: Any
-    ping: bool = False  # speak Redis
+    path: Path
 
     def describe(self) -> str:
-        if self.how == "tcp":
-            host, port = self.where
-            return f"{'redis' if self.ping else 'memcached'} at {host}:{port}"
-        if self.how == "unix":
-            return f"{'redis' if self.ping else 'memcached'} at unix:{self.where}"
-        return f"file store {self.where}"
+        return f"file store {self.path}"
+
+
+Endpoint = store_health.Endpoint | Directory  # a cache's server, or the file store's directory
 
 
 def endpoints(target: Target, properties: Mapping[str, str], info: VenvInfo) -> tuple[str, list[Endpoint]]:
     """(what the store is, where to check it); no endpoints: not checked."""
     if target.kind == "file" and target.store is not None:
-        return "file", [Endpoint("dir", target.store)]
+        return "file", [Directory(target.store)]
     if not target.engine.startswith("django.contrib.sessions.backends.cache"):
         return target.kind, []
-    try:
-        caches = json.loads(effective(properties, info, "omero.web.caches", DEFAULT_CACHES) or DEFAULT_CACHES)
-        cache = caches.get("default") or {}
-        backend = str(cache.get("BACKEND", ""))
-        locations = cache.get("LOCATION") or []
-    except (ValueError, AttributeError):
+    alias = store_health.session_cache_alias(properties)
+    cache = next((c for c in store_health.caches(properties, info)[0] if c.alias == alias), None)
+    if cache is None or cache.kind not in ("redis", "memcached"):
         return "cache", []
-    if isinstance(locations, str):
-        locations = [part for part in locations.replace(";", ",").split(",") if part.strip()]
-    if "redis" in backend.lower():
-        return "redis", [e for e in (_redis_endpoint(str(loc).strip()) for loc in locations) if e]
-    if "memcache" in backend.lower():
-        return "memcached", [e for e in (_memcached_endpoint(str(loc).strip()) for loc in locations) if e]
-    return "cache", []
+    return cache.kind, list(cache.endpoints)
 
 
-def _redis_endpoint(location: str) -> Endpoint | None:
-    try:
-        url = urlsplit(location)
-        if url.scheme == "unix":
-            return Endpoint("unix", url.path, ping=True)
-        if url.scheme in ("redis", "rediss"):
-            return Endpoint("tcp", (url.hostname or "localhost", url.port or 6379), ping=True)
-    except ValueError:
-        pass
-    return None
-
-
-def _memcached_endpoint(location: str) -> Endpoint | None:
-    if location.startswith("unix:"):
-        return Endpoint("unix", location[5:])
-    host, _, port = location.rpartition(":")
-    if host and port.isdigit():
-        return Endpoint("tcp", (host.strip("[]"), int(port)))
-    return None
-
-
-async def check(endpoint: Endpoint) -> str | None:
+async def check(endpoint: Endpoint, timeout: float = CHECK_TIMEOUT) -> str | None:
     """None when it answers; else why not, in a few words."""
-    if endpoint.how == "dir":
-        path = Path(endpoint.where)
+    if isinstance(endpoint, Directory):
+        path = endpoint.path
         if not path.is_dir():
             return "missing"
         if os.access(path, os.W_OK | os.X_OK):
@@ -111,28 +76,8 @@ async def check(endpoint: Endpoint) -> str | None:
         if os.statvfs(path).f_flag & os.ST_RDONLY:
             return "on a read-only file system"
         return "not writable by the daemon's user"
-    try:
-        if endpoint.how == "unix":
-            connect = asyncio.open_unix_connection(endpoint.where)
-        else:
-            connect = asyncio.open_connection(*endpoint.where)
-        reader, writer = await asyncio.wait_for(connect, CONNECT_TIMEOUT)
-    except asyncio.TimeoutError:
-        return "no answer"
-    except OSError as e:
-        return _why(e)
-    try:
-        if not endpoint.ping:
-            return None
-        writer.write(b"*1\r\n$4\r\nPING\r\n")
-        reply = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT)
-        return None if reply[:1] in (b"+", b"-") else "not a Redis server"
-    except asyncio.TimeoutError:
-        return "no answer to PING"
-    except OSError as e:
-        return _why(e)
-    finally:
-        writer.close()
+    answer = await store_health.probe(endpoint, timeout)
+    return None if answer.ok else answer.why
 
 
 class StoreWatch:
@@ -162,11 +107,9 @@ class StoreWatch:
                 pass
 
     async def check_now(self) -> None:
-        found = {}
-        for endpoint in self.endpoints:
-            why = await check(endpoint)
-            if why:
-                found[endpoint.describe()] = why
+        endpoints = list(self.endpoints)
+        whys = await asyncio.gather(*(check(e) for e in endpoints))  # at once: about the slowest one's time
+        found = {e.describe(): why for e, why in zip(endpoints, whys) if why}
         self.checked_at = time.time()
         if found and found != self.problems:
             self.since = self.since or self.checked_at
@@ -187,7 +130,3 @@ class StoreWatch:
             "checked_at": self.checked_at,
         }
 
-
-def _why(error: OSError) -> str:
-    # asyncio's connect error text is "Connect call failed (host, port)": the errno says more.
-    return (os.strerror(error.errno) if error.errno else str(error)).lower()

@@ -353,6 +353,20 @@ def test_redis_session_store_going_away_is_said_and_the_site_keeps_serving(daemo
     assert where in line and "OMERO.web keeps serving" in line
     assert redis.password not in log and redis.password not in daemon.ctl("status", "--json").stdout
 
+    # A Redis that answers but refuses the site's password fails every signed-in request as surely:
+    # the watch asks as the live status does (AUTH, then PING), and both say so.
+    site_password, redis.password = redis.password, "rotated-redis-pw"
+    redis.stop()
+    redis.start()
+    store = wait_for(lambda: (s := daemon.status()["session_store"])["available"] is False and s, 60,
+                     "status to say the store refuses the password")
+    assert store["problems"][where] == "refuses the password (WRONGPASS)"
+    status = daemon.ctl("status").stdout
+    assert f"{where}: ERROR (refuses the password (WRONGPASS))" in status and "session store: UNAVAILABLE" in status
+    log = daemon.log()
+    assert any("session store unavailable" in line and "refuses the password" in line for line in log.splitlines())
+    assert site_password not in log and site_password not in daemon.ctl("status", "--json").stdout
+
 
 # -- directories the daemon writes ------------------------------------------------
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
 from omerowebd import store_watch
 from omerowebd.sessions import Target
-from omerowebd.store_watch import Endpoint, endpoints
+from omerowebd.store_health import Endpoint
+from omerowebd.store_watch import Directory, endpoints
 
 INFO = type("Info", (), {"default": staticmethod(lambda name: None)})()
 
@@ -28,17 +28,21 @@ def cache(backend: str, location: object) -> dict[str, str]:
 CACHE_ENGINE = "django.contrib.sessions.backends.cache"
 
 
+def redis(where, **kw) -> Endpoint:
+    return Endpoint("redis", "tcp" if isinstance(where, tuple) else "unix", where, **kw)
+
+
 @pytest.mark.parametrize("backend, location, expected", [
     ("django.core.cache.backends.redis.RedisCache", "redis://:pw@10.0.0.5:6380/1",
-     [Endpoint("tcp", ("10.0.0.5", 6380), ping=True)]),
-    ("django_redis.cache.RedisCache", "rediss://cache.example", [Endpoint("tcp", ("cache.example", 6379), ping=True)]),
-    ("django.core.cache.backends.redis.RedisCache", ["redis://a:1", "redis://b:2"],
-     [Endpoint("tcp", ("a", 1), ping=True), Endpoint("tcp", ("b", 2), ping=True)]),
-    ("django.core.cache.backends.redis.RedisCache", "redis://a:1,redis://b:2",
-     [Endpoint("tcp", ("a", 1), ping=True), Endpoint("tcp", ("b", 2), ping=True)]),
-    ("django_redis.cache.RedisCache", "unix:///run/redis/redis.sock", [Endpoint("unix", "/run/redis/redis.sock", ping=True)]),
-    ("django.core.cache.backends.memcached.PyMemcacheCache", "127.0.0.1:11211", [Endpoint("tcp", ("127.0.0.1", 11211))]),
-    ("django.core.cache.backends.memcached.PyMemcacheCache", "unix:/tmp/m.sock", [Endpoint("unix", "/tmp/m.sock")]),
+     [redis(("10.0.0.5", 6380), db=1, password="pw")]),  # the password is sent, as OMERO.web sends it
+    ("django_redis.cache.RedisCache", "rediss://cache.example", [redis(("cache.example", 6379), tls=True)]),
+    ("django.core.cache.backends.redis.RedisCache", ["redis://a:1", "redis://b:2"], [redis(("a", 1)), redis(("b", 2))]),
+    ("django.core.cache.backends.redis.RedisCache", "redis://a:1,redis://b:2", [redis(("a", 1)), redis(("b", 2))]),
+    ("django_redis.cache.RedisCache", "unix:///run/redis/redis.sock", [redis("/run/redis/redis.sock")]),
+    ("django.core.cache.backends.memcached.PyMemcacheCache", "127.0.0.1:11211",
+     [Endpoint("memcached", "tcp", ("127.0.0.1", 11211))]),
+    ("django.core.cache.backends.memcached.PyMemcacheCache", "unix:/tmp/m.sock",
+     [Endpoint("memcached", "unix", "/tmp/m.sock")]),
     ("django.core.cache.backends.locmem.LocMemCache", "", []),
 ])
 def test_cache_locations(backend, location, expected):
@@ -46,42 +50,111 @@ def test_cache_locations(backend, location, expected):
     assert found == expected
 
 
+def test_the_cache_the_sessions_live_in_is_the_one_checked():
+    properties = {
+        "omero.web.caches": json.dumps({
+            "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+            "sessions": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://r:7",
+                         "OPTIONS": {"PASSWORD": "pw"}}}),
+        "omero.web.django_additional_settings": json.dumps([["SESSION_CACHE_ALIAS", "sessions"]]),
+    }
+    assert endpoints(target(CACHE_ENGINE, "cache"), properties, INFO) == ("redis", [redis(("r", 7), password="pw")])
+    del properties["omero.web.django_additional_settings"]  # Django's "default": this process's memory
+    assert endpoints(target(CACHE_ENGINE, "cache"), properties, INFO) == ("cache", [])
+
+
 def test_the_password_never_reaches_the_description():
     _, found = endpoints(target(CACHE_ENGINE, "cache"),
                          cache("django.core.cache.backends.redis.RedisCache", "redis://u:s3cret@h:1/0"), INFO)
-    assert found[0].describe() == "redis at h:1"
+    assert found[0].describe() == "redis at h:1" and "s3cret" not in repr(found[0])
 
 
 def test_file_store_database_store_and_a_broken_caches_value(tmp_path):
     assert endpoints(target("django.contrib.sessions.backends.file", "file", tmp_path), {}, INFO) == (
-        "file", [Endpoint("dir", tmp_path)])
+        "file", [Directory(tmp_path)])
     assert endpoints(target("django.contrib.sessions.backends.db", "db"), {}, INFO) == ("db", [])
     assert endpoints(target(CACHE_ENGINE, "cache"), {"omero.web.caches": "{not json"}, INFO) == ("cache", [])
 
 
-def test_check_a_redis_that_answers_one_that_does_not_and_a_directory(tmp_path):
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
+class FakeRedis:
+    """A Redis on 127.0.0.1 that wants PASSWORD: AUTH with it, then PING, answers as Redis 7 does."""
 
-        async def fake_redis() -> str | None:
-            loop = asyncio.get_running_loop()
-            server.setblocking(False)
+    PASSWORD = "canary-watch-pw"
 
-            async def answer() -> None:
-                conn, _ = await loop.sock_accept(server)
-                await loop.sock_recv(conn, 64)
-                await loop.sock_sendall(conn, b"-NOAUTH Authentication required.\r\n")  # reachable all the same
-                conn.close()
+    async def __aenter__(self) -> FakeRedis:
+        self.heard: list[bytes] = []
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
 
-            task = asyncio.ensure_future(answer())
-            result = await store_watch.check(Endpoint("tcp", ("127.0.0.1", port), ping=True))
-            await task
-            return result
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
 
-        assert asyncio.run(fake_redis()) is None
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        authed = False
+        try:
+            while True:
+                count = await reader.readline()
+                if not count.startswith(b"*"):
+                    return
+                words = []
+                for _ in range(int(count[1:])):
+                    await reader.readline()  # $length
+                    words.append((await reader.readline()).rstrip(b"\r\n"))
+                self.heard.append(words[0])
+                if words[0] == b"AUTH":
+                    authed = words[-1] == self.PASSWORD.encode()
+                    writer.write(b"+OK\r\n" if authed else b"-WRONGPASS invalid username-password pair\r\n")
+                elif words[0] == b"PING":
+                    writer.write(b"+PONG\r\n" if authed else b"-NOAUTH Authentication required.\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, event, **kw):
+        self.lines.append(("warning", event, kw))
+
+    def info(self, event, **kw):
+        self.lines.append(("info", event, kw))
+
+
+def test_redis_is_asked_with_the_sites_password_and_a_refused_one_is_unavailable():
+    async def main():
+        async with FakeRedis() as server:
+            where = ("127.0.0.1", server.port)
+            assert await store_watch.check(redis(where, password=FakeRedis.PASSWORD)) is None
+            assert server.heard == [b"AUTH", b"PING"]
+            # Reachable is not enough: OMERO.web's every session request would fail as this one does.
+            assert await store_watch.check(redis(where)) == "wants a password the site does not give"
+            assert await store_watch.check(redis(where, password="old")) == "refuses the password (WRONGPASS)"
+
+            log = Log()
+            watch = store_watch.StoreWatch(log)
+            watch.endpoints = [redis(where, password="old")]
+            await watch.check_now()
+            assert watch.status()["available"] is False
+            assert watch.status()["problems"] == {f"redis at 127.0.0.1:{server.port}": "refuses the password (WRONGPASS)"}
+            assert log.lines[-1][:2] == ("warning", "session store unavailable; OMERO.web keeps serving, signed-in "
+                                                    "users get errors until it is back")
+            assert "old" not in str(log.lines) and FakeRedis.PASSWORD not in str(log.lines)
+            watch.endpoints = [redis(where, password=FakeRedis.PASSWORD)]  # the password fixed in the config
+            await watch.check_now()
+            assert watch.status()["available"] is True and watch.status()["unavailable_since"] is None
+            assert log.lines[-1] == ("info", "session store available again",
+                                     {"store": f"redis at 127.0.0.1:{server.port}"})
+        return where
+
+    where = asyncio.run(main())
     # the port is closed now
-    assert asyncio.run(store_watch.check(Endpoint("tcp", ("127.0.0.1", port), ping=True))) == "connection refused"
-    assert asyncio.run(store_watch.check(Endpoint("dir", tmp_path))) is None
-    assert asyncio.run(store_watch.check(Endpoint("dir", tmp_path / "gone"))) == "missing"
+    assert asyncio.run(store_watch.check(redis(where))) == "connection refused"
+
+
+def test_a_directory(tmp_path):
+    assert asyncio.run(store_watch.check(Directory(tmp_path))) is None
+    assert asyncio.run(store_watch.check(Directory(tmp_path / "gone"))) == "missing"
