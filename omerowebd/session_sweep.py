@@ -72,6 +72,7 @@ import base64
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -171,6 +172,27 @@ def config_digest(omerodir, config_xml=None):
     return digest.hexdigest()
 
 
+def venv_fingerprint():
+    """What a settings snapshot is valid for besides the config: the packages of the venv this
+    Python runs from (the names and mtimes of their metadata, the rule of omerowebd's
+    venv.fingerprint). Another Django or OMERO.web release, with other settings or serializer
+    defaults, means the full import again, whether or not the daemon was reloaded since."""
+    digest = hashlib.sha256()
+    for site in sorted(glob.glob(os.path.join(glob.escape(sys.prefix), "lib", "python3*", "site-packages"))):
+        try:
+            entries = sorted(e for e in os.listdir(site)
+                             if e.endswith((".dist-info", ".egg-info", ".egg-link", ".pth")))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                mtime = os.stat(os.path.join(site, entry)).st_mtime_ns
+            except OSError:
+                continue
+            digest.update(("%s\0%d\n" % (entry, mtime)).encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
 class View:
     """A private OMERODIR for importing omeroweb.settings: the config.xml omerowebd
     derived from its TOML, and (for the file store) a copy of the site's secret key,
@@ -231,9 +253,19 @@ class Django:
         self.configured_by = None  # how Django got its settings, if it was needed
         self.known = None  # settings an earlier sweep learnt, valid for this config (see configure_from)
         self.known_store = None
+        self._venv = None
 
     def digest(self):
         return config_digest(self.omerodir, self.config_xml)
+
+    def venv(self):
+        if self._venv is None:
+            self._venv = venv_fingerprint()
+        return self._venv
+
+    def snapshot_fits(self, snapshot):
+        """Was ``snapshot`` learnt from this config.xml and this venv?"""
+        return bool(snapshot) and snapshot.get("config_digest") == self.digest() and snapshot.get("venv") == self.venv()
 
     def environ(self):
         """OMERODIR for omeroweb.settings: the private view when omerowebd gave us its config."""
@@ -273,6 +305,7 @@ class Django:
                 "valid_key_chars": base.VALID_KEY_CHARS,
                 "django_version": django.get_version(),
                 "config_digest": self.digest(),
+                "venv": self.venv(),
                 # What the next sweep checks before it decodes without omeroweb.settings (see configure_from).
                 "secret_key_sha256": key_digest(settings.SECRET_KEY),
                 "secret_key_fallbacks": len(list(getattr(settings, "SECRET_KEY_FALLBACKS", None) or ())),
@@ -282,7 +315,7 @@ class Django:
     def configure_from(self, snapshot, store):
         """Django's settings for decoding a session, without importing omeroweb.settings (which
         imports Ice: over a second): only from settings omeroweb.settings gave an earlier sweep
-        (same config digest), and only while the secret key on disk is the one it read then
+        (same config digest, same venv), and only while the secret key on disk is the one it read then
         (a key from a property, fallback keys: the full import, as before)."""
         if (not snapshot or snapshot.get("secret_key_fallbacks") != 0 or not snapshot.get("secret_key_sha256")
                 or snapshot.get("engine") not in FILE_ENGINES or self.settings is not None):
@@ -1018,7 +1051,7 @@ def sweep(request):
 def sweep_with(request, django, started, t0):
     snapshot = request.get("snapshot")
     t_settings = time.monotonic()
-    if not snapshot or snapshot.get("config_digest") != django.digest():
+    if not django.snapshot_fits(snapshot):
         snapshot = django.load().snapshot
     else:
         if not snapshot["use_tz"]:

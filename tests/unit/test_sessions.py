@@ -252,6 +252,42 @@ def test_a_new_version_of_a_file_has_a_new_id() -> None:
     assert len(ids) == 6
 
 
+def test_settings_learnt_in_another_venv_mean_the_full_import(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snapshot decodes without omeroweb.settings only for the config.xml and the venv it was learnt
+    from: another Django or OMERO.web release (a package installed, upgraded, removed) imports them again."""
+    site = tmp_path / "venv" / "lib" / "python3.10" / "site-packages"
+    (site / "Django-4.2.16.dist-info").mkdir(parents=True)
+    monkeypatch.setattr(sweep_script.sys, "prefix", str(tmp_path / "venv"))
+    django = sweep_script.Django(str(tmp_path), config_xml="<icegrid/>")
+    learnt = {"engine": sweep_script.FILE_ENGINES[0], "config_digest": django.digest(), "venv": django.venv(),
+              "use_tz": True, "time_zone": "UTC", "file_path": str(tmp_path / "store")}
+    assert django.snapshot_fits(learnt)
+    assert not django.snapshot_fits({**learnt, "config_digest": "0" * 64})
+    assert not django.snapshot_fits({k: v for k, v in learnt.items() if k != "venv"})  # from before the venv key
+
+    (site / "Django-4.2.16.dist-info").rename(site / "Django-5.2.1.dist-info")
+    upgraded = sweep_script.Django(str(tmp_path), config_xml="<icegrid/>")
+    assert upgraded.venv() != django.venv() and not upgraded.snapshot_fits(learnt)
+
+    # The sweep then imports omeroweb.settings (load) before anything else, whatever the snapshot says.
+    class Loaded(Exception):
+        pass
+
+    def load() -> None:
+        raise Loaded
+    monkeypatch.setattr(upgraded, "load", load)
+    with pytest.raises(Loaded):
+        sweep_script.sweep_with({"snapshot": learnt, "store": learnt["file_path"]}, upgraded, time.time(),
+                                time.monotonic())
+    monkeypatch.setattr(django, "load", load)  # the venv it was learnt in: no import, on to the store
+    with pytest.raises(sweep_script.Fatal, match="does not exist"):
+        sweep_script.sweep_with({"snapshot": learnt, "store": learnt["file_path"]}, django, time.time(),
+                                time.monotonic())
+    django.close()
+    upgraded.close()
+
+
 def test_priority_is_lowered_in_the_child() -> None:
     code = ("import os, subprocess, sys; sys.path.insert(0, sys.argv[1]); import session_sweep as s;"
             "notes = s.lower_priority(19, True); print(os.getpriority(os.PRIO_PROCESS, 0), notes);"
@@ -825,6 +861,46 @@ def test_lock_state_never_follows_a_link(tmp_path: Path) -> None:
     link = tmp_path / "store-link"
     link.symlink_to(store)
     assert sessions.lock_state(link)["held"] is None
+
+
+def test_a_lock_check_that_hangs_never_starves_the_daemons_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a hung NFS mount the check never returns: the watch keeps waiting on that one check (no
+    second one piles up behind it) and every other asyncio.to_thread of the daemon still runs."""
+    import asyncio
+    import threading
+
+    release = threading.Event()
+    calls: list[Path] = []
+
+    def hung(store: Path) -> dict[str, object]:
+        calls.append(store)
+        release.wait()
+        return {"held": False, "holder": ""}
+
+    monkeypatch.setattr(sessions, "lock_state", hung)
+    monkeypatch.setattr(sessions, "LOCK_CHECK_INTERVAL", 0.001)
+    monkeypatch.setattr(sessions, "LOCK_CHECK_TIMEOUT", 0.001)
+    service = sessions.SessionService(SimpleNamespace())
+    config = parse("")
+    service.update(config, sessions.pinned_properties(config), info())
+
+    async def main() -> list[int]:
+        watch = asyncio.create_task(service._watch_lock())
+        try:
+            rounds: set[float] = set()
+            while len(rounds) < 40:  # more rounds than the default pool has threads (at most 32)
+                await asyncio.sleep(0.005)
+                if service.lock:
+                    rounds.add(service.lock["checked_at"])
+            assert service.lock is not None and service.lock["held"] is None
+            assert "no answer" in service.lock["error"]
+            return await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(int, "1") for _ in range(64))), 60)
+        finally:
+            watch.cancel()
+            release.set()  # the stuck check ends (or asyncio.run would wait for it at its end)
+
+    assert asyncio.run(main()) == [1] * 64
+    assert len(calls) == 1
 
 
 # -- gentleness ---------------------------------------------------------------------------
