@@ -16,8 +16,8 @@ Django; and the settings themselves (cookie name and age, USE_TZ, the store,
 ``django_additional_settings`` overrides) are what ``omeroweb.settings``
 computes. The venv has all of that and the daemon has none of it; a copy here
 would drift with every omero-web and Django upgrade. The script imports
-Django only when it needs it (the first sweep after a config change, and the
-rare session with its own expiry); the rest is stat(), read() and base64.
+Django only when it needs it (the first sweep after a config or venv change,
+and the rare session with its own expiry); the rest is stat(), read() and base64.
 
 Each sweep is a child process at low CPU and I/O priority, so the daemon's
 loop never waits on the disk; an flock in the store keeps a second sweeper
@@ -58,6 +58,7 @@ from typing import Any
 
 from . import desired, omero_config, printable, trust
 from .config import Config, SessionsSettings
+from .errors import one_line
 from .procs import signal_group as _signal  # the sweep's own session: clearsessions' children go too
 from .schedule import Schedule, parse_schedule
 from .venv import VenvInfo, effective, probe_env, python_of
@@ -394,6 +395,30 @@ def lock_state(store: Path) -> dict[str, Any]:
         os.close(dfd)
 
 
+def _in_own_thread(check: Any, store: Path) -> asyncio.Future[dict[str, Any]]:
+    """``check(store)`` in a new daemon thread: one that hangs holds no thread of the loop's
+    pool, and does not keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+    def deliver(state: dict[str, Any]) -> None:
+        if not future.done():  # nobody waits any more once the watch was cancelled
+            future.set_result(state)
+
+    def work() -> None:
+        try:
+            state = check(store)
+        except Exception as e:  # a bug in one check must not end the watch
+            state = {"held": None, "error": one_line(e)}
+        try:
+            loop.call_soon_threadsafe(deliver, state)
+        except RuntimeError:  # the loop closed while the check hung
+            pass
+
+    threading.Thread(target=work, name="omerowebd-lock-check", daemon=True).start()
+    return future
+
+
 def _last_line(stderr: bytes) -> str:
     lines = stderr.decode(errors="replace").strip().splitlines()
     return _text(lines[-1]) if lines else "no output"
@@ -615,16 +640,22 @@ class SessionService:
         await asyncio.gather(self._schedule_loop(), self._watch_lock())
 
     async def _watch_lock(self) -> None:
-        """Who holds the file store's sweep lock (this daemon, another host on a shared store), for status."""
-        loop = asyncio.get_running_loop()
+        """Who holds the file store's sweep lock (this daemon, another host on a shared store), for status.
+
+        On a hung NFS mount a check never returns. So it runs in a thread of its own, never the
+        shared pool every asyncio.to_thread of the daemon waits on (a reload, a crash restart), and
+        no new check starts while the last one hangs: one stuck thread at most, whatever the wait."""
+        job: asyncio.Future[dict[str, Any]] | None = None
+        started = 0.0
         while True:
             target = self.target
             if target is not None and target.kind == "file" and target.store is not None:
-                job = loop.run_in_executor(None, lock_state, target.store)
+                if job is None or job.done():
+                    job, started = _in_own_thread(lock_state, target.store), time.monotonic()
                 try:
                     state = await asyncio.wait_for(asyncio.shield(job), LOCK_CHECK_TIMEOUT)
                 except asyncio.TimeoutError:
-                    state = {"held": None, "error": f"no answer within {LOCK_CHECK_TIMEOUT:.0f}s"}
+                    state = {"held": None, "error": f"no answer for {time.monotonic() - started:.0f}s"}
                 self.lock = {**state, "checked_at": time.time()}
             else:
                 self.lock = None
