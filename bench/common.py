@@ -60,10 +60,15 @@ def give_to(user: str | None, path: Path) -> None:
 
 
 def row(measure: str, omerowebd: float, anchor_name: str = "", anchor: float | None = None, unit: str = "",
-        goal: str = "", met: bool | None = None) -> dict[str, object]:
-    """One row of the report (bench/report.py): what omerowebd measured against what it is compared with."""
-    return {"measure": measure, "omerowebd": round(float(omerowebd), 4), "anchor_name": anchor_name,
-            "anchor": None if anchor is None else round(float(anchor), 4), "unit": unit, "goal": goal, "met": met}
+        goal: str = "", met: bool | None = None, note: str = "") -> dict[str, object]:
+    """One row of the report (bench/report.py): what omerowebd measured against what it is compared with.
+    ``note``: why ``met`` is None where a goal was set (no sound measurement)."""
+    out: dict[str, object] = {"measure": measure, "omerowebd": round(float(omerowebd), 4), "anchor_name": anchor_name,
+                              "anchor": None if anchor is None else round(float(anchor), 4), "unit": unit,
+                              "goal": goal, "met": met}
+    if note:
+        out["note"] = note
+    return out
 
 
 def report_args(parser: "argparse.ArgumentParser") -> None:

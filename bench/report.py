@@ -5,7 +5,9 @@ would only disturb each other side by side), and prints one table: the
 measure, omerowebd's value, the anchor it is compared with (bare gunicorn,
 gunicorn HUP, stop + start, Django's clear_expired, ...), their ratio, the
 goal, and whether it was met. A bench that is missing or fails is a row that
-says so, never a silent gap. The header names the date and the machine (CPU,
+says so, never a silent gap; a value that cannot be right (not a number, a
+duration below zero) is no measurement, never a goal met or missed, and its
+row says so in the note column (as does a bench's own note). The header names the date and the machine (CPU,
 cores, memory, load), not the host.
 
     .venv/bin/python bench/report.py [--only NAME] [--markdown] [--timeout 600]
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -26,7 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ["daemon.py", "reload.py", "faults.py", "sessions_sweep.py", "scaleout.py"]
-FIELDS = ("measure", "omerowebd", "anchor_name", "anchor", "unit", "goal", "met")
+FIELDS = ("measure", "omerowebd", "anchor_name", "anchor", "unit", "goal", "met")  # and "note", if any
+DURATIONS = ("s", "ms")
 
 
 def machine() -> str:
@@ -76,9 +80,21 @@ def run(bench: str, timeout: float) -> tuple[list[dict[str, object]], str, float
             rows = json.loads(out.read_text())
         except (OSError, ValueError) as e:
             return [], f"wrote no report ({type(e).__name__})", seconds
-    good = [r for r in rows if isinstance(r, dict) and all(k in r for k in FIELDS)]
+    good = [sound(r) for r in rows if isinstance(r, dict) and all(k in r for k in FIELDS)]
     problem = "" if len(good) == len(rows) else f"{len(rows) - len(good)} rows of the wrong shape left out"
     return good, problem, seconds
+
+
+def sound(r: dict[str, object]) -> dict[str, object]:
+    """The row, or, when its value cannot be right, the row as no measurement (met None, with a note)."""
+    value = r["omerowebd"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        why = "no measurement: the bench got no number"
+    elif value < 0 and r["unit"] in DURATIONS:
+        why = "no measurement: a duration below zero"
+    else:
+        return r
+    return {**r, "met": None, "note": "; ".join(filter(None, [str(r.get("note") or ""), why]))}
 
 
 def number(value: object) -> str:
@@ -93,10 +109,11 @@ def cells(r: dict[str, object]) -> list[str]:
     ours, anchor = r["omerowebd"], r["anchor"]
     ratio = f"{ours / anchor:.2f}" if isinstance(ours, (int, float)) and isinstance(anchor, (int, float)) and anchor \
         else "-"
-    met = {True: "yes", False: "NO", None: "-"}[r["met"]]  # type: ignore[index]
+    met = {True: "yes", False: "NO"}.get(r["met"], "-")  # type: ignore[arg-type]
     unit = f" {r['unit']}" if r["unit"] else ""
     return [str(r["measure"]), number(ours) + unit, str(r["anchor_name"] or "-"),
-            (number(anchor) + unit) if anchor is not None else "-", ratio, str(r["goal"] or "-"), met]
+            (number(anchor) + unit) if anchor is not None else "-", ratio, str(r["goal"] or "-"), met,
+            str(r.get("note") or "")]
 
 
 def main() -> None:
@@ -114,8 +131,10 @@ def main() -> None:
         print(f"# {bench}: {seconds:.0f} s{': ' + problem if problem else ''}", file=sys.stderr, flush=True)
         table += [[bench.removesuffix(".py"), *cells(r)] for r in rows]
         if problem:
-            table.append([bench.removesuffix(".py"), problem, "-", "-", "-", "-", "-", "NO"])
-    header = ["bench", "measure", "omerowebd", "anchor", "anchor value", "ratio", "goal", "met"]
+            table.append([bench.removesuffix(".py"), problem, "-", "-", "-", "-", "-", "NO", ""])
+    header = ["bench", "measure", "omerowebd", "anchor", "anchor value", "ratio", "goal", "met", "note"]
+    if not any(line[-1] for line in table):
+        header, table = header[:-1], [line[:-1] for line in table]
     total = time.monotonic() - t0
     title = (f"omerowebd benchmark report, {started}: {machine()}; load average {load_before} at the start, "
              f"{load()} at the end; {total / 60:.1f} minutes (each bench --quick)")
