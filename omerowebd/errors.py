@@ -36,3 +36,12 @@ def one_line(error: BaseException) -> str:
     """An unforeseen exception as one line: its type and its words (never a traceback in a reply)."""
     words = " ".join(str(error).split())
     return f"{type(error).__name__}: {words}" if words else type(error).__name__
+
+
+def os_error_text(error: OSError) -> str:
+    """What the system said, and about which file: "No such file or directory: /path"
+    (str() gives "[Errno 2] ...: PosixPath('/path')")."""
+    if error.strerror and error.filename is not None:
+        names = [error.filename] + ([error.filename2] if error.filename2 is not None else [])
+        return f"{error.strerror}: {' -> '.join(str(n) for n in names)}"
+    return " ".join(str(error).split()) or type(error).__name__

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from . import log
-from .errors import UserError, one_line
+from .errors import UserError, one_line, os_error_text
 from .generation import BadTransition, Generation, GenerationFailed, State
 from .procs import signal_group
 from .sockets import HeldSocket
@@ -87,8 +87,10 @@ class Generations(Generic[T]):
             await generation.kill()
             if not isinstance(e, Exception):  # cancelled: the daemon stops
                 raise
-            if isinstance(e, (GenerationFailed, UserError, OSError)):
+            if isinstance(e, (GenerationFailed, UserError)):
                 reason = str(e)
+            elif isinstance(e, OSError):  # e.g. the venv gone in an upgrade: say which file
+                reason = os_error_text(e)
             else:  # a bug: the traceback goes to the log, the attempt fails like any other
                 self.log.exception("starting a generation failed unexpectedly", generation=number)
                 reason = one_line(e)
