@@ -61,6 +61,7 @@ from .config import Config, SessionsSettings
 from .errors import one_line
 from .procs import signal_group as _signal  # the sweep's own session: clearsessions' children go too
 from .schedule import Schedule, parse_schedule
+from .threads import in_own_thread
 from .venv import VenvInfo, effective, probe_env, python_of
 
 SCRIPT = Path(__file__).with_name("session_sweep.py")
@@ -395,30 +396,6 @@ def lock_state(store: Path) -> dict[str, Any]:
         os.close(dfd)
 
 
-def _in_own_thread(check: Any, store: Path) -> asyncio.Future[dict[str, Any]]:
-    """``check(store)`` in a new daemon thread: one that hangs holds no thread of the loop's
-    pool, and does not keep the process from exiting."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[dict[str, Any]] = loop.create_future()
-
-    def deliver(state: dict[str, Any]) -> None:
-        if not future.done():  # nobody waits any more once the watch was cancelled
-            future.set_result(state)
-
-    def work() -> None:
-        try:
-            state = check(store)
-        except Exception as e:  # a bug in one check must not end the watch
-            state = {"held": None, "error": one_line(e)}
-        try:
-            loop.call_soon_threadsafe(deliver, state)
-        except RuntimeError:  # the loop closed while the check hung
-            pass
-
-    threading.Thread(target=work, name="omerowebd-lock-check", daemon=True).start()
-    return future
-
-
 def _last_line(stderr: bytes) -> str:
     lines = stderr.decode(errors="replace").strip().splitlines()
     return _text(lines[-1]) if lines else "no output"
@@ -651,7 +628,8 @@ class SessionService:
             target = self.target
             if target is not None and target.kind == "file" and target.store is not None:
                 if job is None or job.done():
-                    job, started = _in_own_thread(lock_state, target.store), time.monotonic()
+                    job = in_own_thread(lock_state, target.store, on_error=lambda e: {"held": None, "error": one_line(e)})
+                    started = time.monotonic()
                 try:
                     state = await asyncio.wait_for(asyncio.shield(job), LOCK_CHECK_TIMEOUT)
                 except asyncio.TimeoutError:

@@ -32,7 +32,9 @@ from typing import Any
 
 from . import store_health
 from .config import Config
+from .errors import one_line, os_error_text
 from .sessions import Target, target_for
+from .threads import in_own_thread
 from .venv import VenvInfo
 
 CHECK_INTERVAL = 10.0
@@ -65,17 +67,35 @@ def endpoints(target: Target, properties: Mapping[str, str], info: VenvInfo) -> 
     return cache.kind, list(cache.endpoints)
 
 
+def directory_problem(path: Path) -> str | None:
+    """None when the daemon's user can write the store; else why not. Blocks on a hung mount."""
+    if not path.is_dir():
+        return "missing"
+    if os.access(path, os.W_OK | os.X_OK):
+        return None
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        return "on a read-only file system"
+    return "not writable by the daemon's user"
+
+
+# A directory check still running (a hung NFS store), with when it began: never a second one beside it.
+_directory_checks: dict[Path, tuple[asyncio.Future[str | None], float]] = {}
+
+
 async def check(endpoint: Endpoint, timeout: float = CHECK_TIMEOUT) -> str | None:
     """None when it answers; else why not, in a few words."""
     if isinstance(endpoint, Directory):
-        path = endpoint.path
-        if not path.is_dir():
-            return "missing"
-        if os.access(path, os.W_OK | os.X_OK):
-            return None
-        if os.statvfs(path).f_flag & os.ST_RDONLY:
-            return "on a read-only file system"
-        return "not writable by the daemon's user"
+        # In its own thread: a store on a hung mount must not stop the event loop (reloads,
+        # status, systemd's watchdog) nor hold a thread of its pool.
+        job = _directory_checks.get(endpoint.path)
+        if job is None or job[0].done() or job[0].get_loop() is not asyncio.get_running_loop():
+            future = in_own_thread(directory_problem, endpoint.path,
+                                   on_error=lambda e: os_error_text(e) if isinstance(e, OSError) else one_line(e))
+            job = _directory_checks[endpoint.path] = (future, time.monotonic())
+        try:
+            return await asyncio.wait_for(asyncio.shield(job[0]), timeout)
+        except asyncio.TimeoutError:
+            return f"no answer for {time.monotonic() - job[1]:.0f}s (a hung mount?)"
     answer = await store_health.probe(endpoint, timeout)
     return None if answer.ok else answer.why
 

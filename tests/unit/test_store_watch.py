@@ -158,3 +158,41 @@ def test_redis_is_asked_with_the_sites_password_and_a_refused_one_is_unavailable
 def test_a_directory(tmp_path):
     assert asyncio.run(store_watch.check(Directory(tmp_path))) is None
     assert asyncio.run(store_watch.check(Directory(tmp_path / "gone"))) == "missing"
+
+
+def test_a_store_on_a_hung_mount_stops_neither_the_loop_nor_its_thread_pool(monkeypatch, tmp_path):
+    import threading
+
+    release = threading.Event()
+    calls = []
+
+    def hangs(path):
+        calls.append(path)
+        release.wait()
+        return None
+
+    monkeypatch.setattr(store_watch, "directory_problem", hangs)
+
+    async def main():
+        endpoint = store_watch.Directory(tmp_path)
+        answers = [await store_watch.check(endpoint, timeout=0.05) for _ in range(5)]
+        # The loop's pool still serves everyone else.
+        done = await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(lambda: 1) for _ in range(32))), 30)
+        return answers, done
+
+    try:
+        answers, done = asyncio.run(main())
+    finally:
+        release.set()
+    assert all(a.startswith("no answer for") for a in answers), answers
+    assert len(calls) == 1  # never a second check beside the one that hangs
+    assert done == [1] * 32
+
+
+def test_a_directory_check_that_raises_is_an_answer(monkeypatch, tmp_path):
+    def raises(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(store_watch, "directory_problem", raises)
+    answer = asyncio.run(store_watch.check(store_watch.Directory(tmp_path), timeout=10))
+    assert answer == f"No such file or directory: {tmp_path}"
