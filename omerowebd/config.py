@@ -276,8 +276,14 @@ def _coerce(value: Any, hint: Any) -> Any:
         accepts, wanted = _SCALARS[hint]
         if isinstance(value, bool) is not (hint is bool) or not isinstance(value, accepts):
             raise ValueError(f"must be {wanted}, not {_tname(value)}")
-        if hint is float and not math.isfinite(value):  # TOML has inf and nan: a wait that never ends, or compares false
-            raise ValueError(f"must be a finite number of seconds, not {value}")
+        if hint is float:
+            # TOML has inf and nan (a wait that never ends, or compares false) and integers of any size.
+            try:
+                finite = math.isfinite(float(value))
+            except OverflowError:
+                finite = False
+            if not finite:
+                raise ValueError(f"must be a finite number of seconds, not {str(value)[:20]}")
         return hint(value)  # float(3) -> 3.0; the others give the value back
     if hint is Path:
         if not isinstance(value, str) or not value:
