@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .http_probe import http_probe
+from .nginx_syntax import host_and_port
 
 if TYPE_CHECKING:
     from . import metrics_http
@@ -100,17 +101,12 @@ def config_problems(config: Config) -> tuple[list[str], list[str]]:
     if not available():
         return [f"{config.path}: daemon.metrics is set, but prometheus_client is not installed: {INSTALL_HINT},"
                 " or remove daemon.metrics"], []
-    host, _ = split_address(address)
+    host, _ = host_and_port(address)
     if not _is_loopback(host):
         return [], [f"{config.path}: daemon.metrics {address!r} is not a loopback address: the metrics (no secrets,"
                     " but the site's generations, reloads and session counts) are open to whoever reaches it;"
                     " prefer 127.0.0.1 and a Prometheus on this host or an authenticating proxy"]
     return [], []
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _is_numeric(host: str) -> bool:
@@ -285,7 +281,7 @@ class MetricsService:
         self.address = wanted
         if wanted is None:
             return
-        host, port = split_address(wanted)
+        host, port = host_and_port(wanted)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -317,7 +313,7 @@ class MetricsService:
 
     def _start(self, wanted: str, found: tuple[int, str]) -> None:
         try:
-            self._serve(*found, split_address(wanted)[1])
+            self._serve(*found, host_and_port(wanted)[1])
         except ImportError:
             self._failed(wanted, f"prometheus_client is not installed: {INSTALL_HINT}")
         except OSError as e:  # the address in use, not on this host: the site serves on all the same

@@ -156,6 +156,14 @@ def address_problem(address: str) -> str | None:
     return f"{address!r}: {problem}" if problem else None
 
 
+def host_and_port(address: str) -> tuple[str, int]:
+    """(host without brackets, port) of a TCP address ``address_problem`` accepts. ValueError otherwise."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 # nginx's `listen` parameters (ngx_http_core_module); those with "=" take a value.
 _LISTEN_FLAGS = {"default_server", "default", "ssl", "http2", "quic", "proxy_protocol", "deferred", "bind", "reuseport"}
 _LISTEN_OPTIONS = {"setfib", "fastopen", "backlog", "rcvbuf", "sndbuf", "accept_filter", "ipv6only", "so_keepalive"}

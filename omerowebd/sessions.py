@@ -59,6 +59,7 @@ from typing import Any
 from . import desired, omero_config, printable, trust
 from .config import Config, SessionsSettings
 from .errors import one_line
+from .nginx_syntax import host_and_port
 from .procs import signal_group as _signal  # the sweep's own session: clearsessions' children go too
 from .schedule import Schedule, parse_schedule
 from .threads import in_own_thread
@@ -139,9 +140,12 @@ def tcp_ports(addresses: tuple[str, ...]) -> tuple[int, ...]:
     for address in addresses:
         if address.startswith("unix:"):
             continue
-        port = address.rpartition(":")[2]
-        if port.isdigit() and 0 < int(port) < 65536:
-            ports.append(int(port))
+        try:
+            port = host_and_port(address)[1]
+        except ValueError:
+            continue
+        if 0 < port < 65536:
+            ports.append(port)
     return tuple(sorted(set(ports)))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import UserError
+from .nginx_syntax import host_and_port
 
 SD_LISTEN_FDS_START = 3
 BACKLOG = 2048
@@ -99,10 +100,9 @@ def bind(addresses: tuple[str, ...]) -> list[HeldSocket]:
 def _bind_one(address: str) -> HeldSocket:
     if address.startswith("unix:"):
         return _bind_unix(Path(address[5:]))
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    host, port = host_and_port(address)
     try:
-        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise UserError(f"cannot bind {address}: {e.strerror}: fix daemon.bind") from None
     family, kind, proto, _, sockaddr = infos[0]

@@ -77,3 +77,14 @@ def test_the_nginx_table_is_checked_without_importing_nginx_py():
 ])
 def test_the_address_nginx_listens_on(listen: str, address: tuple[str | None, str] | None):
     assert listen_address(listen) == address
+
+
+def test_host_and_port_is_the_one_parse_of_an_accepted_tcp_address():
+    from omerowebd.nginx_syntax import host_and_port
+
+    assert host_and_port("127.0.0.1:4080") == ("127.0.0.1", 4080)
+    assert host_and_port("[::1]:9449") == ("::1", 9449)
+    assert host_and_port("web2.example.org:4080") == ("web2.example.org", 4080)
+    for bad in ("unix:/run/x.sock", "localhost", "host:port"):
+        with pytest.raises(ValueError):
+            host_and_port(bad)
