@@ -21,6 +21,8 @@ import sys
 import pytest
 from conftest import Daemon, Load, free_port, http_get, wait_for
 
+from integration.redis_server import Redis
+
 pytestmark = pytest.mark.omeroweb
 
 
@@ -280,34 +282,6 @@ def test_disk_full_keeps_every_old_file_whole_and_the_site_serving(daemon):
 
 
 # -- the session store ------------------------------------------------------------
-
-
-class Redis:
-    """redis-server on 127.0.0.1, no persistence; stop() and start() again on the same port."""
-
-    def __init__(self, tmp_path, password):
-        self.port, self.password, self.dir = free_port(), password, tmp_path
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--requirepass", self.password, "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._answers, 30, "redis-server to answer")
-
-    def _answers(self):
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith((b"+", b"-"))
-        except OSError:
-            return False
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
 
 
 @pytest.fixture
