@@ -38,6 +38,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
         time.sleep(interval)
 
 
+def shadow_venv(real: Path, where: Path, leave_out: frozenset[str] = frozenset()) -> Path:
+    """A venv of links into ``real`` (but for the site-packages entries named in ``leave_out``): a package
+    can be added or broken in it without touching ``real``."""
+    (where / "bin").mkdir(parents=True)
+    (where / "bin" / "python").symlink_to(os.path.realpath(real / "bin" / "python"))
+    (where / "pyvenv.cfg").write_text((real / "pyvenv.cfg").read_text())
+    site = next(real.glob("lib/python3*/site-packages"))
+    mine = where / site.relative_to(real)
+    mine.mkdir(parents=True)
+    for entry in site.iterdir():
+        if entry.name not in leave_out:
+            (mine / entry.name).symlink_to(entry)
+    return where
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import Daemon, Load, free_port, http_get, wait_for
+from conftest import Daemon, Load, free_port, http_get, shadow_venv, wait_for
 
 from integration.redis_server import Redis
 
@@ -396,15 +396,8 @@ def test_omerodir_and_state_dir_read_only_refuse_changes_and_the_site_serves_on(
 def half_upgraded(real, where):
     """A copy of ``real`` (links to its files) caught in the middle of `pip install -U django`:
     the new dist-info is there, the package is not usable yet."""
-    (where / "bin").mkdir(parents=True)
-    (where / "bin" / "python").symlink_to(os.path.realpath(real / "bin" / "python"))
-    (where / "pyvenv.cfg").write_text((real / "pyvenv.cfg").read_text())
-    site = next(real.glob("lib/python3*/site-packages"))
-    mine = where / site.relative_to(real)
-    mine.mkdir(parents=True)
-    for entry in site.iterdir():
-        if entry.name != "django":
-            (mine / entry.name).symlink_to(entry)
+    shadow_venv(real, where, leave_out=frozenset({"django"}))
+    mine = next(where.glob("lib/python3*/site-packages"))
     (mine / "django").mkdir()
     (mine / "django" / "__init__.py").write_text("raise ImportError('django is half installed (pip is upgrading it)')\n")
     return where

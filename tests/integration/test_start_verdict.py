@@ -5,12 +5,11 @@ remembered answer the venv contradicts is replaced, without a moment of not serv
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, Load, NotifyListener, free_port, wait_for
+from conftest import Daemon, Load, NotifyListener, free_port, shadow_venv, wait_for
 
 from omerowebd import config as config_module
 from omerowebd.venv import fingerprint
@@ -19,19 +18,6 @@ from omerowebd.verdicts import NAME, key
 pytestmark = pytest.mark.omeroweb
 
 REMEMBERED = "checking the config on the venv's remembered answer"
-
-
-def shadow_venv(real: Path, where: Path) -> Path:
-    """A venv of links into ``real``: one more package can be installed in it without touching ``real``."""
-    (where / "bin").mkdir(parents=True)
-    (where / "bin" / "python").symlink_to(os.path.realpath(real / "bin" / "python"))
-    (where / "pyvenv.cfg").write_text((real / "pyvenv.cfg").read_text())
-    site = next(real.glob("lib/python3*/site-packages"))
-    mine = where / site.relative_to(real)
-    mine.mkdir(parents=True)
-    for entry in site.iterdir():
-        (mine / entry.name).symlink_to(entry)
-    return where
 
 
 @pytest.fixture
