@@ -9,7 +9,7 @@ reload exit code. ``--canary N`` adds a wait after the first N hosts,
 watching their status before the others are touched.
 
 A host is a daemon's control socket on this machine (the hardened client of
-:mod:`omerowebd.control`), or another machine reached with the system's
+:mod:`omerowebd.control_client`), or another machine reached with the system's
 ``ssh``, where ``omerowebctl reload --json`` runs: no protocol or port of our
 own. What comes back over ssh is another machine's word, read like a
 control reply: bounded, parsed with limits, fields by type, printable text.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import control, printable
+from . import control_client, printable
 from .errors import UserError
 from .exits import EXIT_FAILURE, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, ROLLOUT_CANARY_UNHEALTHY
 from .sessions import run_child  # the sweep's bounded child runner: a deadline, byte caps, the group killed
@@ -161,16 +161,16 @@ class SocketHost:
 
     def reload(self, dry_run: bool) -> Reply:
         try:
-            reply = control.request(self.path, {"cmd": "reload", "wait": True, "dry_run": dry_run},
-                                    timeout=self.reload_timeout)
+            reply = control_client.request(self.path, {"cmd": "reload", "wait": True, "dry_run": dry_run},
+                                           timeout=self.reload_timeout)
         except UserError as e:
-            outcome = "unreachable" if isinstance(e, control.DaemonUnreachable) else "refused"
+            outcome = "unreachable" if isinstance(e, control_client.DaemonUnreachable) else "refused"
             return Reply(outcome, e.exit_code, _short(str(e), MAX_MESSAGE))
         return reply_from(reply)
 
     def status(self) -> dict[str, Any]:
         try:
-            return control.request(self.path, {"cmd": "status"}, timeout=STATUS_TIMEOUT)
+            return control_client.request(self.path, {"cmd": "status"}, timeout=STATUS_TIMEOUT)
         except UserError as e:
             raise Unreachable(str(e)) from None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import checks, control, desired, omero_config, printable, trust
+from .. import checks, control_client, desired, omero_config, printable, trust
 from .. import config as config_module
 from ..config import Config
 from ..errors import ConfigErrors, UserError
@@ -71,7 +71,7 @@ def foreign_edits(config: Config) -> tuple[list[str], list[str]]:
 
 def _foreign_edits_from_daemon(config: Config) -> tuple[list[str], list[str]]:
     try:
-        status = control.request(config.daemon.runtime_dir / "control.sock", {"cmd": "status"}, timeout=10)
+        status = control_client.request(config.daemon.runtime_dir / "control.sock", {"cmd": "status"}, timeout=10)
     except UserError:
         return [], [f"{omero_config.config_xml_path(config.daemon.omerodir)}: not compared with what omerowebd wrote"
                     " (root does not read the service user's files, and the daemon does not answer): run"

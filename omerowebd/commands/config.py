@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_module
-from .. import control, edit, migrate, printable, progress, redact, venv
+from .. import control_client, edit, migrate, printable, progress, redact, venv
 from ..errors import UserError
 from ..exits import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ..files import write_atomic
@@ -301,7 +301,7 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
     try:
         reply = reload_command.request(socket_path(args), {"cmd": "reload", "wait": True},
                                        timeout=reload_command.wait_limit(args))
-    except (control.DaemonUnreachable, control.PermissionDenied) as e:
+    except (control_client.DaemonUnreachable, control_client.PermissionDenied) as e:
         print(f"not applied: {e}", file=sys.stderr)
         return e.exit_code
     code = printable.field(reply, "exit_code", int)
@@ -322,8 +322,8 @@ def _reload(args: argparse.Namespace, path: Path) -> int:
 
 def _live_digest(args: argparse.Namespace) -> str | None:
     try:
-        status: dict[str, Any] = control.request(socket_path(args), {"cmd": "status"})
-    except control.DaemonUnreachable:
+        status: dict[str, Any] = control_client.request(socket_path(args), {"cmd": "status"})
+    except control_client.DaemonUnreachable:
         return None
     return printable.field(printable.field(status, "config", dict), "digest", str)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, access, checks, control, desired, nginx, omero_config, redact
+from .. import __version__, access, checks, control_client, desired, nginx, omero_config, redact
 from .. import config as config_module
 from ..errors import UserError
 from ..exits import EXIT_FAILURE, EXIT_OK
@@ -270,7 +270,7 @@ def systemd_state() -> dict[str, Any]:
 
 def _daemon_state(args: argparse.Namespace) -> dict[str, Any]:
     try:
-        status = control.request(socket_path(args), {"cmd": "status"}, timeout=10)
+        status = control_client.request(socket_path(args), {"cmd": "status"}, timeout=10)
     except UserError as e:
         return {"reachable": False, "why": str(e)}
     g = status.get("generation") or {}

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import control, nginx, printable, progress, redact, static, venv
+from .. import control_client, nginx, printable, progress, redact, static, venv
 from .. import settle as settle_module
 from ..config import DaemonSettings
 from ..errors import UserError
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             raise
         reply = {"ok": False, "exit_code": e.exit_code, "message": redact.scrub_known(str(e)),
-                 "outcome": "unreachable" if isinstance(e, control.DaemonUnreachable) else "refused"}
+                 "outcome": "unreachable" if isinstance(e, control_client.DaemonUnreachable) else "refused"}
     exit_code = printable.field(reply, "exit_code", int)
     if args.json:
         print(json.dumps(reply))  # ASCII: whatever the daemon wrote, escaped
@@ -89,10 +89,10 @@ def request(path: Path, payload: dict[str, Any], *, show_progress: bool = True,
     The progress comes from status requests on a second connection: the
     reload request and its one-line reply stay what they always were."""
     def poll() -> str | None:
-        return describe(control.request(path, {"cmd": "status"}, timeout=5))
+        return describe(control_client.request(path, {"cmd": "status"}, timeout=5))
 
     with progress.Progress("reloading: waiting for the daemon", poll=poll, enabled=None if show_progress else False):
-        return control.request(path, payload, timeout=timeout)
+        return control_client.request(path, payload, timeout=timeout)
 
 
 def describe(status: dict[str, Any]) -> str | None:

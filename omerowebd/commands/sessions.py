@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import control, desired, printable, progress, sessions, trust
+from .. import control_client, desired, printable, progress, sessions, trust
 from ..config import SessionsSettings
 from ..errors import UserError
 from ..exits import EXIT_FAILURE, EXIT_OK
@@ -48,8 +48,8 @@ def run_clear(args: argparse.Namespace) -> int:
     if daemon_listens(path):
         with progress.Progress(f"{what}: asking the daemon", enabled=show,
                                poll=lambda: sweep_progress(path, what)):
-            reply = control.request(path, {"cmd": "sessions_clear", "dry_run": args.dry_run},
-                                    timeout=wait_limit(args))
+            reply = control_client.request(path, {"cmd": "sessions_clear", "dry_run": args.dry_run},
+                                           timeout=wait_limit(args))
         if reply.get("ok") is False:
             print(f"omerowebctl: {printable.field(reply, 'error', str, 'unexpected reply')}")
             return EXIT_SWEEP_FAILED
@@ -80,7 +80,7 @@ def wait_limit(args: argparse.Namespace) -> float:
 
 def sweep_progress(path: Path, what: str) -> str | None:
     """The line shown while the daemon sweeps: the store, and what the last sweep took as a guide."""
-    s = printable.field(control.request(path, {"cmd": "status"}, timeout=5), "sessions", dict, {})
+    s = printable.field(control_client.request(path, {"cmd": "status"}, timeout=5), "sessions", dict, {})
     running = printable.field(s, "running", dict)
     if running is None:
         return None
@@ -97,7 +97,7 @@ def sweep_progress(path: Path, what: str) -> str | None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    status = control.request(socket_path(args), {"cmd": "status"})
+    status = control_client.request(socket_path(args), {"cmd": "status"})
     s = printable.field(status, "sessions", dict)
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
@@ -109,10 +109,10 @@ def run_status(args: argparse.Namespace) -> int:
 def daemon_listens(path: Path) -> bool:
     """False only when no daemon runs (no socket, or nobody on it); other trouble is the request's to report."""
     try:
-        control.connect(path).close()
-    except control.DaemonNotRunning:
+        control_client.connect(path).close()
+    except control_client.DaemonNotRunning:
         return False
-    except (control.DaemonUnreachable, control.PermissionDenied):
+    except (control_client.DaemonUnreachable, control_client.PermissionDenied):
         return True  # something is there (maybe not the daemon): the request says what; no sweep behind its back
     return True
 

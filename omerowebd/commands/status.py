@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from .. import control, sessions, store_health
+from .. import control_client, sessions, store_health
 from ..exits import EXIT_FAILURE, EXIT_OK
 from . import socket_path
 
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     path = socket_path(args)
-    status = control.request(path, {"cmd": "status"})
+    status = control_client.request(path, {"cmd": "status"})
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError):
             # What answers there runs as the service user: a reply of another shape is its
             # problem to report, never a traceback in root's terminal.
-            raise control.DaemonUnreachable(
+            raise control_client.DaemonUnreachable(
                 f"the status that {path} sent is not one this omerowebctl can show (try status --json)") from None
         print(text)
     return EXIT_OK if status.get("serving") is True else EXIT_FAILURE

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from conftest import wait_for
 
-from omerowebd import access, control
+from omerowebd import access, control, control_client
 from omerowebd.access import Level, Policy
 from omerowebd.control import ControlServer
 
@@ -117,7 +117,7 @@ class Client:
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        control._connect(self.sock, path)
+        control_client._connect(self.sock, path)
         self.buf = b""
 
     def send(self, data: bytes) -> None:
@@ -267,7 +267,7 @@ def test_omerowebctl_says_it_was_refused_for_permission(make_server, sock_dir):
         [SYSTEM_PYTHON, "-m", "omerowebd.ctl", "--socket", str(sock_dir / "control.sock"), "reload"],
         user=NOBODY, group=DAEMON_GID, extra_groups=[], env=env, capture_output=True, text=True, timeout=60, cwd="/",
     )
-    assert done.returncode == control.EXIT_NOPERM == 77
+    assert done.returncode == control_client.EXIT_NOPERM == 77
     assert done.stderr.strip() == ("omerowebctl: permission denied: 'reload' is for root, user 'omero-web' or "
                                    "members of group 'staffers' (daemon.admin_group); you are uid 65534")
     # The socket's own mode refuses before the daemon is asked: the same exit code, a line that says so.
@@ -532,8 +532,8 @@ def test_the_client_reports_a_server_that_speaks_something_else(sock_dir):
 
         t = threading.Thread(target=answer)
         t.start()
-        with pytest.raises(control.DaemonUnreachable, match="does not speak omerowebd's protocol"):
-            control.request(path, {"cmd": "status"})
+        with pytest.raises(control_client.DaemonUnreachable, match="does not speak omerowebd's protocol"):
+            control_client.request(path, {"cmd": "status"})
         t.join()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from omerowebd import config as config_module
-from omerowebd import control
+from omerowebd import control_client
 from omerowebd.commands import check as check_command
 from omerowebd.commands import reload as reload_command
 from omerowebd.commands import sessions as sessions_command
@@ -30,7 +30,7 @@ from omerowebd.commands import sessions as sessions_command
 @pytest.fixture
 def fake_daemon(tmp_path: Path) -> Iterator[tuple[Path, list[bytes]]]:
     """A unix socket that answers every connection with the next canned reply."""
-    path = tmp_path / "control.sock"
+    path = tmp_path / "control_client.sock"
     replies: list[bytes] = []
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
@@ -60,7 +60,7 @@ def fake_daemon(tmp_path: Path) -> Iterator[tuple[Path, list[bytes]]]:
 def test_terminal_escapes_in_a_reply_are_neutralised(fake_daemon) -> None:
     path, replies = fake_daemon
     replies.append(b'{"ok": true, "state": "serving\\u001b]0;pwned\\u0007\\u009b2J", "\\u001bkey": ["a\\u0000b"]}\n')
-    reply = control.request(path, {"cmd": "status"})
+    reply = control_client.request(path, {"cmd": "status"})
     assert reply["state"] == "serving?]0;pwned??2J"
     assert reply["?key"] == ["a?b"]
 
@@ -68,22 +68,22 @@ def test_terminal_escapes_in_a_reply_are_neutralised(fake_daemon) -> None:
 def test_newlines_and_tabs_survive(fake_daemon) -> None:
     path, replies = fake_daemon
     replies.append(b'{"ok": true, "message": "line one\\nline\\ttwo"}\n')
-    assert control.request(path, {"cmd": "status"})["message"] == "line one\nline\ttwo"
+    assert control_client.request(path, {"cmd": "status"})["message"] == "line one\nline\ttwo"
 
 
 def test_a_reply_without_end_is_cut_off_not_buffered_forever(fake_daemon) -> None:
     path, replies = fake_daemon
-    replies.append(b"[" * (control.MAX_REPLY + (1 << 20)))
-    with pytest.raises(control.DaemonUnreachable, match="over"):
-        control.request(path, {"cmd": "status"})
+    replies.append(b"[" * (control_client.MAX_REPLY + (1 << 20)))
+    with pytest.raises(control_client.DaemonUnreachable, match="over"):
+        control_client.request(path, {"cmd": "status"})
 
 
 @pytest.mark.parametrize("reply", [b"[" * 100000 + b"\n", b"not json\n", b"[1, 2]\n", b'"text"\n'])
 def test_nested_or_foreign_replies_are_one_clear_error(fake_daemon, reply: bytes) -> None:
     path, replies = fake_daemon
     replies.append(reply)
-    with pytest.raises(control.DaemonUnreachable, match="protocol"):
-        control.request(path, {"cmd": "status"})
+    with pytest.raises(control_client.DaemonUnreachable, match="protocol"):
+        control_client.request(path, {"cmd": "status"})
 
 
 def test_bidi_and_other_format_characters_are_neutralised(fake_daemon) -> None:
@@ -91,7 +91,7 @@ def test_bidi_and_other_format_characters_are_neutralised(fake_daemon) -> None:
     # U+202E right-to-left override, U+2066 isolate, a zero-width space, a lone surrogate, U+2028 line separator.
     replies.append(b'{"ok": true, "message": "ok \\u202eexe.txt \\u2066x\\u2069 a\\u200bb \\ud800 l\\u2028m",'
                    b' "name": "caf\\u00e9 \\u00a0\\u3000\\u2603 \\ud83d\\ude00"}\n')
-    reply = control.request(path, {"cmd": "status"})
+    reply = control_client.request(path, {"cmd": "status"})
     assert reply["message"] == "ok ?exe.txt ?x? a?b ? l?m"
     assert reply["name"] == "café \u00a0\u3000☃ 😀"  # letters, spaces of other scripts and emoji stay
     print(reply["message"])  # printable: a lone surrogate would raise UnicodeEncodeError here
@@ -147,11 +147,11 @@ def runtime_dir() -> Iterator[Path]:
 def test_a_link_at_the_socket_path_is_never_followed(runtime_dir: Path) -> None:
     other = Listener(runtime_dir / "other-service.sock")
     try:
-        (runtime_dir / "control.sock").symlink_to(runtime_dir / "other-service.sock")
-        with pytest.raises(control.UntrustedSocket, match=r"control.sock: it is a symbolic link, not omerowebd's"):
-            control.request(runtime_dir / "control.sock", {"cmd": "reload"})
+        (runtime_dir / "control_client.sock").symlink_to(runtime_dir / "other-service.sock")
+        with pytest.raises(control_client.UntrustedSocket, match=r"control_client.sock: it is a symbolic link, not omerowebd's"):
+            control_client.request(runtime_dir / "control_client.sock", {"cmd": "reload"})
         # Neither connected to nor sent anything: the other service never saw us.
-        assert control.request(runtime_dir / "other-service.sock", {"cmd": "status"})["state"] == "serving"
+        assert control_client.request(runtime_dir / "other-service.sock", {"cmd": "status"})["state"] == "serving"
         assert other.received == [b'{"cmd": "status"}\n']
     finally:
         other.close()
@@ -159,15 +159,15 @@ def test_a_link_at_the_socket_path_is_never_followed(runtime_dir: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["fifo", "file", "directory"])
 def test_what_is_not_a_socket_is_refused_at_once(runtime_dir: Path, kind: str) -> None:
-    path = runtime_dir / "control.sock"
+    path = runtime_dir / "control_client.sock"
     {"fifo": os.mkfifo, "file": lambda p: p.write_text("x"), "directory": os.mkdir}[kind](path)
-    with pytest.raises(control.UntrustedSocket, match=r"it is not a socket"):
-        control.request(path, {"cmd": "status"}, timeout=60)
+    with pytest.raises(control_client.UntrustedSocket, match=r"it is not a socket"):
+        control_client.request(path, {"cmd": "status"}, timeout=60)
 
 
 def test_no_socket_means_not_running(runtime_dir: Path) -> None:
-    with pytest.raises(control.DaemonNotRunning, match="omerowebd is not running"):
-        control.request(runtime_dir / "control.sock", {"cmd": "status"})
+    with pytest.raises(control_client.DaemonNotRunning, match="omerowebd is not running"):
+        control_client.request(runtime_dir / "control_client.sock", {"cmd": "status"})
 
 
 def _serve_as(uid: int, path: Path, ready: Path, chown_to: int | None = None) -> subprocess.Popen[bytes]:
@@ -200,11 +200,11 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
 @as_root
 def test_the_runtime_dirs_owner_serving_its_own_socket_is_the_daemon(runtime_dir: Path) -> None:
     os.chown(runtime_dir, NOBODY, NOBODY)
-    proc = _serve_as(NOBODY, runtime_dir / "control.sock", runtime_dir.parent / f"{runtime_dir.name}.ready",
+    proc = _serve_as(NOBODY, runtime_dir / "control_client.sock", runtime_dir.parent / f"{runtime_dir.name}.ready",
                      chown_to=NOBODY)
     try:
         _wait_for(runtime_dir.parent / f"{runtime_dir.name}.ready", proc)
-        assert control.request(runtime_dir / "control.sock", {"cmd": "status"})["state"] == "serving"
+        assert control_client.request(runtime_dir / "control_client.sock", {"cmd": "status"})["state"] == "serving"
     finally:
         proc.kill()
         proc.wait()
@@ -215,11 +215,11 @@ def test_the_runtime_dirs_owner_serving_its_own_socket_is_the_daemon(runtime_dir
 def test_a_root_service_socket_in_the_service_users_runtime_dir_is_refused(runtime_dir: Path) -> None:
     # /run/dbus's socket is anybody's to hard-link into a directory of theirs; here root serves it.
     os.chown(runtime_dir, NOBODY, NOBODY)
-    other = Listener(runtime_dir / "control.sock")
+    other = Listener(runtime_dir / "control_client.sock")
     try:
-        with pytest.raises(control.UntrustedSocket, match=r"it is served as uid 0, but its directory belongs to uid "
+        with pytest.raises(control_client.UntrustedSocket, match=r"it is served as uid 0, but its directory belongs to uid "
                            r"65534, so it is not omerowebd's"):
-            control.request(runtime_dir / "control.sock", {"cmd": "reload"})
+            control_client.request(runtime_dir / "control_client.sock", {"cmd": "reload"})
         assert not any(other.received)  # nothing sent (the connect itself may show, as an empty read)
     finally:
         other.close()
@@ -229,12 +229,12 @@ def test_a_root_service_socket_in_the_service_users_runtime_dir_is_refused(runti
 def test_a_socket_one_user_made_and_another_serves_is_refused(runtime_dir: Path) -> None:
     os.chown(runtime_dir, NOBODY, NOBODY)
     ready = runtime_dir.parent / f"{runtime_dir.name}.ready"
-    proc = _serve_as(4242, runtime_dir / "control.sock", ready, chown_to=NOBODY)
+    proc = _serve_as(4242, runtime_dir / "control_client.sock", ready, chown_to=NOBODY)
     try:
         _wait_for(ready, proc)
-        with pytest.raises(control.UntrustedSocket, match=r"the process serving it runs as uid 4242, but uid 65534 "
+        with pytest.raises(control_client.UntrustedSocket, match=r"the process serving it runs as uid 4242, but uid 65534 "
                            r"made it"):
-            control.request(runtime_dir / "control.sock", {"cmd": "reload"})
+            control_client.request(runtime_dir / "control_client.sock", {"cmd": "reload"})
     finally:
         proc.kill()
         proc.wait()
@@ -247,7 +247,7 @@ def test_a_socket_one_user_made_and_another_serves_is_refused(runtime_dir: Path)
 @pytest.fixture
 def trickler(tmp_path: Path) -> Iterator[Path]:
     """A fake daemon that answers a byte at a time, never ending the line, for up to a minute."""
-    path = tmp_path / "control.sock"
+    path = tmp_path / "control_client.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(4)
@@ -276,14 +276,14 @@ def trickler(tmp_path: Path) -> Iterator[Path]:
 
 def test_a_reply_that_trickles_in_forever_meets_one_deadline(trickler: Path) -> None:
     # Each byte comes well within the timeout: only a deadline for the whole reply ends the wait.
-    with pytest.raises(control.DaemonUnreachable, match=r"omerowebd did not answer within 2s"):
-        control.request(trickler, {"cmd": "reload"}, timeout=2)
+    with pytest.raises(control_client.DaemonUnreachable, match=r"omerowebd did not answer within 2s"):
+        control_client.request(trickler, {"cmd": "reload"}, timeout=2)
 
 
 @pytest.mark.parametrize("timeout", [None, float("inf"), 0])
 def test_an_endless_wait_is_a_bug_not_an_option(tmp_path: Path, timeout: object) -> None:
     with pytest.raises(ValueError, match="finite timeout"):
-        control.request(tmp_path / "control.sock", {"cmd": "reload"}, timeout=timeout)  # type: ignore[arg-type]
+        control_client.request(tmp_path / "control_client.sock", {"cmd": "reload"}, timeout=timeout)  # type: ignore[arg-type]
 
 
 def test_reload_and_sessions_clear_wait_long_but_not_forever(tmp_path: Path) -> None:
@@ -325,7 +325,7 @@ def test_commands_read_odd_replies_without_a_traceback(fake_daemon, tmp_path: Pa
     assert isinstance(code, int) and 0 <= code <= 255
     assert check_command._foreign_edits_from_daemon(config_module.load(toml))[0] == []
     sessions_command.run_status(args)
-    print(sessions_command.render(control.request(path, {"cmd": "sessions_clear"})))
+    print(sessions_command.render(control_client.request(path, {"cmd": "sessions_clear"})))
     reload_command.describe(json.loads(reply))  # the progress line, from a status of any shape
     assert capsys.readouterr().out.count("\n") >= 3  # the reload's line, the sessions status, the report
 
@@ -339,4 +339,4 @@ def test_status_of_an_odd_shape_is_one_line_not_a_traceback(fake_daemon, reply: 
     replies.append(reply)
     code = ctl.main(["--socket", str(path), "status"])
     err = capsys.readouterr().err
-    assert code == control.EXIT_UNREACHABLE and "status --json" in err and "Traceback" not in err
+    assert code == control_client.EXIT_UNREACHABLE and "status --json" in err and "Traceback" not in err
