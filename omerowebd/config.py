@@ -24,24 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import config_file, redact
+from . import config_file, limits, redact
 from .errors import ConfigError, ConfigErrors
 from .names import did_you_mean, shown
 from .nginx_syntax import address_problem, settings_problems
 from .omero_config import flatten_omero_tree
 from .toml_values import plain
 
-CONFIG_ENV = config_file.CONFIG_ENV
-DEFAULT_CONFIG = Path("/etc/omerowebd/omerowebd.toml")
-
-
-def config_path(arg: str | os.PathLike[str] | None = None) -> Path:
-    """``--config``, else ``$OMEROWEBD_CONFIG``, else the packaged default."""
-    if arg:
-        return Path(arg)
-    if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV])
-    return DEFAULT_CONFIG
+# Where the file is: said in config_file (omerowebctl finds the daemon without this module).
+CONFIG_ENV, DEFAULT_CONFIG, config_path = config_file.CONFIG_ENV, config_file.DEFAULT_CONFIG, config_file.config_path
 
 
 def _doc(text: str, *, number_as_text: bool = False, **kwargs: Any) -> Any:
@@ -54,14 +45,14 @@ class DaemonSettings:
     omerodir: Path = _doc("OMERODIR of the OMERO.web install; config.xml is written below it")
     venv: Path = _doc("the OMERO.web virtualenv; gunicorn runs as VENV/bin/python -m gunicorn")
     app: str = _doc("WSGI application", default="omeroweb.wsgi:application")
-    runtime_dir: Path = _doc("control socket and per-generation files", default=Path("/run/omerowebd"))
+    runtime_dir: Path = _doc("control socket and per-generation files", default=config_file.DEFAULT_RUNTIME_DIR)
     state_dir: Path = _doc("sessions, nginx files, collectstatic record", default=Path("/var/lib/omerowebd"))
     bind: tuple[str, ...] | None = _doc(
         "HOST:PORT or unix:/path, used only without systemd sockets;"
         " default from omero.web.application_server.host/.port",
         default=None,
     )
-    ready_timeout: float = _doc("seconds a new generation may take to serve", default=120.0)
+    ready_timeout: float = _doc("seconds a new generation may take to serve", default=limits.READY_TIMEOUT)
     graceful_timeout: float | None = _doc(
         "seconds requests in flight may take to finish when a generation retires or the service stops;"
         " default omero.web.wsgi_timeout (60)",
@@ -77,7 +68,7 @@ class DaemonSettings:
     settle_seconds: float = _doc(
         "seconds a new generation is watched after a reload's cutover; a crash loop or a failing health probe"
         " in that time brings the previous config back (0: off)",
-        default=5.0,
+        default=limits.SETTLE_SECONDS,
     )
     settle_worker_deaths: int = _doc(
         "worker deaths within settle_seconds that are tolerated; one more is a crash loop", default=2

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import limits
 from .config import Config, NginxSettings
 from .errors import UserError
 from .exits import EXIT_FAILURE
@@ -66,7 +67,7 @@ DEFAULT_HTTP = {"server": 80, "location": 80, "development": 8080}
 
 MAINTENANCE_TEMPLATE = Path(__file__).with_name("maintenance.html")
 MAINTENANCE_PAGE = "maintenance.html"  # used only when the template names none
-COMMAND_TIMEOUT = 60.0
+COMMAND_TIMEOUT = limits.NGINX_COMMAND_TIMEOUT
 REDIRECT_STATUS = 307
 
 Where = Callable[[str], str]

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import metrics
+from . import limits, metrics
 from .config import Config
 from .generation import Generation, http_probe
 
@@ -32,7 +32,7 @@ from .generation import Generation, http_probe
 PROBES_IN_A_ROW = 2
 PROBE_INTERVAL = 1.0
 # As long as the boot probe waits: a sync worker busy with a long request delays it, and that is no fault.
-PROBE_TIMEOUT = 10.0
+PROBE_TIMEOUT = limits.SETTLE_PROBE_TIMEOUT
 POLL = 0.1  # how often worker deaths and the master are looked at
 
 

@@ -47,13 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import log
+from . import limits, log
 from .errors import UserError
 from .exits import EXIT_FAILURE
 from .files import write_atomic
 from .venv import VenvInfo, effective, probe_env, python_of
 
-TIMEOUT = 900.0
+TIMEOUT = limits.COLLECTSTATIC_TIMEOUT
 # The settings that decide what is collected (besides the venv's packages).
 RELEVANT = ("omero.web.static_root", "omero.web.static_url", "omero.web.apps", "omero.web.staticfile_dirs",
             "omero.web.pipeline_staticfile_storage")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import redact
+from . import limits, redact
 from .errors import ConfigError, ConfigErrors
 from .names import did_you_mean
 from .trust import venv_refusal
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # only a type here: config.py must not need this module to lo
     from .config import Config
 
 PROBE = Path(__file__).with_name("venv_probe.py")
-PROBE_TIMEOUT = 120.0
+PROBE_TIMEOUT = limits.VENV_PROBE_TIMEOUT
 
 
 @dataclass(frozen=True)

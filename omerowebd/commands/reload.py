@@ -7,14 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import control_client, nginx, printable, progress, redact, static, venv
-from .. import settle as settle_module
-from ..config import DaemonSettings
+from .. import control_client, limits, printable, progress, redact
 from ..errors import UserError
 from ..exits import EXIT_FAILURE
-from . import load_config, socket_path
-
-DEFAULT_READY_TIMEOUT = DaemonSettings.__dataclass_fields__["ready_timeout"].default
+from . import Daemon, daemon
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     payload = {"cmd": "reload", "wait": not args.no_wait, "dry_run": args.dry_run}
     if args.discard_foreign_edits:
         payload["discard_foreign_edits"] = True
+    found = daemon(args)  # the config file read once: where the daemon is, how long to wait
     try:
-        reply = request(socket_path(args), payload, show_progress=not (args.no_wait or args.dry_run or args.json),
-                        timeout=ACCEPT_TIMEOUT if args.no_wait else wait_limit(args))
+        reply = request(found.socket, payload, show_progress=not (args.no_wait or args.dry_run or args.json),
+                        timeout=ACCEPT_TIMEOUT if args.no_wait else wait_for(found))
     except UserError as e:
         if not args.json:
             raise
@@ -61,25 +58,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 # A reload that is not waited for is answered at once; a dry run checks the config and the venv.
-ACCEPT_TIMEOUT = venv.PROBE_TIMEOUT + 30.0
+ACCEPT_TIMEOUT = limits.VENV_PROBE_TIMEOUT + 30.0
 
 
 def wait_limit(args: argparse.Namespace) -> float:
+    """How long `reload` waits for its outcome, by the config file: see :func:`wait_for`."""
+    return wait_for(daemon(args))
+
+
+def wait_for(found: Daemon) -> float:
     """How long `reload` waits for its outcome: longer than any reload can take, yet finite.
 
     Whatever answers on the socket is the service user's process; one that
     never answers must not hold root's `omerowebctl reload` (and with it
     `systemctl reload`) forever. A reload is at most: the venv probe,
     collectstatic, nginx's check and reload, and the new generation's
-    daemon.ready_timeout; one already running may be ahead of it."""
-    try:
-        daemon = load_config(args).daemon
-        ready_timeout, settle = daemon.ready_timeout, daemon.settle_seconds
-    except UserError:
-        ready_timeout, settle = DEFAULT_READY_TIMEOUT, 0.0  # a broken file: the daemon rejects it quickly anyway
-    one = venv.PROBE_TIMEOUT + static.TIMEOUT + 2 * nginx.COMMAND_TIMEOUT + ready_timeout
-    # A reload that does not settle brings the previous config back: a second generation to wait for.
-    return 2 * one + settle + 2 * settle_module.PROBE_TIMEOUT + 60.0
+    daemon.ready_timeout (limits.reload_wait); one already running may be
+    ahead of it. A file the daemon would reject gives the defaults: it is
+    rejected quickly anyway."""
+    return limits.reload_wait(found.ready_timeout, found.settle_seconds)
 
 
 def request(path: Path, payload: dict[str, Any], *, show_progress: bool = True,

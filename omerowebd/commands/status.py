@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from .. import control_client, sessions, store_health
+from .. import control_client
 from ..exits import EXIT_FAILURE, EXIT_OK
 from . import socket_path
 
@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(s: dict[str, Any]) -> str:
+    # Imported here, for the text only: they bring the daemon's modules (asyncio, the config, the
+    # venv probe), which `status --json` (what scripts and the benches read) does without.
+    from .. import sessions, store_health
+
     lines = [f"state:       {s['state']} (pid {s['pid']}, up {_duration(s['uptime'])})"]
     g = s.get("generation")
     if g:

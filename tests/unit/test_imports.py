@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import ast
+import json
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "omerowebd"
@@ -14,7 +19,7 @@ PACKAGE = ROOT / "omerowebd"
 # tomlkit only, or another leaf. Anything may import them; they import none of the rest.
 LEAVES = {"omerowebd.exits", "omerowebd.toml_values", "omerowebd.names", "omerowebd.config_file",
           "omerowebd.nginx_syntax", "omerowebd.procs", "omerowebd.locks",
-          "omerowebd.http_probe"}
+          "omerowebd.http_probe", "omerowebd.limits"}
 # Run by the venv's own Python, apart from the package: they import nothing of it either.
 STANDALONE = {"omerowebd.gunicorn_conf", "omerowebd.venv_probe", "omerowebd.session_sweep"}
 
@@ -108,3 +113,49 @@ def test_every_module_loads_on_its_own():
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+# What omerowebctl's commands that only talk to the daemon leave unimported: their start-up is most
+# of what a reload costs beyond the daemon's own work. The client blocks (no asyncio), reads three
+# values of [daemon] (not config.py, tomlkit or the [omero] tree), and checks who serves the socket
+# without the daemon's access policy (or dataclasses, which inspect alone makes a tenth of it).
+CLIENT_LEAVES_OUT = ("asyncio", "tomlkit", "dataclasses", "omerowebd.config", "omerowebd.control", "omerowebd.access")
+
+
+@pytest.mark.parametrize("argv", [["reload"], ["reload", "--json"], ["status", "--json"]])
+def test_reload_and_status_import_none_of_the_daemons_modules(tmp_path: Path, argv: list[str]) -> None:
+    """Run for real against a socket that answers (exit 0 says it did), in a fresh interpreter."""
+    reply = {"ok": True, "exit_code": 0, "outcome": "applied", "message": "done", "state": "serving", "serving": True}
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "control.sock"))
+    listener.listen(4)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    toml = tmp_path / "omerowebd.toml"
+    toml.write_text(f'[daemon]\nomerodir = "/o"\nvenv = "/v"\nruntime_dir = "{tmp_path}"\n\n[omero.web]\nprefix = "/x"\n')
+    script = (
+        "import sys\n"
+        "from omerowebd import ctl\n"
+        f"code = ctl.main(['--config', {str(toml)!r}, *{argv!r}])\n"
+        f"print('imported:', *[m for m in {CLIENT_LEAVES_OUT!r} if m in sys.modules], file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        listener.close()
+        thread.join(10)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "imported:"
