@@ -30,6 +30,9 @@ from .errors import UserError
 from .exits import EXIT_NOPERM, EXIT_UNREACHABLE
 
 CONNECT_TIMEOUT = 5.0
+# The longest wait a socket can be given is bounded (the kernel's time type), and a config may
+# ask for more (daemon.ready_timeout = 1e30 is a number of seconds): no reload takes a year.
+MAX_WAIT = 365 * 86400.0
 # A reply is one line; status with every worker and sweep fits in far less.
 MAX_REPLY = 16 << 20
 
@@ -173,6 +176,7 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 30.0) -> dict[
     PermissionDenied if the daemon refuses the caller."""
     if not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
         raise ValueError(f"a control request needs a finite timeout, not {timeout!r}")
+    timeout = min(timeout, MAX_WAIT)
     deadline = time.monotonic() + timeout
     with connect(path, min(CONNECT_TIMEOUT, timeout)) as s:
         buf = b""

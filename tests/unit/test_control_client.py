@@ -20,17 +20,18 @@ from pathlib import Path
 
 import pytest
 
+from omerowebd import commands, control_client, limits
 from omerowebd import config as config_module
-from omerowebd import control_client
 from omerowebd.commands import check as check_command
 from omerowebd.commands import reload as reload_command
 from omerowebd.commands import sessions as sessions_command
+from omerowebd.errors import ConfigError
 
 
 @pytest.fixture
 def fake_daemon(tmp_path: Path) -> Iterator[tuple[Path, list[bytes]]]:
     """A unix socket that answers every connection with the next canned reply."""
-    path = tmp_path / "control_client.sock"
+    path = tmp_path / "control.sock"
     replies: list[bytes] = []
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
@@ -147,9 +148,9 @@ def runtime_dir() -> Iterator[Path]:
 def test_a_link_at_the_socket_path_is_never_followed(runtime_dir: Path) -> None:
     other = Listener(runtime_dir / "other-service.sock")
     try:
-        (runtime_dir / "control_client.sock").symlink_to(runtime_dir / "other-service.sock")
-        with pytest.raises(control_client.UntrustedSocket, match=r"control_client.sock: it is a symbolic link, not omerowebd's"):
-            control_client.request(runtime_dir / "control_client.sock", {"cmd": "reload"})
+        (runtime_dir / "control.sock").symlink_to(runtime_dir / "other-service.sock")
+        with pytest.raises(control_client.UntrustedSocket, match=r"control.sock: it is a symbolic link, not omerowebd's"):
+            control_client.request(runtime_dir / "control.sock", {"cmd": "reload"})
         # Neither connected to nor sent anything: the other service never saw us.
         assert control_client.request(runtime_dir / "other-service.sock", {"cmd": "status"})["state"] == "serving"
         assert other.received == [b'{"cmd": "status"}\n']
@@ -159,7 +160,7 @@ def test_a_link_at_the_socket_path_is_never_followed(runtime_dir: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["fifo", "file", "directory"])
 def test_what_is_not_a_socket_is_refused_at_once(runtime_dir: Path, kind: str) -> None:
-    path = runtime_dir / "control_client.sock"
+    path = runtime_dir / "control.sock"
     {"fifo": os.mkfifo, "file": lambda p: p.write_text("x"), "directory": os.mkdir}[kind](path)
     with pytest.raises(control_client.UntrustedSocket, match=r"it is not a socket"):
         control_client.request(path, {"cmd": "status"}, timeout=60)
@@ -167,7 +168,7 @@ def test_what_is_not_a_socket_is_refused_at_once(runtime_dir: Path, kind: str) -
 
 def test_no_socket_means_not_running(runtime_dir: Path) -> None:
     with pytest.raises(control_client.DaemonNotRunning, match="omerowebd is not running"):
-        control_client.request(runtime_dir / "control_client.sock", {"cmd": "status"})
+        control_client.request(runtime_dir / "control.sock", {"cmd": "status"})
 
 
 def _serve_as(uid: int, path: Path, ready: Path, chown_to: int | None = None) -> subprocess.Popen[bytes]:
@@ -200,11 +201,11 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
 @as_root
 def test_the_runtime_dirs_owner_serving_its_own_socket_is_the_daemon(runtime_dir: Path) -> None:
     os.chown(runtime_dir, NOBODY, NOBODY)
-    proc = _serve_as(NOBODY, runtime_dir / "control_client.sock", runtime_dir.parent / f"{runtime_dir.name}.ready",
+    proc = _serve_as(NOBODY, runtime_dir / "control.sock", runtime_dir.parent / f"{runtime_dir.name}.ready",
                      chown_to=NOBODY)
     try:
         _wait_for(runtime_dir.parent / f"{runtime_dir.name}.ready", proc)
-        assert control_client.request(runtime_dir / "control_client.sock", {"cmd": "status"})["state"] == "serving"
+        assert control_client.request(runtime_dir / "control.sock", {"cmd": "status"})["state"] == "serving"
     finally:
         proc.kill()
         proc.wait()
@@ -215,11 +216,11 @@ def test_the_runtime_dirs_owner_serving_its_own_socket_is_the_daemon(runtime_dir
 def test_a_root_service_socket_in_the_service_users_runtime_dir_is_refused(runtime_dir: Path) -> None:
     # /run/dbus's socket is anybody's to hard-link into a directory of theirs; here root serves it.
     os.chown(runtime_dir, NOBODY, NOBODY)
-    other = Listener(runtime_dir / "control_client.sock")
+    other = Listener(runtime_dir / "control.sock")
     try:
         with pytest.raises(control_client.UntrustedSocket, match=r"it is served as uid 0, but its directory belongs to uid "
                            r"65534, so it is not omerowebd's"):
-            control_client.request(runtime_dir / "control_client.sock", {"cmd": "reload"})
+            control_client.request(runtime_dir / "control.sock", {"cmd": "reload"})
         assert not any(other.received)  # nothing sent (the connect itself may show, as an empty read)
     finally:
         other.close()
@@ -229,12 +230,12 @@ def test_a_root_service_socket_in_the_service_users_runtime_dir_is_refused(runti
 def test_a_socket_one_user_made_and_another_serves_is_refused(runtime_dir: Path) -> None:
     os.chown(runtime_dir, NOBODY, NOBODY)
     ready = runtime_dir.parent / f"{runtime_dir.name}.ready"
-    proc = _serve_as(4242, runtime_dir / "control_client.sock", ready, chown_to=NOBODY)
+    proc = _serve_as(4242, runtime_dir / "control.sock", ready, chown_to=NOBODY)
     try:
         _wait_for(ready, proc)
         with pytest.raises(control_client.UntrustedSocket, match=r"the process serving it runs as uid 4242, but uid 65534 "
                            r"made it"):
-            control_client.request(runtime_dir / "control_client.sock", {"cmd": "reload"})
+            control_client.request(runtime_dir / "control.sock", {"cmd": "reload"})
     finally:
         proc.kill()
         proc.wait()
@@ -247,7 +248,7 @@ def test_a_socket_one_user_made_and_another_serves_is_refused(runtime_dir: Path)
 @pytest.fixture
 def trickler(tmp_path: Path) -> Iterator[Path]:
     """A fake daemon that answers a byte at a time, never ending the line, for up to a minute."""
-    path = tmp_path / "control_client.sock"
+    path = tmp_path / "control.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(4)
@@ -283,7 +284,7 @@ def test_a_reply_that_trickles_in_forever_meets_one_deadline(trickler: Path) -> 
 @pytest.mark.parametrize("timeout", [None, float("inf"), 0])
 def test_an_endless_wait_is_a_bug_not_an_option(tmp_path: Path, timeout: object) -> None:
     with pytest.raises(ValueError, match="finite timeout"):
-        control_client.request(tmp_path / "control_client.sock", {"cmd": "reload"}, timeout=timeout)  # type: ignore[arg-type]
+        control_client.request(tmp_path / "control.sock", {"cmd": "reload"}, timeout=timeout)  # type: ignore[arg-type]
 
 
 def test_reload_and_sessions_clear_wait_long_but_not_forever(tmp_path: Path) -> None:
@@ -294,6 +295,60 @@ def test_reload_and_sessions_clear_wait_long_but_not_forever(tmp_path: Path) -> 
     assert 2 * 7200 < sessions_command.wait_limit(args) < 5 * 3600
     broken = argparse.Namespace(config=str(tmp_path / "missing.toml"), socket=None)
     assert 0 < reload_command.wait_limit(broken) < float("inf") and 0 < sessions_command.wait_limit(broken) < float("inf")
+
+
+VALID_DAEMON_TABLES = [
+    "",
+    'runtime_dir = "/srv/omerowebd/run"',
+    'runtime_dir = "/srv/run"\nready_timeout = 600\nsettle_seconds = 0',
+    "ready_timeout = 7.5\nsettle_seconds = 30",
+]
+
+
+@pytest.mark.parametrize("table", VALID_DAEMON_TABLES)
+def test_omerowebctl_finds_the_daemon_where_the_config_puts_it(tmp_path: Path, table: str) -> None:
+    """What omerowebctl reads of a valid file (without config.py) is what config.load says, defaults too."""
+    toml = tmp_path / "omerowebd.toml"
+    toml.write_text(f'[daemon]\nomerodir = "/o"\nvenv = "/v"\n{table}\n\n[omero.web]\nprefix = "/omero"\n')
+    settings = config_module.load(toml).daemon
+    found = commands.daemon(argparse.Namespace(config=str(toml), socket=None))
+    assert found == (settings.runtime_dir / "control.sock", settings.ready_timeout, settings.settle_seconds)
+    assert commands.daemon(argparse.Namespace(config=str(toml), socket="/elsewhere.sock"))[0] == Path("/elsewhere.sock")
+
+
+@pytest.mark.parametrize("text", [
+    '[daemon]\nruntime_dir = "/srv/run"\nready_timeout = inf\nsettle_seconds = -1\nbogus = 1\n',  # rejected by load
+    '[daemon]\nruntime_dir = "/srv/run"\nready_timeout = true\nsettle_seconds = "5"\n[nonsense]\n',
+    '[daemon]\nruntime_dir = "/srv/run"\nready_timeout = 1e999\nready_timeout = 3\n',  # not even TOML
+])
+def test_a_file_the_daemon_would_reject_still_names_where_it_runs(tmp_path: Path, text: str) -> None:
+    """`reload` must reach the daemon to be told what is wrong; its wait stays finite."""
+    toml = tmp_path / "omerowebd.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError):
+        config_module.load(toml)
+    found = commands.daemon(argparse.Namespace(config=str(toml), socket=None))
+    assert found == (Path("/srv/run/control.sock"), limits.READY_TIMEOUT, limits.SETTLE_SECONDS)
+
+
+def test_without_a_readable_config_omerowebctl_looks_in_the_packaged_runtime_dir(tmp_path: Path) -> None:
+    for path in (tmp_path / "missing.toml", tmp_path):  # missing; a directory
+        found = commands.daemon(argparse.Namespace(config=str(path), socket=None))
+        assert found == (Path("/run/omerowebd/control.sock"), limits.READY_TIMEOUT, limits.SETTLE_SECONDS)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b'[daemon]\nruntime_dir = "/srv/run"\n\xff\n')
+    assert commands.daemon(argparse.Namespace(config=str(binary), socket=None))[0] == Path("/run/omerowebd/control.sock")
+
+
+def test_a_wait_longer_than_a_socket_takes_is_a_long_wait_not_a_traceback(fake_daemon, tmp_path: Path) -> None:
+    path, replies = fake_daemon
+    toml = tmp_path / "omerowebd.toml"
+    toml.write_text(f'[daemon]\nomerodir = "/o"\nvenv = "/v"\nruntime_dir = "{path.parent}"\nready_timeout = {10 ** 41}\n')
+    assert config_module.load(toml).daemon.ready_timeout == 1e41  # a number of seconds, as far as the file goes
+    replies.append(b'{"ok": true, "exit_code": 0, "outcome": "applied", "message": "done"}\n')
+    args = argparse.Namespace(config=str(toml), socket=None, no_wait=False, dry_run=False, discard_foreign_edits=False,
+                              json=False)
+    assert reload_command.run(args) == 0
 
 
 # -- replies of the wrong shape: one line, never a traceback ------------------------------------
