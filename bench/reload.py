@@ -22,8 +22,13 @@ or over the latency: the wall clock stepped) is no measurement, never a goal
 met. The servers run as the stand-in service user (nobody) when this runs as
 root, as in production.
 Goals: 0 failed for omerowebd; its own share <= 0.25 s.
+First, before any server runs, `omerowebctl reload` on its own (a config whose runtime dir has no
+socket: its start-up, reading the config, the connect that finds nobody) in interleaved rounds:
+its wall time and CPU time (the CPU time hardly moves with the machine's load), and how many
+modules it imports.
 
     .venv/bin/python bench/reload.py [--reloads 5] [--clients 4] [--workers 2] [--user USER] [--quick] [--report FILE]
+                                     [--client-rounds 20]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,6 +94,27 @@ def share_row(shares: list[tuple[float, float] | None], boots: list[float]) -> d
                    None, note=f"no measurement: {len(shares) - len(sound)} of {len(shares)} reloads gave times "
                               "that cannot be right (the wall clock stepped?)")
     return row(measure, median(sound), "new generation's boot", median(boots), "s", goal, median(sound) <= SHARE_GOAL)
+
+
+def omerowebctl_alone(root: Path, rounds: int) -> tuple[float, float, int]:
+    """Medians of (wall, CPU) seconds of `omerowebctl reload` with nobody at the socket, and its imports."""
+    (root / "run").mkdir(parents=True, exist_ok=True)
+    toml = root / "omerowebd.toml"
+    toml.write_text(f'[daemon]\nomerodir = "{root / "omerodir"}"\nvenv = "/nonexistent"\nruntime_dir = "{root / "run"}"\n'
+                    '\n[omero.web]\nlogin_logo = "/static/x.png"\n')
+    argv = [sys.executable, "-m", "omerowebd.ctl", "--config", str(toml), "reload"]
+    walls, cpus = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(usage.ru_utime + usage.ru_stime)
+        if os.waitstatus_to_exitcode(status) != 3:  # "not running": anything else is not this measure
+            raise SystemExit(f"omerowebctl reload without a daemon exited {os.waitstatus_to_exitcode(status)}")
+    imports = subprocess.run([sys.executable, "-X", "importtime", *argv[1:]], capture_output=True, text=True)
+    modules = sum(1 for line in imports.stderr.splitlines() if line.startswith("import time:") and "|" in line) - 1
+    return median(walls), median(cpus), modules
 
 
 def bench_omerowebd(root, args, user) -> tuple[Load, list[float], list[tuple[float, float] | None], list[float]]:
@@ -163,6 +190,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--user", help="run the servers as this user (default: nobody when run as root; 'root')")
+    parser.add_argument("--client-rounds", type=int, default=20, help="rounds of omerowebctl reload on its own")
     report_args(parser)
     args = parser.parse_args()
     if args.quick:
@@ -172,6 +200,10 @@ def main() -> None:
     boots = []
     measured: dict[str, tuple[Load, list[float]]] = {}
     with scratch() as root:
+        alone_wall, alone_cpu, alone_modules = omerowebctl_alone(root / "alone", args.client_rounds)
+        table(f"omerowebctl reload on its own, nobody at the socket (medians of {args.client_rounds} rounds)",
+              ["measure", "value"], [["wall time (s)", f"{alone_wall:.3f}"], ["CPU time (s)", f"{alone_cpu:.3f}"],
+                                     ["modules imported", alone_modules]])
         give_to(user, root)
         load, lat, shares, gen_boots = bench_omerowebd(root, args, user)
         measured["omerowebd"] = (load, lat)
@@ -216,6 +248,7 @@ def main() -> None:
         shares_row,
         row("  of the share: omerowebctl, start-up and request", client, "", None, "s", "", None),
         row("  of the share: the daemon, up to the spawn", daemon, "", None, "s", "", None),
+        row("omerowebctl reload on its own (no daemon), CPU time", alone_cpu, "", None, "s", "", None),
     ])
 
 
