@@ -21,6 +21,19 @@ if TYPE_CHECKING:
 
 DEBOUNCE = 0.3  # seconds of quiet after the last event before the file is read
 
+# What a write, a rename, a removal or a chmod makes. Not "opened" nor
+# "closed_no_write": watchdog >= 5 reports every read (Debian 13 ships 6.0), and
+# the watcher's own read of the file would start the next read, 0.3 s later, for ever.
+CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed", "attrib"})
+
+
+def is_change(event: object, name: str) -> bool:
+    """Whether watchdog's ``event`` may have changed the file called ``name`` in the watched directory."""
+    if getattr(event, "event_type", None) not in CHANGES:
+        return False
+    paths = (getattr(event, "src_path", ""), getattr(event, "dest_path", "") or "")
+    return any(p and os.path.basename(os.fsdecode(p)) == name for p in paths)
+
 
 class ConfigWatcher:
     def __init__(self, path: Path, on_change: Callable[[], None], debounce: float = DEBOUNCE) -> None:
@@ -47,8 +60,7 @@ class ConfigWatcher:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: object) -> None:  # runs in watchdog's thread
-                names = {os.fsdecode(getattr(event, "src_path", "")), os.fsdecode(getattr(event, "dest_path", "") or "")}
-                if any(n and os.path.basename(n) == watcher.path.name for n in names):
+                if is_change(event, watcher.path.name):
                     assert watcher._loop is not None
                     watcher._loop.call_soon_threadsafe(watcher._poke)
 
