@@ -85,8 +85,6 @@ class SiteConfigXml:
         start the file is left as it is, and reported.
         """
         config = desired.config
-        if self._watcher is None:  # from the start on, even while the file is left as it is
-            self._follow(self._config)
         self.look()
         if self.foreign is not None and not discard and self.foreign.lost_by(desired.properties, config.properties):
             self.log.warning("config.xml left as it is: it holds edits made outside omerowebd",
@@ -142,6 +140,16 @@ class SiteConfigXml:
         except OSError as e:
             self.log.error("cannot put config.xml back; OMERO.web serves on from its own copy",
                            path=str(omero_config.config_xml_path(omerodir)), error=e.strerror)
+
+    def follow(self) -> None:
+        """Watch the file from the first generation's start on, even while it is left as it is.
+
+        Called once that generation serves, not at its stage: the watcher's
+        library and thread would delay gunicorn's spawn. An edit made
+        meanwhile is seen here, before the switch writes the file.
+        """
+        self._follow(self._config)
+        self.look()
 
     def _follow(self, config: Config) -> None:
         """Notice an edit of the file when it happens, not at the next reload."""

@@ -19,7 +19,8 @@ from typing import Any
 from . import redact
 
 # structlog and systemd's journal are imported where they are used: omerowebctl
-# imports this module (through the control socket's) and on most commands logs nothing.
+# imports this module (through the control socket's) and on most commands logs nothing,
+# and a daemon's start spawns gunicorn before its first event (structlog costs 25-40 ms).
 
 
 @functools.cache
@@ -69,10 +70,28 @@ def hide_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return redact.structure(event)
 
 
-def configure(requested: str = "auto", level: int = logging.INFO) -> str:
-    """Set up structlog once; returns the format chosen."""
+# What configure() asked for, applied to structlog at the first event that passes the level
+# (or at once when structlog is in use already). None: configure() was not called, structlog's defaults.
+_pending: tuple[str, int, Any] | None = None
+_level = logging.NOTSET  # events below it are dropped without importing structlog
+
+
+def configure(requested: str = "auto", level: int = logging.INFO) -> None:
+    """Set up structlog, with the format pick_format chooses, at the first event that is logged."""
+    global _pending, _level
+    _pending, _level = (requested, level, sys.stderr), level
+    if "structlog" in sys.modules:
+        _apply()
+
+
+def _apply() -> None:
+    global _pending
+    if _pending is None:
+        return
     import structlog
 
+    requested, level, stream = _pending
+    _pending = None
     chosen = pick_format(requested)
     processors: list[Any] = [structlog.processors.add_log_level]
     if chosen == "journal":
@@ -89,18 +108,39 @@ def configure(requested: str = "auto", level: int = logging.INFO) -> str:
             structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
             structlog.processors.format_exc_info,  # plain text, so that hide_secrets sees it
             hide_secrets,
-            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
+            structlog.dev.ConsoleRenderer(colors=stream.isatty()),
         ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    return chosen
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "msg": logging.INFO, "warning": logging.WARNING,
+           "warn": logging.WARNING, "error": logging.ERROR, "exception": logging.ERROR,
+           "critical": logging.CRITICAL, "fatal": logging.CRITICAL}
+
+
+def _dropped(*_: Any, **__: Any) -> None:
+    return None
+
+
+class _Logger:
+    """structlog's logger for ``name``, imported and configured at the first event that passes the level."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if _LEVELS.get(attr, logging.CRITICAL + 1) < _level:
+            return _dropped  # as structlog's filtering logger would: nothing to import for it
+        import structlog
+
+        _apply()
+        return getattr(structlog.get_logger(self._name), attr)
 
 
 def get(name: str = "omerowebd") -> Any:
-    import structlog
-
-    return structlog.get_logger(name)
+    return _Logger(name)

@@ -64,6 +64,8 @@ async def first_generation(config: Config, running: Running, verdicts: Verdicts,
     fresh: VenvInfo | None = None
 
     async def confirm(target: Desired) -> Desired:
+        # Now, not before the spawn: the file watcher's library and thread would delay gunicorn (config_xml.py).
+        running.site_xml.follow()
         # Started on a remembered answer: the venv is asked now, before anything is published (verdicts.py).
         nonlocal fresh
         fresh = await verdicts.confirm(config, prober, packages)
@@ -72,5 +74,7 @@ async def first_generation(config: Config, running: Running, verdicts: Verdicts,
 
     failure = await running.bring_up(target, running.sockets, switches, after_ready=confirm)
     if failure:
+        if verdicts.recalled is not None:  # never asked: say what the checks ran on
+            log.info("this start ran on the venv's remembered answer", path=str(verdicts.path))
         raise UserError(f"OMERO.web did not start: {failure}", exit_code=EXIT_FAILURE)
     return Started(target, info, packages, stale=fresh is not None)

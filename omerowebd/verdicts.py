@@ -98,8 +98,7 @@ class Verdicts:
         if self.recalled is None:
             return await checks.run(config, prober, packages)
         self.hits += 1
-        self.log.info("checking the config on the venv's remembered answer; the venv is asked again once gunicorn"
-                      " serves", path=str(self.path))
+        # Said by confirm(), once gunicorn serves: a first event now would import the logging library before the spawn.
         return await checks.run(config, prober, packages, known=self.recalled)
 
     async def confirm(self, config: Config, prober: Prober, packages: str) -> VenvInfo | None:
@@ -113,6 +112,8 @@ class Verdicts:
         recalled, self.recalled = self.recalled, None
         if recalled is None:
             return None
+        self.log.info("gunicorn was started on the venv's remembered answer; asking the venv again now that it serves",
+                      path=str(self.path))
         try:
             fresh, _ = await checks.run(config, prober, packages)
         except ConfigErrors as e:

@@ -17,7 +17,7 @@ from omerowebd.verdicts import NAME, key
 
 pytestmark = pytest.mark.omeroweb
 
-REMEMBERED = "checking the config on the venv's remembered answer"
+REMEMBERED = "on the venv's remembered answer"
 
 
 @pytest.fixture

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+from omerowebd import omero_config
+from omerowebd.config_xml import SiteConfigXml
+from omerowebd.desired import derive
+from unit.test_nginx import Log, info, make_config  # noqa: F401 (info is a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,3 +26,48 @@ def test_the_daemon_module_leaves_what_comes_later_unimported():
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == []
+
+
+def test_the_logging_library_waits_for_the_first_event_that_is_logged():
+    # A start logs nothing before gunicorn is spawned (a debug event below the level is dropped as structlog
+    # would drop it): structlog and its set-up come after the spawn; the first event gets them, as configured.
+    script = """if True:
+        import json, sys
+        from omerowebd import log
+        log.configure("json")
+        logger = log.get()
+        logger.debug("below the level")
+        print("before:", "structlog" in sys.modules, file=sys.stderr)
+        logger.info("first event", answer=42)
+        print("after:", "structlog" in sys.modules, file=sys.stderr)
+        log.configure("console")  # in use already: from the next event on
+        logger.warning("second event")
+    """
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == "before: False" and lines[2] == "after: True", lines
+    assert json.loads(lines[1])["event"] == "first event" and json.loads(lines[1])["answer"] == 42
+    assert "below the level" not in done.stderr
+    assert "second event" in lines[3] and not lines[3].startswith("{"), lines
+
+
+def test_config_xml_is_watched_once_the_first_generation_serves_and_an_edit_meanwhile_is_seen(tmp_path, info):  # noqa: F811
+    config = make_config(tmp_path)
+    config.daemon.state_dir.mkdir(parents=True)
+    site = SiteConfigXml(Log(), config, lambda: None)
+
+    async def scenario() -> None:
+        try:
+            assert await site.stage(derive(config, info, "A")) is not None
+            assert site._watcher is None, "staging starts no watcher thread: it would delay gunicorn's spawn"
+            path = omero_config.config_xml_path(config.daemon.omerodir)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text('<icegrid><properties id="default"><property name="omero.web.debug" value="true"/>'
+                            '</properties></icegrid>')  # while gunicorn boots
+            site.follow()
+            assert site._watcher is not None and site.foreign is not None and "omero.web.debug" in site.foreign.names
+        finally:
+            site.stop()
+
+    asyncio.run(scenario())
