@@ -62,7 +62,7 @@ from .errors import one_line
 from .nginx_syntax import host_and_port
 from .procs import signal_group as _signal  # the sweep's own session: clearsessions' children go too
 from .schedule import Schedule, parse_schedule
-from .threads import in_own_thread
+from .threads import OwnThread
 from .venv import VenvInfo, effective, probe_env, python_of
 
 SCRIPT = Path(__file__).with_name("session_sweep.py")
@@ -365,7 +365,7 @@ def _holder_text(holder: str) -> str:
 # -- who holds the store's lock, right now ---------------------------------------------
 
 LOCK_NAME = ".omerowebd-sweep.lock"  # session_sweep.LOCK_NAME (that script imports nothing of ours)
-LOCK_CHECK_INTERVAL = 5.0
+LOCK_FRESH = 1.0  # seconds a look at the lock is shown again instead of looking anew (a status flood)
 LOCK_CHECK_TIMEOUT = 3.0  # a store on a hung NFS server must not hang status
 
 
@@ -604,6 +604,8 @@ class SessionService:
         self.sweeps = 0
         self._snapshot: dict[str, Any] | None = None
         self.lock: dict[str, Any] | None = None  # the store's sweep lock, as last seen
+        self._lock_job: tuple[asyncio.Future[dict[str, Any]], float, Path] | None = None  # (look, since, store)
+        self._lock_thread: OwnThread[dict[str, Any]] = OwnThread("sweep-lock")
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -617,31 +619,38 @@ class SessionService:
             self._changed.set()  # the schedule loop works out the next sweep again
 
     async def run(self) -> None:
-        """The schedule loop and the lock watch: started once the daemon is READY, cancelled on stop."""
-        await asyncio.gather(self._schedule_loop(), self._watch_lock())
+        """The schedule loop: started once the daemon is READY, cancelled on stop."""
+        await self._schedule_loop()
 
-    async def _watch_lock(self) -> None:
+    async def refresh_lock(self) -> None:
         """Who holds the file store's sweep lock (this daemon, another host on a shared store), for status.
 
-        On a hung NFS mount a check never returns. So it runs in a thread of its own, never the
-        shared pool every asyncio.to_thread of the daemon waits on (a reload, a crash restart), and
-        no new check starts while the last one hangs: one stuck thread at most, whatever the wait."""
-        job: asyncio.Future[dict[str, Any]] | None = None
-        started = 0.0
-        while True:
-            target = self.target
-            if target is not None and target.kind == "file" and target.store is not None:
-                if job is None or job.done():
-                    job = in_own_thread(lock_state, target.store, on_error=lambda e: {"held": None, "error": one_line(e)})
-                    started = time.monotonic()
-                try:
-                    state = await asyncio.wait_for(asyncio.shield(job), LOCK_CHECK_TIMEOUT)
-                except asyncio.TimeoutError:
-                    state = {"held": None, "error": f"no answer for {time.monotonic() - started:.0f}s"}
-                self.lock = {**state, "checked_at": time.time()}
-            else:
-                self.lock = None
-            await asyncio.sleep(LOCK_CHECK_INTERVAL)
+        Looked at when status asks (at most once per LOCK_FRESH seconds), never on a clock: an
+        idle daemon does nothing for it. On a hung NFS mount a look never returns. So it runs in
+        a thread of its own, never the shared pool every asyncio.to_thread of the daemon waits on
+        (a reload, a crash restart); no new look starts while the last one hangs (one stuck
+        thread at most), and a status waits for it only up to LOCK_CHECK_TIMEOUT after it began."""
+        target = self.target
+        if target is None or target.kind != "file" or target.store is None:
+            self.lock = None
+            return
+        job = self._lock_job
+        fresh = self.lock is not None and time.time() - self.lock["checked_at"] < LOCK_FRESH
+        if job is None or job[2] != target.store or (job[0].done() and not fresh):
+            if job is not None and not job[0].done():  # the last look hangs: this store gets its own thread
+                self._lock_thread = OwnThread("sweep-lock")
+            future = self._lock_thread.run(lock_state, target.store,
+                                           on_error=lambda e: {"held": None, "error": one_line(e)})
+            job = self._lock_job = (future, time.monotonic(), target.store)
+        elif job[0].done():
+            return  # fresh
+        future, started, _ = job
+        try:
+            state = await asyncio.wait_for(asyncio.shield(future),
+                                           max(0.0, LOCK_CHECK_TIMEOUT - (time.monotonic() - started)))
+        except asyncio.TimeoutError:
+            state = {"held": None, "error": f"no answer for {time.monotonic() - started:.0f}s"}
+        self.lock = {**state, "checked_at": time.time()}
 
     async def _schedule_loop(self) -> None:
         first = True

@@ -34,7 +34,7 @@ from . import store_health
 from .config import Config
 from .errors import one_line, os_error_text
 from .sessions import Target, target_for
-from .threads import in_own_thread
+from .threads import OwnThread
 from .venv import VenvInfo
 
 CHECK_INTERVAL = 10.0
@@ -80,6 +80,7 @@ def directory_problem(path: Path) -> str | None:
 
 # A directory check still running (a hung NFS store), with when it began: never a second one beside it.
 _directory_checks: dict[Path, tuple[asyncio.Future[str | None], float]] = {}
+_directory_threads: dict[Path, OwnThread[str | None]] = {}  # kept: a check every 10 s starts no thread
 
 
 async def check(endpoint: Endpoint, timeout: float = CHECK_TIMEOUT) -> str | None:
@@ -89,8 +90,11 @@ async def check(endpoint: Endpoint, timeout: float = CHECK_TIMEOUT) -> str | Non
         # status, systemd's watchdog) nor hold a thread of its pool.
         job = _directory_checks.get(endpoint.path)
         if job is None or job[0].done() or job[0].get_loop() is not asyncio.get_running_loop():
-            future = in_own_thread(directory_problem, endpoint.path,
-                                   on_error=lambda e: os_error_text(e) if isinstance(e, OSError) else one_line(e))
+            thread = _directory_threads.get(endpoint.path)
+            if thread is None or (job is not None and not job[0].done()):  # (that one hangs, in another loop)
+                thread = _directory_threads[endpoint.path] = OwnThread("store-check")
+            future = thread.run(directory_problem, endpoint.path,
+                                on_error=lambda e: os_error_text(e) if isinstance(e, OSError) else one_line(e))
             job = _directory_checks[endpoint.path] = (future, time.monotonic())
         try:
             return await asyncio.wait_for(asyncio.shield(job[0]), timeout)

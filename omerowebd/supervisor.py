@@ -191,9 +191,10 @@ class Supervisor:
     async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
         if cmd == "status":
-            health = self.services["store_health"]
-            assert isinstance(health, StoreHealth)
-            await health.refresh()  # within its timeout; one check serves a status flood
+            health, sessions = self.services["store_health"], self.services["sessions"]
+            assert isinstance(health, StoreHealth) and isinstance(sessions, SessionService)
+            # Each within its timeout; one check serves a status flood; nothing of it runs on a clock.
+            await asyncio.gather(health.refresh(), sessions.refresh_lock())
             return {"ok": True, **redact.structure(self.status())}  # no secret in a reply, whoever wrote the text
         if cmd == "reload":
             if request.get("dry_run"):

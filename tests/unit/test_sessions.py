@@ -864,8 +864,9 @@ def test_lock_state_never_follows_a_link(tmp_path: Path) -> None:
 
 
 def test_a_lock_check_that_hangs_never_starves_the_daemons_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a hung NFS mount the check never returns: the watch keeps waiting on that one check (no
-    second one piles up behind it) and every other asyncio.to_thread of the daemon still runs."""
+    """On a hung NFS mount the look never returns: each status waits on that one look for at most
+    LOCK_CHECK_TIMEOUT after it began (no second one piles up behind it) and every other
+    asyncio.to_thread of the daemon still runs."""
     import asyncio
     import threading
 
@@ -878,29 +879,71 @@ def test_a_lock_check_that_hangs_never_starves_the_daemons_threads(monkeypatch: 
         return {"held": False, "holder": ""}
 
     monkeypatch.setattr(sessions, "lock_state", hung)
-    monkeypatch.setattr(sessions, "LOCK_CHECK_INTERVAL", 0.001)
-    monkeypatch.setattr(sessions, "LOCK_CHECK_TIMEOUT", 0.001)
+    monkeypatch.setattr(sessions, "LOCK_FRESH", 0.0)
+    monkeypatch.setattr(sessions, "LOCK_CHECK_TIMEOUT", 0.05)
     service = sessions.SessionService(SimpleNamespace())
     config = parse("")
     service.update(config, sessions.pinned_properties(config), info())
 
     async def main() -> list[int]:
-        watch = asyncio.create_task(service._watch_lock())
         try:
-            rounds: set[float] = set()
-            while len(rounds) < 40:  # more rounds than the default pool has threads (at most 32)
-                await asyncio.sleep(0.005)
-                if service.lock:
-                    rounds.add(service.lock["checked_at"])
+            for _ in range(40):  # more statuses than the default pool has threads (at most 32)
+                await service.refresh_lock()
             assert service.lock is not None and service.lock["held"] is None
             assert "no answer" in service.lock["error"]
             return await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(int, "1") for _ in range(64))), 60)
         finally:
-            watch.cancel()
-            release.set()  # the stuck check ends (or asyncio.run would wait for it at its end)
+            release.set()  # the stuck look ends (or asyncio.run would wait for it at its end)
 
     assert asyncio.run(main()) == [1] * 64
     assert len(calls) == 1
+
+
+def test_the_lock_is_looked_at_when_status_asks_and_never_on_a_clock(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    import asyncio
+    import dataclasses
+    import threading
+
+    calls: list[Path] = []
+    real = sessions.lock_state
+    gate = threading.Event()  # a look started before the test asks for one stays in sight
+
+    def counted(store: Path) -> dict[str, object]:
+        gate.wait(60)
+        calls.append(store)
+        return real(store)
+
+    monkeypatch.setattr(sessions, "lock_state", counted)
+    service = sessions.SessionService(SimpleNamespace())
+    config = parse("at_start = false")
+    service.update(config, sessions.pinned_properties(config), info())
+    assert service.target is not None and service.target.kind == "file"
+    service.target = dataclasses.replace(service.target, store=tmp_path)
+
+    async def main() -> None:
+        before = set(threading.enumerate())  # (other tests' kept threads)
+        runs = asyncio.create_task(service.run())  # the schedule: nothing due for hours
+        try:
+            for _ in range(1000):
+                if service.next_at is not None:  # the service's loop has run its first step
+                    break
+                await asyncio.sleep(0.01)
+            assert service.next_at is not None
+            looks = [t for t in threading.enumerate() if t.name.startswith("omerowebd-") and t not in before]
+            assert not looks and not calls, "a look at the lock nobody asked for"
+            gate.set()
+            await service.refresh_lock()
+            assert service.lock is not None and service.lock["held"] is False
+            await service.refresh_lock()  # a status flood: one look serves it
+            assert len(calls) == 1
+            monkeypatch.setattr(sessions, "LOCK_FRESH", 0.0)
+            await service.refresh_lock()
+            assert len(calls) == 2
+        finally:
+            runs.cancel()
+
+    asyncio.run(main())
 
 
 # -- gentleness ---------------------------------------------------------------------------

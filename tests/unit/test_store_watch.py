@@ -196,3 +196,22 @@ def test_a_directory_check_that_raises_is_an_answer(monkeypatch, tmp_path):
     monkeypatch.setattr(store_watch, "directory_problem", raises)
     answer = asyncio.run(store_watch.check(store_watch.Directory(tmp_path), timeout=10))
     assert answer == f"No such file or directory: {tmp_path}"
+
+
+def test_the_directory_checks_take_turns_in_one_kept_thread(monkeypatch, tmp_path):
+    """A check every 10 s for the daemon's life: each in a thread started for it was an idle cost."""
+    import threading
+
+    threads = []
+
+    def answers(path):
+        threads.append(threading.current_thread())
+        return None
+
+    monkeypatch.setattr(store_watch, "directory_problem", answers)
+
+    async def main():
+        return [await store_watch.check(store_watch.Directory(tmp_path)) for _ in range(5)]
+
+    assert asyncio.run(main()) == [None] * 5
+    assert len(threads) == 5 and len(set(threads)) == 1 and threads[0] is not threading.main_thread()
