@@ -191,9 +191,25 @@ class Omerowebd:
         return json.loads(out.stdout)
 
     def stop(self) -> None:
+        """Stop the daemon; return once every process it started is gone too (the venv probe, a sweep): one
+        left running would load whatever the bench times next."""
         if self.proc and self.proc.poll() is None:
+            children = _children(self.proc.pid)
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(60)
+            wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 60,
+                     "the daemon's processes to exit")
+
+
+def _children(pid: int) -> set[int]:
+    """Every thread's children of process ``pid`` (asyncio starts some from its threads)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.update(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return found
 
 
 @contextmanager
