@@ -56,7 +56,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import desired, omero_config, printable, trust
+from . import desired, omero_config, printable, sweep_settings, trust
 from .config import Config, SessionsSettings
 from .errors import one_line
 from .nginx_syntax import host_and_port
@@ -705,18 +705,41 @@ class SessionService:
                 return {"engine": target.engine, "store": None, "sweeper": None, "dry_run": dry_run,
                         "skipped": target.note}
             self.running = {"since": time.time(), "trigger": trigger, "dry_run": dry_run}
+            if self._snapshot is None:
+                self._snapshot = self._recall(target)
             try:
                 result = await sweep(target, dry_run, self._snapshot)
             finally:
                 self.running = None
             result["trigger"] = trigger
             if isinstance(result.get("snapshot"), dict):
+                if result["snapshot"] != self._snapshot:
+                    await self._remember(target, result["snapshot"])
                 self._snapshot = result["snapshot"]
             self.sweeps += 1
             if not dry_run:
                 self.last = summary(result)
             self._log(result)
             return {k: v for k, v in result.items() if k != "snapshot"}
+
+    def _recall(self, target: Target) -> dict[str, Any] | None:
+        """The settings a sweep learnt before this daemon started (sweep_settings.py), if they fit."""
+        if target.state_dir is None:
+            return None
+        snapshot, why = sweep_settings.recall(target.state_dir, _settings_key(target))
+        if why:
+            self.log.warning(f"ignoring the remembered sweep settings {target.state_dir / sweep_settings.NAME}: "
+                             f"{why}; the sweep imports OMERO.web's settings instead")
+        return snapshot
+
+    async def _remember(self, target: Target, snapshot: Mapping[str, Any]) -> None:
+        if target.state_dir is None:
+            return
+        try:
+            await asyncio.to_thread(sweep_settings.remember, target.state_dir, _settings_key(target), snapshot)
+        except OSError as e:  # a full disk: the next start's first sweep imports the settings, that is all
+            self.log.warning("cannot remember the sweep's settings; the first sweep after a restart imports them",
+                             error=one_line(e))
 
     def _log(self, result: Mapping[str, Any]) -> None:
         fields = summary(result)
@@ -747,6 +770,11 @@ class SessionService:
             "sweeps": self.sweeps,
             "lock": self.lock,
         }
+
+
+def _settings_key(target: Target) -> str:
+    return sweep_settings.key(config_xml=target.config_xml, store=target.store, engine=target.engine,
+                              omerodir=target.omerodir, python=target.python)
 
 
 def render_status(s: Any) -> list[str]:
