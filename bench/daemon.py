@@ -10,13 +10,15 @@ root measures a root daemon, which first checks that root alone controls the
 venv). Goals: first 200 within 0.2 s of bare gunicorn, requests/s ratio >=
 0.98, RSS < 40 MB, idle CPU < 0.5 %.
 
-The requests/s rounds (which server goes first alternates) start each server,
-wait for what the daemon's start leaves running after READY (the first session
-sweep), load it for a second, then time the window; beside requests/s, the
-workers' CPU per request, which the machine's other load does not move. The
-daemon's idle CPU is measured before any load (no request's tail in it), over
---idle seconds (20, in --quick too, once), with systemd's watchdog on as under
-the unit (WatchdogSec=30: the daemon asks the site every 10 s).
+Each requests/s round starts omerowebd and bare gunicorn side by side, waits
+for what the daemon's start leaves running after READY (the first session
+sweep), loads each for a second, then times four windows, omerowebd, bare,
+bare, omerowebd (the reverse in every other round), so the machine's other
+load, which comes and goes, hits both alike; beside requests/s, the workers'
+CPU per request. The daemon's idle CPU is measured before any load (no
+request's tail in it), over --idle seconds (20, in --quick too, once), with
+systemd's watchdog on as under the unit (WatchdogSec=30: the daemon asks the
+site every 10 s).
 
 Each start is timed from the Popen of the process (omerowebd's Python, or
 bare gunicorn's) to the first 200 on its port. The starts are measured in
@@ -65,10 +67,8 @@ def wrk(port: int, seconds: int) -> tuple[float, int]:
 
 
 def serve_rate(port: int, master: int, seconds: int) -> tuple[float, float]:
-    """(requests/s, the workers' CPU milliseconds per request) after a warm-up: the CPU a request costs is the
-    same whatever else the machine runs, so it shows whether the daemon adds to the data path where a
-    requests/s on this shared 2-core machine moves by 10 % between windows."""
-    wrk(port, WARM_UP)
+    """(requests/s, the workers' CPU milliseconds per request): the CPU a request costs moves less with
+    the machine's other load than requests/s, which moves by 10 % between windows on these 2 shared cores."""
     workers = children(master)
     before = sum(cpu_seconds(pid) for pid in workers)
     rate, requests = wrk(port, seconds)
@@ -137,7 +137,7 @@ def main() -> None:
     report_args(parser)
     args = parser.parse_args()
     if args.quick:
-        args.seconds, args.starts = min(args.seconds, 5), min(args.starts, 5)  # the idle window stays 20 s (measured once)
+        args.seconds, args.starts = min(args.seconds, 3), min(args.starts, 5)  # the idle window stays 20 s (measured once)
     user = service_user(args.user)
     # As a package install leaves it (dh_python3, %py_byte_compile): the daemon's modules compiled. Else each start
     # compiles every module edited since its bytecode was last written, in memory (the service user cannot write it).
@@ -191,7 +191,9 @@ def main() -> None:
                 wait_for(verdict.exists, 60, "the venv's answer to be remembered")  # else the next start asks too
                 daemon.stop()
 
-        def daemon_round(round_: int) -> None:
+        def rate_round(round_: int) -> None:
+            """Both servers up side by side, their windows in the order A B B A: drift on the machine
+            (the other work on its cores comes and goes) hits both alike."""
             nonlocal rss
             daemon = Omerowebd(root, free_port(), args.workers, user=user)
             os.environ["WATCHDOG_USEC"] = str(WATCHDOG_SEC * 1_000_000)  # as under the unit: its probe counts
@@ -199,39 +201,37 @@ def main() -> None:
                 daemon.start()
             finally:
                 del os.environ["WATCHDOG_USEC"]
-            settled(daemon)
-            assert daemon.proc is not None
-            if round_ == 0 or not args.quick:  # before any load: no request's tail in the window
-                idle.append(idle_percent(daemon.proc.pid, args.idle))
-            rate, cpu = serve_rate(daemon.port, daemon.status()["generation"]["master_pid"], args.seconds)
-            rates[remembered].append(rate)
-            per_request[remembered].append(cpu)
-            rss = max(rss, rss_mb(daemon.proc.pid))
-            daemon.stop()
-
-        def bare_round() -> None:
             bare = BareGunicorn(root / "omerodir", free_port(), args.workers, user=user)
-            bare.start()
-            assert bare.proc is not None
-            rate, cpu = serve_rate(bare.port, bare.proc.pid, args.seconds)
-            rates[bare_name].append(rate)
-            per_request[bare_name].append(cpu)
-            bare.stop()
+            try:
+                settled(daemon)
+                assert daemon.proc is not None
+                if round_ == 0 or not args.quick:  # before any load: no request's tail in the window
+                    idle.append(idle_percent(daemon.proc.pid, args.idle))
+                bare.start()
+                assert bare.proc is not None
+                servers = {remembered: (daemon.port, daemon.status()["generation"]["master_pid"]),
+                           bare_name: (bare.port, bare.proc.pid)}
+                for name in servers:
+                    wrk(servers[name][0], WARM_UP)
+                order = [remembered, bare_name, bare_name, remembered]
+                for name in order if round_ % 2 == 0 else order[::-1]:
+                    rate, cpu = serve_rate(*servers[name], args.seconds)
+                    rates[name].append(rate)
+                    per_request[name].append(cpu)
+                rss = max(rss, rss_mb(daemon.proc.pid))
+            finally:
+                bare.stop()
+                daemon.stop()
 
-        for round_ in range(args.rounds):  # which goes first alternates: a slow spell hits both alike
-            if round_ % 2:
-                bare_round()
-                daemon_round(round_)
-            else:
-                daemon_round(round_)
-                bare_round()
+        for round_ in range(args.rounds):
+            rate_round(round_)
 
     who = f"as {user}" if user else "as root"
     rows = [[name, f"{median(starts[name]):.2f}", len(starts[name]),
              f"{median(rates[name]):.1f}" if name in rates else "-"] for name in starts]
     table(f"OMERO.web login page, {args.workers} sync workers (medians), servers run {who}",
           ["server", "first 200 after start (s)", "starts", f"requests/s (wrk -t2 -c8 -d{args.seconds}, "
-           f"{args.rounds} rounds)"], rows)
+           f"{len(rates[bare_name])} windows)"], rows)
     ratio = median(rates[remembered]) / median(rates[bare_name])
     idle_cpu = median(idle)
     over = median(gaps)
@@ -246,7 +246,7 @@ def main() -> None:
         ["first 200: omerowebd (venv asked first) - bare gunicorn",
          f"{median(starts[asked]) - median(starts[bare_name]):+.2f} s", "-"],
         ["requests/s ratio omerowebd / bare", f"{ratio:.3f}", ">= 0.98"],
-        ["  its rounds, omerowebd / bare (requests/s)",
+        ["  its windows, omerowebd / bare (requests/s)",
          "  ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(rates[remembered], rates[bare_name])), "-"],
         ["  the workers' CPU per request, omerowebd / bare (ms)",
          f"{median(per_request[remembered]):.2f} / {median(per_request[bare_name]):.2f}", "-"],
