@@ -226,3 +226,20 @@ def test_config_change_moves_the_next_sweep(site: Site, tmp_path: Path) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+def test_a_restarted_daemon_sweeps_without_importing_omeroweb_settings(site: Site, tmp_path: Path) -> None:
+    """The settings the first daemon's sweep learnt (importing omeroweb.settings) are remembered in the state
+    dir: the next daemon's first sweep decides from them, as every later sweep of the first daemon did."""
+    (tmp_path / "state").mkdir()
+    config = make_config(site, tmp_path, 'schedule = "1d"')
+    reports = []
+    for _ in ("first daemon", "second daemon"):
+        made = site.make(["expired"])
+        service = SessionService(Log())  # a daemon's life: nothing in memory from the last one
+        update(service, site, config)
+        reports.append(asyncio.run(service.sweep_now()))
+        assert not (site.store / made["expired"]).exists()
+    assert reports[0]["django_settings"] == "omeroweb.settings" and reports[0]["deleted"] == 1
+    assert reports[1].get("django_settings") is None and reports[1]["deleted"] == 1
+    assert (tmp_path / "state" / "sweep-settings.json").stat().st_mode & 0o777 == 0o600
