@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,7 @@ def is_snapshot(value: Any) -> bool:
 def recall(state_dir: Path, wanted: str) -> tuple[dict[str, Any] | None, str | None]:
     """(the snapshot remembered for ``wanted``, None), (None, None) if there is none for it, or
     (None, why the file is not to be trusted)."""
-    data, why = read_own(state_dir / NAME)
+    data, why = trust.read_own_file(state_dir / NAME, MAX_BYTES)
     if data is None:
         return None, why
     try:
@@ -78,44 +77,8 @@ def recall(state_dir: Path, wanted: str) -> tuple[dict[str, Any] | None, str | N
 
 def remember(state_dir: Path, wanted: str, snapshot: Mapping[str, Any]) -> bool:
     """Keep ``snapshot`` for ``wanted`` (a write: call it in a thread). False where root may not write it."""
-    if not may_use(state_dir):
+    if not trust.root_may_keep_in(state_dir):
         return False
     record = {"format": FORMAT, "key": wanted, "snapshot": dict(snapshot)}
     write_atomic(state_dir / NAME, json.dumps(record, sort_keys=True).encode(), mode=0o600)
     return True
-
-
-def may_use(state_dir: Path) -> bool:
-    """Root reads and writes the file only where root alone controls it."""
-    return os.geteuid() != 0 or not trust.path_problems(state_dir, "directory")
-
-
-def read_own(path: Path) -> tuple[bytes | None, str | None]:
-    """(the file's bytes, None), (None, None) if there is none, or (None, why it is not to be trusted)."""
-    if os.geteuid() == 0:
-        # Before opening: with every directory on the way root's alone, nobody can swap the file after.
-        if not os.path.lexists(path):
-            return None, None
-        problems = trust.file_problems(path, "file")
-        if problems:
-            return None, f"{problems[0]} (root trusts only what root alone controls)"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None, None
-    except OSError as e:
-        return None, "it is a symbolic link" if os.path.islink(path) else f"cannot open it: {e.strerror}"
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, "it is not a regular file"
-        if st.st_uid != os.geteuid():
-            return None, f"it is owned by uid {st.st_uid}, not by uid {os.geteuid()} that runs omerowebd"
-        if st.st_mode & 0o022:
-            return None, f"others may write it (mode {stat.S_IMODE(st.st_mode):04o})"
-        if st.st_size > MAX_BYTES:
-            return None, f"it is larger than {MAX_BYTES >> 10} KiB"
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(MAX_BYTES + 1), None
-    finally:
-        os.close(fd)

@@ -168,6 +168,48 @@ def file_problems(path: str | os.PathLike[str], what: str = "file") -> list[str]
     return path_problems(path, what)
 
 
+def root_may_keep_in(directory: str | os.PathLike[str]) -> bool:
+    """May this process keep a remembered answer in ``directory``? Anyone in
+    their own; root only where root alone controls every step of the path."""
+    return os.geteuid() != 0 or not path_problems(directory, "directory")
+
+
+def read_own_file(path: str | os.PathLike[str], max_bytes: int) -> tuple[bytes | None, str | None]:
+    """A file the daemon remembered something in, read only if it may trust it:
+    (its bytes, None), (None, None) if there is none, or (None, why not).
+
+    Trusted: a regular file, not a link, owned by the user this process runs
+    as, which nobody else may write, at most ``max_bytes``. Root first checks
+    that root alone controls the whole path (file_problems)."""
+    if os.geteuid() == 0:
+        # Before opening: with every directory on the way root's alone, nobody can swap the file after.
+        if not os.path.lexists(path):
+            return None, None
+        problems = file_problems(path, "file")
+        if problems:
+            return None, f"{problems[0]} (root trusts only what root alone controls)"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, "it is a symbolic link" if os.path.islink(path) else f"cannot open it: {e.strerror}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "it is not a regular file"
+        if st.st_uid != os.geteuid():
+            return None, f"it is owned by uid {st.st_uid}, not by uid {os.geteuid()} that runs omerowebd"
+        if st.st_mode & 0o022:
+            return None, f"others may write it (mode {stat.S_IMODE(st.st_mode):04o})"
+        if st.st_size > max_bytes:
+            return None, f"it is larger than {max_bytes >> 10} KiB"
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(max_bytes + 1), None
+    finally:
+        os.close(fd)
+
+
 def _base_prefix(venv: Path) -> Path | None:
     """The interpreter's prefix, from pyvenv.cfg's ``home`` (the directory of the base python)."""
     try:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -134,7 +133,7 @@ class Verdicts:
 
     def recall(self, config: Config, packages: str) -> VenvInfo | None:
         """The remembered answer for this config and venv, or None (none, another key, or not to be trusted)."""
-        data, why = self._read()
+        data, why = trust.read_own_file(self.path, MAX_BYTES)
         if data is None:
             if why:
                 self.log.warning(f"ignoring the remembered venv answer {self.path}: {why}; the venv is asked instead")
@@ -157,7 +156,7 @@ class Verdicts:
 
     def remember(self, config: Config, packages: str, info: VenvInfo) -> None:
         """Keep the venv's answer about a config that passed its checks and serves (a write: call it in a thread)."""
-        if info.errors or packages == UNCONFIRMED or not self._may_use():
+        if info.errors or packages == UNCONFIRMED or not trust.root_may_keep_in(self.path.parent):
             return
         record = {"key": key(config.daemon.venv, config.properties, config.daemon.omerodir, packages),
                   "answer": _answer(info)}
@@ -168,46 +167,12 @@ class Verdicts:
 
     def forget(self) -> None:
         try:
-            if self._may_use():
+            if trust.root_may_keep_in(self.path.parent):
                 self.path.unlink()
         except FileNotFoundError:
             pass
         except OSError as e:
             self.log.warning("cannot remove the remembered venv answer", path=str(self.path), error=e.strerror)
-
-    def _may_use(self) -> bool:
-        """Root reads and writes the file only where root alone controls it."""
-        return os.geteuid() != 0 or not trust.path_problems(self.path.parent, "directory")
-
-    def _read(self) -> tuple[bytes | None, str | None]:
-        """(the file's bytes, None), (None, None) if there is none, or (None, why it is not to be trusted)."""
-        if os.geteuid() == 0:
-            # Before opening: with every directory on the way root's alone, nobody can swap the file after.
-            if not self.path.exists():
-                return None, None
-            problems = trust.file_problems(self.path, "file")
-            if problems:
-                return None, f"{problems[0]} (root trusts only what root alone controls)"
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None, None
-        except OSError as e:
-            return None, "it is a symbolic link" if os.path.islink(self.path) else f"cannot open it: {e.strerror}"
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None, "it is not a regular file"
-            if st.st_uid != os.geteuid():
-                return None, f"it is owned by uid {st.st_uid}, not by uid {os.geteuid()} that runs omerowebd"
-            if st.st_mode & 0o022:
-                return None, f"others may write it (mode {stat.S_IMODE(st.st_mode):04o})"
-            if st.st_size > MAX_BYTES:
-                return None, f"it is larger than {MAX_BYTES >> 20} MiB"
-            with os.fdopen(os.dup(fd), "rb") as f:
-                return f.read(MAX_BYTES + 1), None
-        finally:
-            os.close(fd)
 
 
 def _differences(old: VenvInfo, new: VenvInfo) -> list[str]:
