@@ -299,6 +299,36 @@ def test_priority_is_lowered_in_the_child() -> None:
     assert first == "19 []" and second.strip() == "idle"
 
 
+def autogroup_nice(pid: int | str = "self") -> int | None:
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            return int(f.read().split("nice")[1])  # "/autogroup-123 nice 0"
+    except FileNotFoundError:
+        return None  # a kernel without autogroups: nice and SCHED_IDLE rule alone
+
+
+def test_priority_lowers_the_session_group_only_as_its_leader() -> None:
+    """With autogroups the sweep's nice only ranks it inside its own session's
+    group: as the leader of its own session (as the daemon starts it) it lowers
+    that group; in someone else's session (an operator's shell) it leaves it."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import session_sweep as s;"
+            "print(s.lower_priority(19, False)); print(open('/proc/self/autogroup').read().split('nice')[1].strip())")
+    args = [sys.executable, "-c", code, str(Path(sweep_script.__file__).parent)]
+    if autogroup_nice() is None:
+        done = subprocess.run(args[:2] + ["import sys; sys.path.insert(0, sys.argv[1]); import session_sweep as s;"
+                                          "print(s.lower_priority(19, False))", args[3]],
+                              capture_output=True, text=True, timeout=60, start_new_session=True)
+        assert done.stdout.strip() == "[]", done.stderr
+        return
+    own = subprocess.run(args, capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.split() == ["[]", "19"]
+    before = autogroup_nice()
+    shared = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert shared.returncode == 0, shared.stderr
+    assert shared.stdout.split() == ["[]", str(before)] and autogroup_nice() == before
+
+
 # -- reports -------------------------------------------------------------------------
 
 
