@@ -95,6 +95,17 @@ class SiteConfigXml:
 
         async def switch() -> Undo:
             before = (self._config, self._properties)
+            self.look()  # an edit made while the new generation booted is kept as one made before
+            if self.foreign is not None and not discard and self.foreign.lost_by(desired.properties,
+                                                                                 config.properties):
+                self.log.warning("config.xml left as it is: it was edited outside omerowebd while the new "
+                                 "generation started (that generation serves from its own copy)",
+                                 path=str(self.foreign.path), fix=self.foreign.ways_out(self.config_path))
+
+                async def nothing_to_undo() -> None:
+                    pass
+
+                return nothing_to_undo
             written, snapshot = await self._write(omerodir, state_dir, data)
             # Measured against this config only once its file is written: what omerowebd wrote is what the
             # ledger says, so a write that failed (or an undo) never makes our own file look edited by someone.
@@ -146,7 +157,7 @@ class SiteConfigXml:
 
         Called once that generation serves, not at its stage: the watcher's
         library and thread would delay gunicorn's spawn. An edit made
-        meanwhile is seen here, before the switch writes the file.
+        meanwhile is seen here, and the switch that follows leaves it (stage's rule).
         """
         self._follow(self._config)
         self.look()
@@ -157,9 +168,15 @@ class SiteConfigXml:
         if self._watcher is not None and self._watcher.path == path:
             return
         self.stop()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._watcher = ConfigWatcher(path, self.look)
-        self._watcher.start()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            watcher = ConfigWatcher(path, self.look)
+            watcher.start()
+        except OSError as e:  # no inotify watch left, a read-only OMERODIR: edits are seen at the next reload
+            self.log.warning("cannot watch config.xml for edits; they are seen at the next reload",
+                             path=str(path), error=e.strerror)
+            return
+        self._watcher = watcher
 
     def stop(self) -> None:
         if self._watcher is not None:

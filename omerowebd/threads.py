@@ -37,8 +37,9 @@ class OwnThread(Generic[T]):
         self._calls.put((loop, future, call, args, on_error))
         with self._guard:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=f"omerowebd-{self.name}", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._work, name=f"omerowebd-{self.name}", daemon=True)
+                thread.start()  # may fail (the unit's task limit): the next call tries again
+                self._thread = thread
         return future
 
     def _work(self) -> None:

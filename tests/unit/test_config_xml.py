@@ -85,6 +85,38 @@ def test_an_edit_made_outside_omerowebd_is_kept_unless_dropped_on_purpose(tmp_pa
     asyncio.run(scenario())
 
 
+def test_an_edit_made_while_the_new_generation_boots_is_left_by_its_switch(tmp_path: Path, info) -> None:  # noqa: F811
+    """Between the stage (before the spawn) and the switch (once it serves) someone runs `omero config set`:
+    the switch leaves the file, as the stage would have, and says so; the generation serves from its own copy."""
+    config = make_config(tmp_path, omero='prefix = "/ours"\n')
+    path = omero_config.config_xml_path(config.daemon.omerodir)
+    config.daemon.state_dir.mkdir(parents=True)
+    log = Log()
+    site = SiteConfigXml(log, config, lambda: None)
+
+    async def scenario() -> None:
+        try:
+            switch = await site.stage(derive(config, info, "A"))
+            assert switch is not None
+            await switch()
+            second = make_config(tmp_path, omero='prefix = "/second"\n')
+            switch = await site.stage(derive(second, info, "A"))
+            assert switch is not None
+            theirs = omero_config.properties_of(path.read_bytes())
+            theirs["omero.web.debug"] = "true"  # while the new generation boots
+            omero_config.write_config_xml(config.daemon.omerodir, theirs)
+            edited = path.read_bytes()
+            undo = await switch()
+            assert path.read_bytes() == edited and site.foreign is not None
+            await undo()
+            assert path.read_bytes() == edited
+        finally:
+            site.stop()
+
+    asyncio.run(scenario())
+    assert any(level == "warning" and "while the new generation started" in event for level, event, _ in log.events)
+
+
 def test_an_undo_puts_back_the_file_its_ledger_and_what_it_is_measured_against(tmp_path: Path, info) -> None:  # noqa: F811
     first = make_config(tmp_path, omero='prefix = "/first"\n')
     second = make_config(tmp_path, omero='prefix = "/second"\n')

@@ -37,3 +37,22 @@ def test_the_thread_ends_when_idle_and_the_next_call_starts_another(monkeypatch:
     assert not first.is_alive() and worker._thread is None
     second = asyncio.run(one())  # and a later call still gets an answer
     assert second is not first and second.daemon
+
+
+def test_a_thread_that_cannot_start_is_tried_again_at_the_next_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit's task limit refuses a thread once: that call fails, the next one starts a thread and answers."""
+    worker: threads.OwnThread[int] = threads.OwnThread("test")
+    real_start = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    async def main() -> int:
+        monkeypatch.setattr(threading.Thread, "start", refused)
+        with pytest.raises(RuntimeError):
+            worker.run(int, "1", on_error=lambda e: -1)
+        assert worker._thread is None
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        return await asyncio.wait_for(worker.run(int, "7", on_error=lambda e: -1), 30)
+
+    assert asyncio.run(main()) == 7
