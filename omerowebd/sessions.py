@@ -603,6 +603,7 @@ class SessionService:
         self.running: dict[str, Any] | None = None
         self.sweeps = 0
         self._snapshot: dict[str, Any] | None = None
+        self._snapshot_uid: int | None = None  # the user whose sweep learnt _snapshot
         self.lock: dict[str, Any] | None = None  # the store's sweep lock, as last seen
         self._lock_job: tuple[asyncio.Future[dict[str, Any]], float, Path] | None = None  # (look, since, store)
         self._lock_thread: OwnThread[dict[str, Any]] = OwnThread("sweep-lock")
@@ -705,16 +706,21 @@ class SessionService:
                 return {"engine": target.engine, "store": None, "sweeper": None, "dry_run": dry_run,
                         "skipped": target.note}
             self.running = {"since": time.time(), "trigger": trigger, "dry_run": dry_run}
-            if self._snapshot is None:
-                self._snapshot = self._recall(target)
+            uid = await asyncio.to_thread(sweep_uid, target)
+            if uid != self._snapshot_uid:
+                # Settings learnt by one user's sweep never go to another's (a store chowned to root
+                # since: root's sweep would import the serializer a service user's sweep named).
+                self._snapshot, self._snapshot_uid = None, uid
+            if self._snapshot is None and uid is not None:
+                self._snapshot = await asyncio.to_thread(self._recall, target, uid)
             try:
                 result = await sweep(target, dry_run, self._snapshot)
             finally:
                 self.running = None
             result["trigger"] = trigger
             if isinstance(result.get("snapshot"), dict):
-                if result["snapshot"] != self._snapshot:
-                    await self._remember(target, result["snapshot"])
+                if result["snapshot"] != self._snapshot and uid is not None:
+                    await self._remember(target, uid, result["snapshot"])
                 self._snapshot = result["snapshot"]
             self.sweeps += 1
             if not dry_run:
@@ -722,21 +728,22 @@ class SessionService:
             self._log(result)
             return {k: v for k, v in result.items() if k != "snapshot"}
 
-    def _recall(self, target: Target) -> dict[str, Any] | None:
-        """The settings a sweep learnt before this daemon started (sweep_settings.py), if they fit."""
+    def _recall(self, target: Target, uid: int) -> dict[str, Any] | None:
+        """The settings a sweep as ``uid`` learnt before this daemon started (sweep_settings.py), if they fit
+        (a read: call it in a thread)."""
         if target.state_dir is None:
             return None
-        snapshot, why = sweep_settings.recall(target.state_dir, _settings_key(target))
+        snapshot, why = sweep_settings.recall(target.state_dir, _settings_key(target, uid))
         if why:
             self.log.warning(f"ignoring the remembered sweep settings {target.state_dir / sweep_settings.NAME}: "
                              f"{why}; the sweep imports OMERO.web's settings instead")
         return snapshot
 
-    async def _remember(self, target: Target, snapshot: Mapping[str, Any]) -> None:
+    async def _remember(self, target: Target, uid: int, snapshot: Mapping[str, Any]) -> None:
         if target.state_dir is None:
             return
         try:
-            await asyncio.to_thread(sweep_settings.remember, target.state_dir, _settings_key(target), snapshot)
+            await asyncio.to_thread(sweep_settings.remember, target.state_dir, _settings_key(target, uid), snapshot)
         except OSError as e:  # a full disk: the next start's first sweep imports the settings, that is all
             self.log.warning("cannot remember the sweep's settings; the first sweep after a restart imports them",
                              error=one_line(e))
@@ -772,9 +779,23 @@ class SessionService:
         }
 
 
-def _settings_key(target: Target) -> str:
+def _settings_key(target: Target, uid: int) -> str:
     return sweep_settings.key(config_xml=target.config_xml, store=target.store, engine=target.engine,
-                              omerodir=target.omerodir, python=target.python)
+                              omerodir=target.omerodir, python=target.python, uid=uid)
+
+
+def sweep_uid(target: Target) -> int | None:
+    """The user a sweep of ``target`` runs as (runner_for's rule, without its checks: those come with the
+    sweep); None when that cannot be told now."""
+    if os.geteuid() != 0:
+        return os.geteuid()
+    where = target.store if target.kind == "file" else target.state_dir
+    if where is None:
+        return None
+    try:
+        return os.lstat(where).st_uid
+    except OSError:
+        return None
 
 
 def render_status(s: Any) -> list[str]:

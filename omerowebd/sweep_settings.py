@@ -36,12 +36,13 @@ from . import trust
 from .files import write_atomic
 
 NAME = "sweep-settings.json"
-FORMAT = 1  # bump when the file's shape or the key's recipe changes
+FORMAT = 2  # bump when the file's shape or the key's recipe changes
 MAX_BYTES = 64 << 10  # a snapshot is a few hundred bytes
 VALUES = (str, int, float, bool, type(None))  # what a snapshot's values may be (sessions.checked_report's rule)
 
 
-def key(*, config_xml: str | None, store: Path | None, engine: str, omerodir: Path, python: Path) -> str:
+def key(*, config_xml: str | None, store: Path | None, engine: str, omerodir: Path, python: Path,
+        uid: int | None) -> str:
     """What a remembered snapshot was learnt for, as one digest."""
     try:
         st = os.stat(python)
@@ -49,7 +50,7 @@ def key(*, config_xml: str | None, store: Path | None, engine: str, omerodir: Pa
     except OSError:
         interpreter = None
     recipe = {"format": FORMAT, "config_xml": config_xml, "store": str(store) if store else None, "engine": engine,
-              "omerodir": str(omerodir), "python": interpreter}
+              "omerodir": str(omerodir), "python": interpreter, "uid": uid}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 

@@ -21,6 +21,7 @@ SNAPSHOT = {"engine": "django.contrib.sessions.backends.file", "cookie_name": "s
 def target(tmp_path: Path, config_xml: str = "<icegrid/>") -> sessions.Target:
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
+    (tmp_path / "store").mkdir(exist_ok=True)  # a root daemon sweeps as its owner
     return sessions.Target(engine="django.contrib.sessions.backends.file", kind="file", store=tmp_path / "store",
                            omerodir=tmp_path / "omerodir", python=Path("/usr/bin/python3"), manage=tmp_path / "m.py",
                            settings=SessionsSettings(), config_xml=config_xml, state_dir=state)
@@ -69,7 +70,7 @@ def test_another_config_means_no_remembered_settings(tmp_path: Path, monkeypatch
 
 def remembered(tmp_path: Path) -> tuple[Path, str]:
     t = target(tmp_path)
-    wanted = sessions._settings_key(t)
+    wanted = sessions._settings_key(t, os.geteuid())
     assert sweep_settings.remember(t.state_dir, wanted, SNAPSHOT)
     assert sweep_settings.recall(t.state_dir, wanted) == (SNAPSHOT, None)
     return t.state_dir / sweep_settings.NAME, wanted
@@ -109,14 +110,14 @@ def test_the_wrong_key_is_no_snapshot_and_no_complaint(tmp_path: Path) -> None:
     assert sweep_settings.recall(tmp_path / "nowhere", wanted) == (None, None)
 
 
-def test_the_key_follows_config_store_engine_and_interpreter(tmp_path: Path) -> None:
+def test_the_key_follows_config_store_engine_interpreter_and_user(tmp_path: Path) -> None:
     base = {"config_xml": "<icegrid/>", "store": tmp_path / "s", "engine": "e", "omerodir": tmp_path,
-            "python": Path("/usr/bin/python3")}
+            "python": Path("/usr/bin/python3"), "uid": 0}
     keys = {sweep_settings.key(**base)}
     for change in ({"config_xml": "<x/>"}, {"store": tmp_path / "t"}, {"engine": "f"}, {"omerodir": tmp_path / "o"},
-                   {"python": Path("/bin/sh")}):
+                   {"python": Path("/bin/sh")}, {"uid": 998}):
         keys.add(sweep_settings.key(**{**base, **change}))
-    assert len(keys) == 6 and sweep_settings.key(**base) in keys
+    assert len(keys) == 7 and sweep_settings.key(**base) in keys
 
 
 def test_a_file_another_user_owns_is_ignored(tmp_path: Path) -> None:
@@ -144,3 +145,21 @@ def test_root_never_trusts_nor_writes_a_state_dir_the_service_user_can_write(tmp
     log = Log()
     given = sweep_twice(monkeypatch, [sessions.SessionService(log)], target(tmp_path))
     assert given == [None] and not path.exists() and log.warnings == []
+
+
+def test_settings_learnt_by_one_user_never_go_to_another_users_sweep(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A root daemon sweeps as the store's owner: once the store is chowned (to root, say), the settings a
+    service user's sweep learnt (its serializer is an import path) go neither from memory nor from the file."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the store away")
+    t = target(tmp_path)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(t.store, nobody.pw_uid, nobody.pw_gid)
+    service = sessions.SessionService(Log())
+    assert sweep_twice(monkeypatch, [service, service], t) == [None, SNAPSHOT]  # nobody's, twice
+    os.chown(t.store, 0, 0)
+    assert sweep_twice(monkeypatch, [service], t) == [None]  # root's sweep: not from memory
+    assert sweep_twice(monkeypatch, [sessions.SessionService(Log())], t) == [SNAPSHOT]  # root's own, remembered
+    os.chown(t.store, nobody.pw_uid, nobody.pw_gid)
+    assert sweep_twice(monkeypatch, [sessions.SessionService(Log())], t) == [None]  # not root's for nobody
