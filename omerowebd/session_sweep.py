@@ -151,12 +151,18 @@ def lower_priority(nice, idle_io):
         # Only as our own session's leader (the daemon starts sweeps so): the
         # group is the whole session's, an operator's shell's too.
         if os.getsid(0) == os.getpid():
-            try:
-                with open("/proc/self/autogroup", "w") as f:
-                    f.write("19")
-            except OSError as e:
-                if e.errno != errno.ENOENT:  # no autogroups: nice and SCHED_IDLE rule alone
-                    notes.append("autogroup: %s" % e.strerror)
+            for attempt in range(3):
+                try:
+                    with open("/proc/self/autogroup", "w") as f:
+                        f.write("19")
+                    break
+                except OSError as e:
+                    if e.errno == errno.EAGAIN and attempt < 2:
+                        time.sleep(0.11)  # the kernel takes one such write per 0.1 s, machine-wide
+                        continue
+                    if e.errno != errno.ENOENT:  # no autogroups: nice and SCHED_IDLE rule alone
+                        notes.append("autogroup: %s" % e.strerror)
+                    break
     if idle_io:
         number = IOPRIO_SYSCALL.get(platform.machine())
         if number is None:

@@ -56,7 +56,10 @@ def test_the_watchers_own_read_starts_no_other_read(tmp_path: Path) -> None:
 
             assert watcher._observer is not None
             watcher._observer.schedule(Barrier(), str(tmp_path), recursive=False)
-            path.write_text("<icegrid><properties/></icegrid>")  # a change: read once, after the debounce
+            # A change (one event: written aside and renamed over, so no read lands between a truncate
+            # and a write): read once, after the debounce.
+            (tmp_path / "config.xml.new").write_text("<icegrid><properties/></icegrid>")
+            os.replace(tmp_path / "config.xml.new", path)
             await asyncio.wait_for(changed.wait(), 30)
             after_read = pokes
             (tmp_path / "barrier").write_text("")  # once it is seen, so is every event the read made
