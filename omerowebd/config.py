@@ -281,6 +281,8 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise ValueError(f"must be a path string, not {_tname(value)}")
         if not os.path.isabs(value):
             raise ValueError(f"must be an absolute path, not {value!r}")
+        if "\0" in value:  # no file system takes one; every later use would be a traceback
+            raise ValueError("must be a path without a NUL character (\\u0000)")
         return Path(value)
     raise TypeError(hint)  # a field type this module does not know: a bug
 

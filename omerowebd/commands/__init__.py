@@ -52,9 +52,13 @@ def daemon(args: argparse.Namespace) -> Daemon:
     table: dict[str, Any] = {}
     runtime_dir: Any = None
     try:
-        text = config_file.decode(config_file.read(path), path)
+        data = config_file.read(path)
     except config_file.Problem:
-        text = ""
+        data = b""
+    try:
+        text = config_file.decode(data, path)
+    except config_file.Problem:  # not UTF-8: still looked for in its text
+        runtime_dir = _runtime_dir_from_text(data.decode(errors="replace"))
     else:
         try:
             found = config_file.parse_plain(text, path).get("daemon")
@@ -65,7 +69,7 @@ def daemon(args: argparse.Namespace) -> Daemon:
     if args.socket:
         socket = Path(args.socket)
     else:
-        usable = isinstance(runtime_dir, str) and runtime_dir.startswith("/")
+        usable = isinstance(runtime_dir, str) and runtime_dir.startswith("/") and "\0" not in runtime_dir
         socket = (Path(runtime_dir) if usable else DEFAULT_RUNTIME_DIR) / "control.sock"
     return Daemon(socket=socket, ready_timeout=_seconds(table.get("ready_timeout"), limits.READY_TIMEOUT),
                   settle_seconds=_seconds(table.get("settle_seconds"), limits.SETTLE_SECONDS))

@@ -115,6 +115,7 @@ def test_unknown_table():
     ('bind = ["localhost"]', "use HOST:PORT"),
     ("bind = []", "must name at least one address"),
     ('runtime_dir = "run"', "must be an absolute path"),
+    ('runtime_dir = "/run/x\\u0000"', "without a NUL character"),
     ('log_format = "xml"', "must be one of 'auto', 'console', 'json', 'journal'"),
     ("watch_config = 1", "must be true or false"),
     ('health_path = "login"', "must start with '/'"),

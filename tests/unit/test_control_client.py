@@ -335,9 +335,15 @@ def test_without_a_readable_config_omerowebctl_looks_in_the_packaged_runtime_dir
     for path in (tmp_path / "missing.toml", tmp_path):  # missing; a directory
         found = commands.daemon(argparse.Namespace(config=str(path), socket=None))
         assert found == (Path("/run/omerowebd/control.sock"), limits.READY_TIMEOUT, limits.SETTLE_SECONDS)
+    odd = tmp_path / "odd.toml"
+    odd.write_text('[daemon]\nruntime_dir = "/srv/run\\u0000"\n')  # no path holds a NUL
+    assert commands.daemon(argparse.Namespace(config=str(odd), socket=None))[0] == Path("/run/omerowebd/control.sock")
+
+
+def test_a_file_that_is_not_utf8_still_names_where_the_daemon_runs(tmp_path: Path) -> None:
     binary = tmp_path / "binary.toml"
     binary.write_bytes(b'[daemon]\nruntime_dir = "/srv/run"\n\xff\n')
-    assert commands.daemon(argparse.Namespace(config=str(binary), socket=None))[0] == Path("/run/omerowebd/control.sock")
+    assert commands.daemon(argparse.Namespace(config=str(binary), socket=None))[0] == Path("/srv/run/control.sock")
 
 
 def test_a_wait_longer_than_a_socket_takes_is_a_long_wait_not_a_traceback(fake_daemon, tmp_path: Path) -> None:
