@@ -149,7 +149,11 @@ def lower_priority(nice, idle_io):
         # the sweep took the same CPU share as a worker. Lowering our session's
         # group is the only way down that needs no privilege.
         # Only as our own session's leader (the daemon starts sweeps so): the
-        # group is the whole session's, an operator's shell's too.
+        # group is the whole session's, an operator's shell's too. An extra, not
+        # a setting, so never a note: it matters only where no cgroup CPU
+        # controller groups us (a unit under systemd's CPU accounting is ranked
+        # by its cgroup, where nice and SCHED_IDLE rule), and there the kernel
+        # may refuse it (no autogroups; a non-dumpable or namespaced /proc).
         if os.getsid(0) == os.getpid():
             for attempt in range(3):
                 try:
@@ -157,12 +161,9 @@ def lower_priority(nice, idle_io):
                         f.write("19")
                     break
                 except OSError as e:
-                    if e.errno == errno.EAGAIN and attempt < 2:
-                        time.sleep(0.11)  # the kernel takes one such write per 0.1 s, machine-wide
-                        continue
-                    if e.errno != errno.ENOENT:  # no autogroups: nice and SCHED_IDLE rule alone
-                        notes.append("autogroup: %s" % e.strerror)
-                    break
+                    if e.errno != errno.EAGAIN:
+                        break
+                    time.sleep(0.11)  # the kernel takes one such write per 0.1 s, machine-wide
     if idle_io:
         number = IOPRIO_SYSCALL.get(platform.machine())
         if number is None:
