@@ -38,6 +38,20 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
         time.sleep(interval)
 
 
+def end_process(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+    """Ask a test's server to end with ``sig``; kill it if it has not within ``timeout``. Its exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def shadow_venv(real: Path, where: Path, leave_out: frozenset[str] = frozenset()) -> Path:
     """A venv of links into ``real`` (but for the site-packages entries named in ``leave_out``): a package
     can be added or broken in it without touching ``real``."""
@@ -251,16 +265,7 @@ class Daemon:
             return ""
 
     def stop(self, timeout: float = 60) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return end_process(self.proc, timeout=timeout)
 
     def cleanup(self) -> None:
         self.stop()

@@ -6,7 +6,7 @@ import signal
 import socket
 import subprocess
 
-from conftest import free_port, wait_for
+from conftest import end_process, free_port, wait_for
 
 
 class Redis:
@@ -45,9 +45,4 @@ class Redis:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a paused one cannot act on TERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)

@@ -23,7 +23,7 @@ from omerowebd import config as config_module
 from omerowebd import nginx, venv
 from omerowebd.venv import VenvInfo
 
-from conftest import Daemon, free_port, wait_for
+from conftest import Daemon, end_process, free_port, wait_for
 
 pytestmark = pytest.mark.omeroweb
 
@@ -101,14 +101,7 @@ class Nginx:
         return self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGQUIT)  # graceful: the master waits for its workers
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc, signal.SIGQUIT)  # graceful: the master waits for its workers
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, free_port, wait_for
+from conftest import REPO, end_process, free_port, wait_for
 from integration.multihost import Host, Traffic, TwoHosts, need_nginx, two_hosts  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.omeroweb
@@ -212,13 +212,7 @@ class SshServer:
         return path
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc)
 
 
 @pytest.fixture
