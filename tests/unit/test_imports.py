@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import ast
 import json
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+
+from unit.test_control_client import fake_daemon  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "omerowebd"
@@ -123,27 +123,13 @@ CLIENT_LEAVES_OUT = ("asyncio", "tomlkit", "dataclasses", "omerowebd.config", "o
 
 
 @pytest.mark.parametrize("argv", [["reload"], ["reload", "--json"], ["status", "--json"]])
-def test_reload_and_status_import_none_of_the_daemons_modules(tmp_path: Path, argv: list[str]) -> None:
+def test_reload_and_status_import_none_of_the_daemons_modules(tmp_path: Path, argv: list[str], fake_daemon) -> None:  # noqa: F811
     """Run for real against a socket that answers (exit 0 says it did), in a fresh interpreter."""
+    path, replies = fake_daemon
     reply = {"ok": True, "exit_code": 0, "outcome": "applied", "message": "done", "state": "serving", "serving": True}
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "control.sock"))
-    listener.listen(4)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    replies.append(json.dumps(reply).encode() + b"\n")
     toml = tmp_path / "omerowebd.toml"
-    toml.write_text(f'[daemon]\nomerodir = "/o"\nvenv = "/v"\nruntime_dir = "{tmp_path}"\n\n[omero.web]\nprefix = "/x"\n')
+    toml.write_text(f'[daemon]\nomerodir = "/o"\nvenv = "/v"\nruntime_dir = "{path.parent}"\n\n[omero.web]\nprefix = "/x"\n')
     script = (
         "import sys\n"
         "from omerowebd import ctl\n"
@@ -151,11 +137,6 @@ def test_reload_and_status_import_none_of_the_daemons_modules(tmp_path: Path, ar
         f"print('imported:', *[m for m in {CLIENT_LEAVES_OUT!r} if m in sys.modules], file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
-    try:
-        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    finally:
-        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
-        listener.close()
-        thread.join(10)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "imported:"
