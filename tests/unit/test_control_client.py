@@ -45,6 +45,8 @@ def fake_daemon(tmp_path: Path) -> Iterator[tuple[Path, list[bytes]]]:
                 return
             with conn:
                 conn.recv(65536)
+                if not replies:
+                    continue  # no reply left: the connection closes unanswered
                 try:
                     conn.sendall(replies.pop(0))
                 except OSError:

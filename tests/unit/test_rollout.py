@@ -5,11 +5,8 @@ remote host read as untrusted data."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import pytest
 
 from omerowebd import ctl, rollout
 from omerowebd.commands import rollout as rollout_command
+from unit.test_control_client import fake_daemon  # noqa: F401 (a fixture)
 
 
 @dataclass
@@ -332,36 +330,8 @@ def test_ssh_is_run_with_a_deadline_and_a_cap(tmp_path: Path, monkeypatch: pytes
 # -- the socket and the command line ----------------------------------------------------
 
 
-@pytest.fixture
-def canned(tmp_path: Path) -> Iterator[tuple[Path, list[bytes]]]:
-    """A unix socket that answers each connection with the next canned reply."""
-    path = tmp_path / "control.sock"
-    replies: list[bytes] = []
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(4)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                if replies:
-                    conn.sendall(replies.pop(0))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield path, replies
-    server.shutdown(socket.SHUT_RDWR)
-    server.close()
-    thread.join(5)
-
-
-def test_socket_host_reads_the_daemon_s_reply_as_untrusted(canned: tuple[Path, list[bytes]]) -> None:
-    path, replies = canned
+def test_socket_host_reads_the_daemon_s_reply_as_untrusted(fake_daemon: tuple[Path, list[bytes]]) -> None:
+    path, replies = fake_daemon
     replies.append(json.dumps({"exit_code": 2, "outcome": "rolled back", "message": "boot \x1b[2Jfailed"}).encode()
                    + b"\n")
     reply = rollout.SocketHost(path, 30).reload(False)
@@ -382,8 +352,8 @@ def test_mixed_targets_keep_their_order_on_the_command_line() -> None:
 
 
 def test_rollout_command_prints_a_table_and_exits_with_the_failing_host_s_code(
-        canned: tuple[Path, list[bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path, replies = canned
+        fake_daemon: tuple[Path, list[bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, replies = fake_daemon
     replies.append(json.dumps({"exit_code": 1, "outcome": "rejected", "message": "omero.web.x: bad"}).encode() + b"\n")
     code = ctl.main(["rollout", "--timeout", "30", "--socket", str(path), "--ssh", "web9"])
     out, err = capsys.readouterr()
@@ -421,8 +391,8 @@ def test_rollout_command_usage_errors(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_reload_json_prints_one_line_even_when_the_daemon_does_not_answer(
-        canned: tuple[Path, list[bytes]], capsys: pytest.CaptureFixture[str]) -> None:
-    path, replies = canned
+        fake_daemon: tuple[Path, list[bytes]], capsys: pytest.CaptureFixture[str]) -> None:
+    path, replies = fake_daemon
     replies.append(json.dumps({"exit_code": 0, "outcome": "applied", "message": "new \x1b[2J", "generation": 3})
                    .encode() + b"\n")
     assert ctl.main(["--socket", str(path), "reload", "--json"]) == 0
