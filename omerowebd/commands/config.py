@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..exits import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ..files import write_atomic
 from . import reload as reload_command
-from . import socket_path
+from . import daemon, socket_path
 
 EXIT_NOT_SET = EXIT_FAILURE
 
@@ -298,9 +298,10 @@ def _describe(change: edit.Change, outcome: edit.Outcome, show: bool) -> str:
 
 
 def _reload(args: argparse.Namespace, path: Path) -> int:
+    found = daemon(args)  # the config file read once: where the daemon is, how long to wait
     try:
-        reply = reload_command.request(socket_path(args), {"cmd": "reload", "wait": True},
-                                       timeout=reload_command.wait_limit(args))
+        reply = reload_command.request(found.socket, {"cmd": "reload", "wait": True},
+                                       timeout=reload_command.wait_for(found))
     except (control_client.DaemonUnreachable, control_client.PermissionDenied) as e:
         print(f"not applied: {e}", file=sys.stderr)
         return e.exit_code
