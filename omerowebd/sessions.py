@@ -62,7 +62,7 @@ from .errors import one_line
 from .nginx_syntax import host_and_port
 from .procs import signal_group as _signal  # the sweep's own session: clearsessions' children go too
 from .schedule import Schedule, parse_schedule
-from .threads import OwnThread
+from .threads import Looks, NoAnswer
 from .venv import VenvInfo, effective, probe_env, python_of
 
 SCRIPT = Path(__file__).with_name("session_sweep.py")
@@ -605,8 +605,8 @@ class SessionService:
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_uid: int | None = None  # the user whose sweep learnt _snapshot
         self.lock: dict[str, Any] | None = None  # the store's sweep lock, as last seen
-        self._lock_job: tuple[asyncio.Future[dict[str, Any]], float, Path] | None = None  # (look, since, store)
-        self._lock_thread: OwnThread[dict[str, Any]] = OwnThread("sweep-lock")
+        self._lock_looks: Looks[Path, dict[str, Any]] = Looks(
+            "sweep-lock", lambda store: lock_state(store), on_error=lambda e: {"held": None, "error": one_line(e)})
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -627,30 +627,18 @@ class SessionService:
         """Who holds the file store's sweep lock (this daemon, another host on a shared store), for status.
 
         Looked at when status asks (at most once per LOCK_FRESH seconds), never on a clock: an
-        idle daemon does nothing for it. On a hung NFS mount a look never returns. So it runs in
-        a thread of its own, never the shared pool every asyncio.to_thread of the daemon waits on
-        (a reload, a crash restart); no new look starts while the last one hangs (one stuck
-        thread at most), and a status waits for it only up to LOCK_CHECK_TIMEOUT after it began."""
+        idle daemon does nothing for it. On a hung NFS mount a look never returns: threads.Looks
+        keeps it out of the loop's pool (which reloads and crash restarts wait on), starts no
+        second look beside it, and lets a status wait for it only up to LOCK_CHECK_TIMEOUT after
+        it began."""
         target = self.target
         if target is None or target.kind != "file" or target.store is None:
             self.lock = None
             return
-        job = self._lock_job
-        fresh = self.lock is not None and time.time() - self.lock["checked_at"] < LOCK_FRESH
-        if job is None or job[2] != target.store or (job[0].done() and not fresh):
-            if job is not None and not job[0].done():  # the last look hangs: this store gets its own thread
-                self._lock_thread = OwnThread("sweep-lock")
-            future = self._lock_thread.run(lock_state, target.store,
-                                           on_error=lambda e: {"held": None, "error": one_line(e)})
-            job = self._lock_job = (future, time.monotonic(), target.store)
-        elif job[0].done():
-            return  # fresh
-        future, started, _ = job
         try:
-            state = await asyncio.wait_for(asyncio.shield(future),
-                                           max(0.0, LOCK_CHECK_TIMEOUT - (time.monotonic() - started)))
-        except asyncio.TimeoutError:
-            state = {"held": None, "error": f"no answer for {time.monotonic() - started:.0f}s"}
+            state = await self._lock_looks.answer(target.store, within=LOCK_CHECK_TIMEOUT, max_age=LOCK_FRESH)
+        except NoAnswer as e:
+            state = {"held": None, "error": str(e)}
         self.lock = {**state, "checked_at": time.time()}
 
     async def _schedule_loop(self) -> None:

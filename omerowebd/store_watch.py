@@ -34,7 +34,7 @@ from . import store_health
 from .config import Config
 from .errors import one_line, os_error_text
 from .sessions import Target, target_for
-from .threads import OwnThread
+from .threads import Looks, NoAnswer
 from .venv import VenvInfo
 
 CHECK_INTERVAL = 10.0
@@ -78,28 +78,21 @@ def directory_problem(path: Path) -> str | None:
     return "not writable by the daemon's user"
 
 
-# A directory check still running (a hung NFS store), with when it began: never a second one beside it.
-_directory_checks: dict[Path, tuple[asyncio.Future[str | None], float]] = {}
-_directory_threads: dict[Path, OwnThread[str | None]] = {}  # kept: a check every 10 s starts no thread
+# A check every 10 s for the daemon's life, each in a kept thread of its store's: a store on a
+# hung mount must not stop the event loop (reloads, status, systemd's watchdog) nor hold a
+# thread of its pool, and a check that hangs is waited on again, never joined by a second.
+_directory_looks: Looks[Path, str | None] = Looks(
+    "store-check", lambda path: directory_problem(path),
+    on_error=lambda e: os_error_text(e) if isinstance(e, OSError) else one_line(e))
 
 
 async def check(endpoint: Endpoint, timeout: float = CHECK_TIMEOUT) -> str | None:
     """None when it answers; else why not, in a few words."""
     if isinstance(endpoint, Directory):
-        # In its own thread: a store on a hung mount must not stop the event loop (reloads,
-        # status, systemd's watchdog) nor hold a thread of its pool.
-        job = _directory_checks.get(endpoint.path)
-        if job is None or job[0].done() or job[0].get_loop() is not asyncio.get_running_loop():
-            thread = _directory_threads.get(endpoint.path)
-            if thread is None or (job is not None and not job[0].done()):  # (that one hangs, in another loop)
-                thread = _directory_threads[endpoint.path] = OwnThread("store-check")
-            future = thread.run(directory_problem, endpoint.path,
-                                on_error=lambda e: os_error_text(e) if isinstance(e, OSError) else one_line(e))
-            job = _directory_checks[endpoint.path] = (future, time.monotonic())
         try:
-            return await asyncio.wait_for(asyncio.shield(job[0]), timeout)
-        except asyncio.TimeoutError:
-            return f"no answer for {time.monotonic() - job[1]:.0f}s (a hung mount?)"
+            return await _directory_looks.answer(endpoint.path, within=timeout)
+        except NoAnswer as e:
+            return f"no answer for {e.seconds:.0f}s (a hung mount?)"
     answer = await store_health.probe(endpoint, timeout)
     return None if answer.ok else answer.why
 

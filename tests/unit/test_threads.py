@@ -56,3 +56,56 @@ def test_a_thread_that_cannot_start_is_tried_again_at_the_next_call(monkeypatch:
         return await asyncio.wait_for(worker.run(int, "7", on_error=lambda e: -1), 30)
 
     assert asyncio.run(main()) == 7
+
+
+def test_a_look_that_hangs_is_waited_on_again_never_joined_by_a_second() -> None:
+    """A hung NFS store: every caller gets NoAnswer within its wait, counted from when the look
+    began; one look runs at a time per thing; another thing is looked at in its own thread."""
+    release = threading.Event()
+    calls: list[str] = []
+
+    def look(thing: str) -> str:
+        calls.append(thing)
+        if thing == "hung":
+            release.wait(60)
+        return thing.upper()
+
+    looks: threads.Looks[str, str] = threads.Looks("test", look, on_error=repr)
+
+    async def main() -> list[object]:
+        answers: list[object] = []
+        try:
+            for _ in range(5):
+                with pytest.raises(threads.NoAnswer) as caught:
+                    await looks.answer("hung", within=0.05)
+                answers.append(caught.value.seconds >= 0.05)
+            answers.append(await asyncio.wait_for(looks.answer("fine", within=30), 60))
+        finally:
+            release.set()
+        answers.append(await looks.answer("hung", within=30))  # the same look, now done
+        return answers
+
+    assert asyncio.run(main()) == [True] * 5 + ["FINE", "HUNG"]
+    assert calls == ["hung", "fine"]
+
+
+def test_a_recent_answer_is_given_again_and_an_old_one_looked_at_anew() -> None:
+    calls: list[int] = []
+
+    def look(thing: int) -> int:
+        calls.append(thing)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")
+        return len(calls)
+
+    looks: threads.Looks[int, object] = threads.Looks("test", look, on_error=lambda e: e.strerror)
+
+    async def main() -> list[object]:
+        first = await looks.answer(7, within=30, max_age=3600)
+        again = await looks.answer(7, within=30, max_age=3600)  # a status flood: one look
+        anew = await looks.answer(7, within=30, max_age=0)
+        failed = await looks.answer(7, within=30, max_age=0)
+        return [first, again, anew, failed]
+
+    assert asyncio.run(main()) == [1, 1, 2, "Input/output error"]
+    assert calls == [7, 7, 7]
