@@ -62,6 +62,7 @@ from .errors import one_line
 from .nginx_syntax import host_and_port
 from .procs import signal_group as _signal  # the sweep's own session: clearsessions' children go too
 from .schedule import Schedule, parse_schedule
+from .status_lines import COUNTS, holder_text
 from .threads import Looks, NoAnswer
 from .venv import VenvInfo, effective, probe_env, python_of
 
@@ -71,7 +72,6 @@ FILE_ENGINES = ("django.contrib.sessions.backends.file", "omeroweb.filesessionst
 DB_ENGINES = ("django.contrib.sessions.backends.db", "django.contrib.sessions.backends.cached_db")
 SELF_EXPIRING = ("django.contrib.sessions.backends.cache", "django.contrib.sessions.backends.signed_cookies")
 TERM_GRACE = 10.0  # seconds a sweep told to stop has to report what it did
-COUNTS = ("scanned", "deleted", "kept", "errors")
 
 
 @dataclass(frozen=True)
@@ -344,7 +344,7 @@ def _outcome(target: Target, dry_run: bool, returncode: int | None, stdout: byte
         if timed_out:
             base["error"] = f"the sweep ran over sessions.timeout ({target.settings.timeout:.0f}s); stopped part way"
         elif report.get("busy"):
-            holder = f" ({_holder_text(report['holder'])})" if report.get("holder") else ""
+            holder = f" ({holder_text(report['holder'])})" if report.get("holder") else ""
             base["error"] = f"another sweep holds the lock on {base['store']}{holder}; not run"
         return base
     if report is not None:
@@ -354,12 +354,6 @@ def _outcome(target: Target, dry_run: bool, returncode: int | None, stdout: byte
     else:
         base["error"] = f"the sweep failed ({returncode}): {_last_line(stderr)}"
     return base
-
-
-def _holder_text(holder: str) -> str:
-    """"host pid" (what the lock's holder writes) for a person."""
-    host, _, pid = holder.partition(" ")
-    return f"host {host}, pid {pid}" if pid else f"pid {host}"
 
 
 # -- who holds the store's lock, right now ---------------------------------------------
@@ -784,72 +778,3 @@ def sweep_uid(target: Target) -> int | None:
         return os.lstat(where).st_uid
     except OSError:
         return None
-
-
-def render_status(s: Any) -> list[str]:
-    """Lines for ``omerowebctl status`` and ``omerowebctl sessions status``.
-
-    ``s`` comes from the daemon, the service user's process: every field is
-    read with its type checked, so an odd one is shown as missing, never a traceback."""
-    field = printable.field
-    engine = field(s, "engine", str)
-    if not engine:
-        return ["sessions:    not known yet"]
-    store = field(s, "store", str)
-    lines = [f"sessions:    {engine}" + (f" at {store}" if store else "") + f" ({field(s, 'note', str, '')})"]
-    if not s.get("sweeper"):
-        return lines
-    if not s.get("enabled"):
-        lines.append("  sweeping:  disabled (sessions.enabled = false)")
-        return lines
-    last = field(s, "last", dict)
-    running = field(s, "running", dict)
-    if running:
-        lines.append(f"  running:   since {_when(field(running, 'since', (int, float)))} "
-                     f"({field(running, 'trigger', str, '?')})")
-    if last:
-        lines.append(f"  last:      {_when(field(last, 'at', (int, float)))}, {describe(last)}")
-    else:
-        lines.append("  last:      none yet")
-    lock = field(s, "lock", dict)
-    if lock:
-        holder = field(lock, "holder", str, "")
-        if lock.get("held") is True:
-            lines.append("  lock:      held by " + (_holder_text(holder) if holder else "an unknown sweeper"))
-        elif lock.get("held") is False:
-            lines.append("  lock:      free")
-        else:
-            lines.append(f"  lock:      not known ({field(lock, 'error', str, '?')})")
-    next_at = field(s, "next", (int, float))
-    if next_at:
-        lines.append(f"  next:      {_when(next_at)} (schedule {field(s, 'schedule', str, '?')})")
-    return lines
-
-
-def describe(r: Mapping[str, Any]) -> str:
-    """One line: counts and duration, or what went wrong."""
-    field = printable.field
-    skipped = field(r, "skipped", str)
-    if skipped:
-        return skipped
-    parts = []
-    if r.get("sweeper") == "clearsessions":
-        parts.append(f"clearsessions exit {field(r, 'exit_status', int)}")
-    else:
-        verb = "would delete" if r.get("dry_run") is True else "deleted"
-        count = {name: field(r, name, int, 0) for name in COUNTS}
-        parts.append(f"scanned {count['scanned']}, {verb} {count['deleted']}, kept {count['kept']}, "
-                     f"errors {count['errors']}")
-    parts.append(f"{field(r, 'duration', (int, float), 0):.2f}s")
-    text = ", ".join(parts)
-    error = field(r, "error", str)
-    if error:
-        text += f"; {error}"
-    return text
-
-
-def _when(ts: float | None) -> str:
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts if ts is not None else float("nan")))
-    except (OverflowError, ValueError, OSError):
-        return "(unknown time)"

@@ -46,6 +46,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import printable
 from .sessions import DEFAULT_ENGINE
+from .status_lines import ANSWERS
 from .venv import VenvInfo, effective
 
 DEFAULT_CACHES = '{"default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}}'  # OMERO.web's, when unset
@@ -54,7 +55,7 @@ FRESH = 1.0  # seconds a check's result is shown again instead of asking anew
 SESSION_ENGINE = "omero.web.session_engine"
 CACHES = "omero.web.caches"
 CACHE_ENGINES = ("django.contrib.sessions.backends.cache", "django.contrib.sessions.backends.cached_db")
-ANSWERS, REFUSED, TIMEOUT_STATE, ERROR = "answers", "refused", "timeout", "error"
+REFUSED, TIMEOUT_STATE, ERROR = "refused", "timeout", "error"  # and status_lines.ANSWERS
 
 
 @dataclass(frozen=True)
@@ -402,47 +403,3 @@ class StoreHealth:
                 ],
             } for c in self.caches],
         }
-
-
-def render_status(s: Any) -> list[str]:
-    """Lines for ``omerowebctl status``; ``s`` is the daemon's (the service user's) words, read by type."""
-    f = printable.field
-    engine = f(s, "engine", str)
-    if not engine:
-        return []
-    default = " (OMERO.web's default)" if f(s, "engine_default", bool) else ""
-    session_cache = f(s, "session_cache", str)
-    lines = [f"session engine: {engine}{default}" + (f", in cache {session_cache!r}" if session_cache else "")]
-    if f(s, "problem", str):
-        lines.append(f"caches:      {f(s, 'problem', str)}")
-    for i, c in enumerate(f(s, "caches", list, []) or []):
-        alias, backend = f(c, "alias", str, "?"), f(c, "backend", str, "?")
-        head = f"{'caches:' if i == 0 else '':13}{alias!r} {backend}"
-        endpoints = [e for e in f(c, "endpoints", list, []) or [] if isinstance(e, dict)]
-        if not endpoints:
-            problem = f(c, "problem", str)
-            lines.append(f"{head} ({problem or f(c, 'note', str, 'not checked')})")
-            continue
-        lines.append(head)
-        lines += [f"{'':15}{f(e, 'where', str, '?')}: {describe(e)}" for e in endpoints]
-        if f(c, "problem", str):
-            lines.append(f"{'':15}not checked: {f(c, 'problem', str)}")
-    return lines
-
-
-def answered(s: Any, where: str) -> bool:
-    """Has the live check (status ``s``) asked ``where``? Then it says more than the watch's last verdict."""
-    return any(printable.field(e, "where", str) == where and printable.field(e, "state", str)
-               for c in printable.field(s, "caches", list, []) or []
-               for e in printable.field(c, "endpoints", list, []) or [])
-
-
-def describe(e: Any) -> str:
-    f = printable.field
-    state = f(e, "state", str)
-    if state == ANSWERS:
-        ms = f(e, "ms", (int, float))
-        return f"answers, {ms:.1f} ms" if ms is not None else "answers"
-    if state is None:
-        return "not asked yet"
-    return f"{state.upper()} ({f(e, 'why', str, '?')})"

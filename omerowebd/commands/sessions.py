@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import control_client, desired, printable, progress, sessions, trust
+from .. import control_client, desired, printable, progress, sessions, status_lines, trust
 from ..config import SessionsSettings
 from ..errors import UserError
 from ..exits import EXIT_FAILURE, EXIT_OK
@@ -102,7 +102,7 @@ def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2, sort_keys=True))
     else:
-        print("\n".join(sessions.render_status(s)))
+        print("\n".join(status_lines.sessions(s)))
     return EXIT_OK
 
 
@@ -146,7 +146,7 @@ def render(r: dict[str, Any]) -> str:
     store = printable.field(r, "store", str)
     head = f"{'dry run: ' if r.get('dry_run') is True else ''}{printable.field(r, 'engine', str, '?')}" \
         + (f" {store}" if store else "")
-    lines = [head, f"  {sessions.describe(r)}"]
+    lines = [head, f"  {status_lines.sweep(r)}"]
     if r.get("sweeper") == "omerowebd" and not r.get("error"):
         counts = {name: printable.field(r, name, int, 0) for name in ("ignored", "read", "ledger_hits")}
         lines.append(f"  ({counts['ignored']} other entries ignored, {counts['read']} files read, "

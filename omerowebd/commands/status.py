@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from .. import control_client
+from .. import control_client, status_lines
 from ..exits import EXIT_FAILURE, EXIT_OK
 from . import socket_path
 
@@ -37,10 +37,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(s: dict[str, Any]) -> str:
-    # Imported here, for the text only: they bring the daemon's modules (asyncio, the config, the
-    # venv probe), which `status --json` (what scripts and the benches read) does without.
-    from .. import sessions, store_health
-
     lines = [f"state:       {s['state']} (pid {s['pid']}, up {_duration(s['uptime'])})"]
     g = s.get("generation")
     if g:
@@ -79,14 +75,14 @@ def render(s: dict[str, Any]) -> str:
         problem = f" (not served: {metrics['problem']})" if metrics.get("problem") else ""
         lines.append(f"metrics:     http://{metrics['address']}/metrics{problem}")
     if "sessions" in s:
-        lines += sessions.render_status(s["sessions"])
-    lines += store_health.render_status(s.get("store_health"))
+        lines += status_lines.sessions(s["sessions"])
+    lines += status_lines.store_health(s.get("store_health"))
     store = s.get("session_store") or {}
     if store.get("available") is False:
         problems = "; ".join(f"{where}: {why}" for where, why in store["problems"].items())
         lines.append(f"session store: UNAVAILABLE since {_when(store['unavailable_since'])} ({problems}): "
                      "signed-in users get errors until it is back")
-    elif store.get("available") and not all(store_health.answered(s.get("store_health"), w) for w in store["checked"]):
+    elif store.get("available") and not all(status_lines.answered(s.get("store_health"), w) for w in store["checked"]):
         lines.append(f"session store: available ({', '.join(store['checked'])}, checked {_when(store['checked_at'])})")
     crash = s.get("last_crash")
     if crash:

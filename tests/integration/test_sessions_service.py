@@ -17,7 +17,8 @@ import pytest
 
 from omerowebd import config as config_module
 from omerowebd.omero_config import with_session_path, write_config_xml
-from omerowebd.sessions import SessionService, render_status
+from omerowebd.sessions import SessionService
+from omerowebd.status_lines import sessions as render_status
 from omerowebd.venv import VenvInfo
 
 from .test_sessions_store import DAY, Site, omeroweb_dir

@@ -27,7 +27,7 @@ import pytest
 
 from omerowebd import config as config_module
 from omerowebd import session_sweep as sweep_script
-from omerowebd import sessions
+from omerowebd import sessions, status_lines
 from omerowebd.errors import ConfigError
 from omerowebd.omero_config import with_session_path
 from omerowebd.schedule import Schedule, parse_schedule
@@ -347,7 +347,7 @@ def test_outcome_of_a_good_sweep() -> None:
     report = {"scanned": 10, "deleted": 2, "kept": 8, "errors": 0, "started_at": 100.0, "store": "/s"}
     r = sessions._outcome(target(), False, 0, (json.dumps(report) + "\n").encode(), b"", 1.5, False)
     assert r["deleted"] == 2 and r["duration"] == 1.5 and r["at"] == 100.0 and "error" not in r
-    assert sessions.describe(r) == "scanned 10, deleted 2, kept 8, errors 0, 1.50s"
+    assert status_lines.sweep(r) == "scanned 10, deleted 2, kept 8, errors 0, 1.50s"
 
 
 def test_outcome_when_locked_out() -> None:
@@ -369,12 +369,12 @@ def test_status_lines() -> None:
     status = {"engine": "django.contrib.sessions.backends.file", "store": "/s", "note": "omerowebd sweeps the file store",
               "sweeper": "omerowebd", "enabled": True, "schedule": "6h", "running": None, "next": 2e9,
               "last": {"at": 1.9e9, "scanned": 5, "deleted": 1, "kept": 4, "errors": 0, "duration": 0.25}}
-    text = "\n".join(sessions.render_status(status))
+    text = "\n".join(status_lines.sessions(status))
     assert "sessions:    django.contrib.sessions.backends.file at /s" in text
     assert "scanned 5, deleted 1, kept 4, errors 0, 0.25s" in text and "(schedule 6h)" in text
     cache = {"engine": "django.contrib.sessions.backends.cache", "sweeper": None,
              "note": "django.contrib.sessions.backends.cache expires sessions itself: nothing to sweep"}
-    assert sessions.render_status(cache) == [f"sessions:    {cache['engine']} ({cache['note']})"]
+    assert status_lines.sessions(cache) == [f"sessions:    {cache['engine']} ({cache['note']})"]
 
 
 def test_service_before_any_config() -> None:
@@ -595,7 +595,7 @@ def test_refusal_is_the_sweeps_outcome_not_a_traceback(shared_dir: Path) -> None
     link.symlink_to("/etc")
     result = sessions.sweep_sync(file_target(link, shared_dir))
     assert "is a symbolic link" in result["error"] and result["store"] == str(link)
-    assert "symbolic link" in sessions.describe(result)
+    assert "symbolic link" in status_lines.sweep(result)
 
 
 def test_a_reload_that_changes_another_property_keeps_the_schedule() -> None:
@@ -742,7 +742,7 @@ def test_a_report_is_taken_only_in_the_types_the_script_writes() -> None:
     assert r["kept"] == 8 and r["duration"] == 1.5 and "error" not in r
     assert not {"scanned", "deleted", "errors", "started_at", "busy", "holder", "priority_notes", "snapshot"} & set(r)
     assert r["error_samples"] == ["?]0;pwned??[2J?evil????", "x" * sessions.MAX_TEXT + "..."]
-    assert sessions.describe(r) == "scanned 0, deleted 0, kept 8, errors 0, 1.50s"
+    assert status_lines.sweep(r) == "scanned 0, deleted 0, kept 8, errors 0, 1.50s"
 
 
 def test_hostile_text_from_the_child_never_reaches_a_terminal() -> None:
@@ -871,7 +871,7 @@ def test_lock_is_posix_and_names_its_holder(tmp_path: Path) -> None:
 def test_a_holder_record_that_is_not_host_and_pid_is_not_shown(tmp_path: Path) -> None:
     with lock_held_elsewhere(tmp_path, "\x1b]0;owned\x07 1\n"):
         assert sessions.lock_state(tmp_path) == {"held": True, "holder": ""}
-    assert sessions.render_status({"engine": "e", "sweeper": "omerowebd", "enabled": True, "note": "",
+    assert status_lines.sessions({"engine": "e", "sweeper": "omerowebd", "enabled": True, "note": "",
                                    "lock": {"held": True, "holder": ""}})[-2:] == [
         "  last:      none yet", "  lock:      held by an unknown sweeper"]
 
@@ -879,9 +879,9 @@ def test_a_holder_record_that_is_not_host_and_pid_is_not_shown(tmp_path: Path) -
 def test_status_says_who_holds_the_lock() -> None:
     status = {"engine": "e", "sweeper": "omerowebd", "enabled": True, "note": "",
               "lock": {"held": True, "holder": "web-2 77"}}
-    assert "  lock:      held by host web-2, pid 77" in sessions.render_status(status)
+    assert "  lock:      held by host web-2, pid 77" in status_lines.sessions(status)
     status["lock"] = {"held": False, "holder": ""}
-    assert "  lock:      free" in sessions.render_status(status)
+    assert "  lock:      free" in status_lines.sessions(status)
 
 
 def test_lock_state_never_follows_a_link(tmp_path: Path) -> None:

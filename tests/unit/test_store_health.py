@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from omerowebd import store_health
+from omerowebd import status_lines, store_health
 from omerowebd.store_health import ANSWERS, ERROR, REFUSED, TIMEOUT_STATE, Endpoint, StoreHealth, redis_endpoint
 
 INFO = type("Info", (), {"default": staticmethod(lambda name: None)})()
@@ -208,11 +208,11 @@ def test_a_status_flood_asks_once_per_fresh_period():
         assert health.session_store_reachable() is True
         endpoint = health.status()["caches"][0]["endpoints"][0]
         assert endpoint["state"] == ANSWERS and endpoint["where"] == f"redis at 127.0.0.1:{server.port}"
-        lines = store_health.render_status(health.status())
+        lines = status_lines.store_health(health.status())
         assert lines[0] == "session engine: django.contrib.sessions.backends.cache, in cache 'default'"
         assert lines[1] == "caches:      'default' django_redis.cache.RedisCache"
         assert lines[2].startswith(f"               redis at 127.0.0.1:{server.port}: answers, ") and " ms" in lines[2]
-        assert store_health.answered(health.status(), f"redis at 127.0.0.1:{server.port}")
+        assert status_lines.answered(health.status(), f"redis at 127.0.0.1:{server.port}")
     finally:
         server.close()
 
@@ -220,7 +220,7 @@ def test_a_status_flood_asks_once_per_fresh_period():
 def test_render_takes_any_shape_without_a_traceback():
     for odd in (None, [], {"engine": 3}, {"engine": "e", "caches": "x"}, {"engine": "e", "caches": [{"endpoints": [1]}]},
                 {"engine": "e", "caches": [{"alias": "a", "endpoints": [{"state": "timeout", "ms": "x"}]}]}):
-        store_health.render_status(odd)
+        status_lines.store_health(odd)
 
 
 def test_an_address_nothing_can_connect_to_is_an_error_not_a_traceback():
