@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
+from typing import TYPE_CHECKING
 
-from . import __version__, log, redact, runlock
-from . import config as config_module
-from .errors import ConfigErrors, UserError
-from .exits import EXIT_FAILURE
-from .supervisor import Supervisor
-from .systemd import Notifier
+from . import spawn_record
+
+if TYPE_CHECKING:
+    from .errors import UserError
+    from .systemd import Notifier
+
+# The rest of the daemon is imported in _main, after the early start: that is the point of it.
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before the daemon's own imports (asyncio, the logging library, the config code): gunicorn from the
+    # remembered spawn, when it is what this config ran last time (spawn_record.py); the start adopts it or stops it.
+    early = spawn_record.start(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv, early)
+    finally:
+        if early is not None:  # neither adopted nor stopped in order (the daemon failed before): never left behind
+            early.kill()
+            early.close()
+
+
+def _main(argv: list[str] | None, early: spawn_record.Early | None) -> int:
+    import argparse
+    import asyncio
+
+    from . import __version__, log, runlock
+    from . import config as config_module
+    from .errors import UserError
+    from .exits import EXIT_FAILURE
+    from .supervisor import Supervisor
+    from .systemd import Notifier
+
     parser = argparse.ArgumentParser(
         prog="omerowebd",
         description="Run OMERO.web under gunicorn, supervised: zero-downtime reloads, systemd notify, "
@@ -32,17 +54,28 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         return _fail(e, notifier)
     log.configure(config.daemon.log_format)
+    if early is not None and early.note:
+        log.get().info(early.note)
+    lock = None
+    if early is not None and early.lock is not None:
+        if early.lock.path == config.daemon.runtime_dir / runlock.LOCK_NAME:
+            lock, early.lock = early.lock, None  # taken before the early spawn, on this config's runtime dir
+        else:
+            early.kill()
+            early.close()
     try:
         # Before anything touches the runtime dir: a second daemon would take
         # over the first one's control and event sockets.
-        lock = runlock.acquire(config.daemon.runtime_dir)
+        lock = lock or runlock.acquire(config.daemon.runtime_dir)
     except UserError as e:
         return _fail(e, notifier)
     if lock.previous:
         log.get().warning("the previous omerowebd did not stop cleanly; taking over its runtime directory",
                           pid=lock.previous, runtime_dir=str(config.daemon.runtime_dir))
     try:
-        return asyncio.run(Supervisor(config, notifier).run())
+        supervisor = Supervisor(config, notifier)
+        supervisor.running.early = early  # its sockets, events socket and master: adopted or dropped by the start
+        return asyncio.run(supervisor.run())
     except UserError as e:
         return _fail(e, notifier)
     except KeyboardInterrupt:
@@ -52,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(error: UserError, notifier: Notifier) -> int:
+    from . import redact
+    from .errors import ConfigErrors
+
     problems = error.problems if isinstance(error, ConfigErrors) else [str(error)]
     problems = [redact.scrub_known(p) for p in problems]  # to the journal and STATUS=: no secret
     for problem in problems:

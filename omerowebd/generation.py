@@ -17,19 +17,19 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from . import log, metrics
+from . import log, metrics, spawn_record
 from .errors import ConfigErrors
-from .files import write_atomic
 from .http_probe import http_probe
 from .procs import signal_group as _signal_group
 from .sockets import HeldSocket
-from .venv import VenvInfo, effective, probe_env, python_of
+from .venv import VenvInfo, effective, python_of
 
 CONF = Path(__file__).with_name("gunicorn_conf.py")
 PROBE_TIMEOUT = 10.0
@@ -40,6 +40,65 @@ GUNICORN_EXITS = {
 }
 # daemon.graceful_timeout when neither it nor omero.web.wsgi_timeout bounds a request (wsgi_timeout = 0).
 DEFAULT_GRACEFUL_TIMEOUT = 60
+
+
+class Master(Protocol):
+    """A gunicorn master as a generation sees it: asyncio's Process, or an AdoptedMaster."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+class AdoptedMaster:
+    """A master spawned before the loop ran (spawn_record.py), waited for like asyncio's own.
+
+    Its exit is heard through a pidfd on the loop, and reaped by the Popen
+    that made it (kept here, so subprocess never reaps it behind our back):
+    the status is Popen's, which is asyncio's (negative: the signal).
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self._exited: asyncio.Future[int] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        if self._popen.poll() is not None:
+            return self._popen.returncode
+        if self._exited is None:
+            loop = asyncio.get_running_loop()
+            self._exited = loop.create_future()
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except OSError:  # an old kernel: a thread waits instead
+                asyncio.ensure_future(self._wait_in_thread(self._exited))
+            else:
+                def exited() -> None:
+                    if self._popen.poll() is None:
+                        return
+                    loop.remove_reader(pidfd)
+                    os.close(pidfd)
+                    if not self._exited.done():  # type: ignore[union-attr]
+                        self._exited.set_result(self._popen.returncode)  # type: ignore[union-attr]
+                loop.add_reader(pidfd, exited)
+        return await asyncio.shield(self._exited)
+
+    async def _wait_in_thread(self, done: asyncio.Future[int]) -> None:
+        status = await asyncio.to_thread(self._popen.wait)
+        if not done.done():
+            done.set_result(status)
 
 
 class GenerationFailed(Exception):
@@ -247,7 +306,7 @@ class Generation:
     number: int
     plan: GunicornPlan
     directory: Path
-    proc: asyncio.subprocess.Process | None = None
+    proc: Master | None = None
     state: State = State.NEW  # moved only by _move, along TRANSITIONS
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
@@ -266,6 +325,7 @@ class Generation:
     _booting: dict[int, float] = field(default_factory=dict)  # worker -> when it was forked (monotonic)
     _hung_booting: set[int] = field(default_factory=set)  # workers omerowebd killed for never loading the app
     _boot_watch: asyncio.Task[None] | None = None
+    spawned_with: dict[str, Any] | None = None  # spec(): what the master was spawned with
 
     @property
     def pid(self) -> int | None:
@@ -298,14 +358,7 @@ class Generation:
         if self.config_xml is None:
             return view
         self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-        site = Path(self.plan.env["OMERODIR"])
-        (site / "var").mkdir(parents=True, exist_ok=True)  # else OMERO.web's makedirs(var/log) fails on the link
-        grid = view / "etc" / "grid"
-        grid.mkdir(mode=0o750, parents=True, exist_ok=True)
-        write_atomic(grid / "config.xml", self.config_xml, mode=0o600)
-        var = view / "var"
-        if not var.is_symlink():
-            var.symlink_to(site / "var", target_is_directory=True)
+        spawn_record.prepare_view(view, Path(self.plan.env["OMERODIR"]), self.config_xml)
         return view
 
     @property
@@ -326,40 +379,46 @@ class Generation:
             return []
         return sorted(int(p) for p in text.split())
 
+    def spec(self, sockets: list[HeldSocket], events_path: Path) -> dict[str, Any]:
+        """Everything the master is spawned with (JSON): start spawns it, the spawn record remembers it."""
+        snapshot = {
+            "generation": self.number,
+            "events": str(events_path),
+            "settings": {
+                **self.plan.settings,
+                "proc_name": f"omerowebd-gen{self.number}",
+                # gunicorn >= 25.1 opens a control socket by default; two
+                # generations must not share it, and /run is read-only to us.
+                "control_socket": str(self.directory / "gunicorn.ctl"),
+            },
+        }
+        return json.loads(json.dumps({  # as it reads back from the record: lists, not tuples
+            "argv": self.plan.command(CONF),
+            "cwd": str(self.plan.omeroweb_dir),
+            "env": {**self.plan.env, "OMERODIR": str(self.omerodir),
+                    "OMEROWEBD_SNAPSHOT": str(self.directory / "snapshot.json")},
+            "snapshot": json.dumps(snapshot),
+            "config_xml": None if self.config_xml is None else self.config_xml.decode(),
+            "site_omerodir": self.plan.env["OMERODIR"],
+            "directory": str(self.directory),
+            "runtime_dir": str(self.directory.parent),
+            "events": str(events_path),
+            "sockets": [s.record() for s in sockets],
+        }))
+
     async def start(self, sockets: list[HeldSocket], events_path: Path) -> None:
         """Spawn the master on duplicates of ``sockets`` plus a probe socket of its own."""
         self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.prepare_view()
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.spawned_with = spec = self.spec(sockets, events_path)
+        probe = spawn_record.bind_probe(self.probe_path)
         try:
-            if self.probe_path.exists():
-                self.probe_path.unlink()
-            probe.bind(str(self.probe_path))
-            probe.listen(64)
             fds = [s.fileno() for s in sockets] + [probe.fileno()]
-            snapshot = {
-                "generation": self.number,
-                "events": str(events_path),
-                "settings": {
-                    **self.plan.settings,
-                    "proc_name": f"omerowebd-gen{self.number}",
-                    # gunicorn >= 25.1 opens a control socket by default; two
-                    # generations must not share it, and /run is read-only to us.
-                    "control_socket": str(self.directory / "gunicorn.ctl"),
-                },
-            }
-            snapshot_path = self.directory / "snapshot.json"
-            snapshot_path.write_text(json.dumps(snapshot))
-            env = _child_env({**self.plan.env, "OMERODIR": str(self.omerodir)})
-            env.update(
-                OMEROWEBD_SNAPSHOT=str(snapshot_path),
-                OMEROWEBD_FDS=",".join(map(str, fds)),
-                OMEROWEBD_PID=str(os.getpid()),
-            )
+            (self.directory / "snapshot.json").write_text(spec["snapshot"])
             proc = await asyncio.create_subprocess_exec(
-                *self.plan.command(CONF),
-                cwd=self.plan.omeroweb_dir,
-                env=env,
+                *spec["argv"],
+                cwd=spec["cwd"],
+                env=spawn_record.child_env(spec["env"], fds),
                 pass_fds=fds,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's ^C reaches the daemon only; it stops gunicorn in order
@@ -368,7 +427,12 @@ class Generation:
             probe.close()  # the master holds it now
         self.attach(proc)
 
-    def attach(self, proc: asyncio.subprocess.Process) -> None:
+    def adopt(self, master: subprocess.Popen[bytes], spec: dict[str, Any]) -> None:
+        """A master the early start spawned (spawn_record.py) with exactly ``spec``: this generation's from now on."""
+        self.spawned_with = spec
+        self.attach(AdoptedMaster(master))
+
+    def attach(self, proc: Master) -> None:
         """The master runs: boot from here, and hear when it exits."""
         self._move(State.BOOTING)
         self.proc = proc
@@ -519,9 +583,3 @@ class Generation:
         }
 
 
-def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """What every venv process gets (no NOTIFY_SOCKET, LISTEN_*, ...), plus this generation's own."""
-    env = probe_env()
-    env.pop("SCRIPT_NAME", None)  # set from omero.web.prefix, or not at all
-    env.update(extra)
-    return env

@@ -123,8 +123,14 @@ class Generations(Generic[T]):
 
     # -- events --------------------------------------------------------------
 
-    async def listen(self, path: Path) -> None:
-        """Hear the generations' gunicorn hooks (gunicorn_conf.py) on a datagram socket at ``path``."""
+    async def listen(self, path: Path, sock: socket.socket | None = None) -> None:
+        """Hear the generations' gunicorn hooks (gunicorn_conf.py) on a datagram socket at ``path``
+        (``sock``: already bound there by the early start, with what it heard meanwhile queued)."""
+        if sock is not None:
+            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _Events(self._heard), sock=sock)
+            self._events = (transport, path)
+            return
         if path.is_socket():
             path.unlink()
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(

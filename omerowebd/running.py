@@ -13,6 +13,8 @@ come through ``bring_up``; a change that needs no generation, through
 from __future__ import annotations
 
 import asyncio
+import shutil
+import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -21,10 +23,12 @@ from .config import Config
 from .config_xml import SiteConfigXml
 from .desired import BOUND, SYSTEMD, Desired, derive
 from .errors import UserError, one_line
-from .generation import Generation, GenerationFailed
+from .generation import AdoptedMaster, Generation, GenerationFailed
 from .generations import Generations
 from .nginx import NginxOutput, Switch, mark_applied
+from .procs import signal_group
 from .sockets import HeldSocket
+from .spawn_record import Early
 from .static import StaticFiles, release_for
 from .venv import VenvInfo
 
@@ -54,6 +58,7 @@ class Running:
         self.site_xml = SiteConfigXml(log, config, on_status)
         self.static = StaticFiles(config.daemon.state_dir)  # one collected directory per release
         self._on_slow = on_slow  # systemd hears that a start or reload is still at it
+        self.early: Early | None = None  # what the early start spawned and holds, until adopted or dropped
         self._spawn_task = spawn_task
 
     def target(self) -> Desired:
@@ -65,8 +70,40 @@ class Running:
 
     async def open(self, config: Config) -> None:
         """The sockets systemd passed, else bind the config's (getaddrinfo may wait: not on the loop)."""
-        self.sockets = await asyncio.to_thread(self._acquire, config)
-        await self.gens.listen(self.runtime_dir / "events.sock")
+        early = self.early
+        if early is not None and early.sockets and (early.systemd or early.bind == list(config.bind_addresses())):
+            # What the early start bound (or took from systemd) for exactly this config: held from now on.
+            self.sockets, early.sockets = early.sockets, []
+        else:
+            if early is not None:
+                await self.drop_early()  # bound for another config: the master goes before its sockets do
+            self.sockets = await asyncio.to_thread(self._acquire, config)
+        events = self.runtime_dir / "events.sock"
+        if early is not None and early.events is not None and early.events_path == events:
+            sock, early.events = early.events, None
+            await self.gens.listen(events, sock)
+        else:
+            await self.gens.listen(events)
+
+    async def drop_early(self) -> None:
+        """The early start's master, not adopted: stopped in order, and what it held released."""
+        early, self.early = self.early, None
+        if early is None:
+            return
+        if early.master is not None and not early.adopted:
+            self.log.info("the gunicorn spawned from the remembered spawn is not what this config runs; stopping it"
+                          " and starting the one it runs")
+            master = AdoptedMaster(early.master)
+            signal_group(master.pid, signal.SIGTERM, group=False)
+            try:
+                await asyncio.wait_for(master.wait(), 10)
+            except asyncio.TimeoutError:
+                pass
+            signal_group(master.pid, signal.SIGKILL, group=True)
+            await master.wait()
+            if early.spec is not None:
+                await asyncio.to_thread(shutil.rmtree, early.spec["directory"], True)
+        early.close()
 
     def _acquire(self, config: Config) -> list[HeldSocket]:
         held = sockets.from_systemd()
@@ -184,7 +221,20 @@ class Running:
         # collectstatic reads the settings from the new generation's view: the site's file is still the old one.
         release = release_for(target.info, target.properties, target.packages, target.config.daemon.omerodir)
         await self.static.collect(generation.number, release, target.info, generation.omerodir)
-        await generation.start(list(held), self.runtime_dir / "events.sock")
+        events = self.runtime_dir / "events.sock"
+        early = self.early
+        if early is not None and early.master is not None and early.master.poll() is None and \
+                early.spec == generation.spec(list(held), events):
+            # Spawned from the spawn record before the daemon loaded, with exactly what it would spawn now.
+            early.adopted = True
+            generation.adopt(early.master, early.spec)
+            self.early = None
+            early.close()
+            self.log.info("gunicorn was spawned early, from the remembered spawn; adopted as this generation",
+                          generation=generation.number, pid=generation.pid, before_asyncio=early.before_asyncio)
+            return
+        await self.drop_early()
+        await generation.start(list(held), events)
 
     # -- status --------------------------------------------------------------
 

@@ -15,23 +15,28 @@ import errno
 import os
 import socket
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import UserError
-from .nginx_syntax import host_and_port
 
 SD_LISTEN_FDS_START = 3
 BACKLOG = 2048
 
 
-@dataclass
 class HeldSocket:
-    sock: socket.socket
-    address: str  # "127.0.0.1:4080", "[::1]:4080" or "unix:/run/omerowebd/web.sock"
-    origin: Literal["systemd", "bound"]
-    name: str = ""  # systemd's FileDescriptorName=, if any
+    # A plain class, not a dataclass: the early start (spawn_record.py) imports this module before gunicorn's
+    # spawn, and dataclasses would bring inspect with it.
+    __slots__ = ("sock", "address", "origin", "name")
+
+    def __init__(self, sock: socket.socket, address: str, origin: Literal["systemd", "bound"], name: str = "") -> None:
+        self.sock = sock
+        self.address = address  # "127.0.0.1:4080", "[::1]:4080" or "unix:/run/omerowebd/web.sock"
+        self.origin = origin
+        self.name = name  # systemd's FileDescriptorName=, if any
+
+    def __repr__(self) -> str:
+        return f"HeldSocket({self.address!r}, {self.origin!r}, name={self.name!r})"
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -48,6 +53,11 @@ class HeldSocket:
 
     def describe(self) -> dict[str, str]:
         return {"address": self.address, "origin": self.origin, "name": self.name}
+
+    def record(self) -> dict[str, Any]:
+        """How to bind it again without resolving anything (spawn_record.py; bind_recorded)."""
+        return {"address": self.address, "origin": self.origin, "family": int(self.sock.family),
+                "sockaddr": self.sock.getsockname()}
 
 
 def from_systemd(environ: dict[str, str] | None = None) -> list[HeldSocket]:
@@ -97,15 +107,41 @@ def bind(addresses: tuple[str, ...]) -> list[HeldSocket]:
     return held
 
 
+def bind_recorded(entries: list[dict[str, Any]]) -> list[HeldSocket]:
+    """Bind again what HeldSocket.record() said (the early start): the same checks as bind, nothing resolved."""
+    held: list[HeldSocket] = []
+    try:
+        for entry in entries:
+            address = entry["address"]
+            if entry["origin"] != "bound":
+                raise UserError(f"{address} came from systemd, which passed no sockets this time")
+            if address.startswith("unix:"):
+                held.append(_bind_unix(Path(address[5:])))
+            else:
+                held.append(_bind_inet(address, socket.AddressFamily(entry["family"]), socket.SOCK_STREAM, 0,
+                                       tuple(entry["sockaddr"])))
+    except BaseException:
+        release(held)
+        raise
+    return held
+
+
 def _bind_one(address: str) -> HeldSocket:
     if address.startswith("unix:"):
         return _bind_unix(Path(address[5:]))
+    from .nginx_syntax import host_and_port  # here: its ipaddress import would delay the early start
+
     host, port = host_and_port(address)
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise UserError(f"cannot bind {address}: {e.strerror}: fix daemon.bind") from None
     family, kind, proto, _, sockaddr = infos[0]
+    return _bind_inet(address, family, kind, proto, sockaddr)
+
+
+def _bind_inet(address: str, family: socket.AddressFamily, kind: socket.SocketKind | int, proto: int,
+               sockaddr: Any) -> HeldSocket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

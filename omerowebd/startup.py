@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Awaitable
 from typing import Any
 
+from . import spawn_record
 from . import verdicts as verdicts_module
 from .config import Config
 from .desired import Desired, session_dir
@@ -31,10 +32,22 @@ class Started:
     info: VenvInfo  # the venv's answer the checks ran on
     packages: str
     stale: bool  # the venv's fresh answer differs from the remembered one: a reload brings up one derived from it
+    spawned: dict[str, Any] | None = None  # what generation 1 was spawned with (Generation.spec), when it serves
 
     def remember(self, verdicts: Verdicts) -> Awaitable[Any]:
-        """Keep the venv's answer for the next start (not for a stale one: that start is replaced)."""
-        return asyncio.to_thread(verdicts.remember, self.target.config, self.packages, self.target.info)
+        """Keep the venv's answer and generation 1's spawn for the next start (not for a stale one: it is replaced)."""
+        return asyncio.to_thread(self._remember, verdicts)
+
+    def _remember(self, verdicts: Verdicts) -> None:
+        config = self.target.config
+        if not verdicts.remember(config, self.packages, self.target.info) or self.spawned is None:
+            return
+        try:
+            spawn_record.remember(config.daemon.state_dir, config.digest, config.daemon.venv,
+                                  list(config.bind_addresses()), self.spawned)
+        except OSError as e:  # a full disk: the next start spawns after loading, that is all
+            verdicts.log.warning("cannot remember how gunicorn was spawned; the next start spawns it later",
+                                 error=str(e))
 
 
 def make_dirs(config: Config) -> None:
@@ -46,6 +59,14 @@ def make_dirs(config: Config) -> None:
 async def first_generation(config: Config, running: Running, verdicts: Verdicts, prober: Prober,
                            notifier: Notifier, log: Any) -> Started:
     """Bring the first generation up on the held sockets; UserError (one line) if it cannot."""
+    try:
+        return await _first_generation(config, running, verdicts, prober, notifier, log)
+    finally:
+        await running.drop_early()  # a config refused before any generation: the early master goes too
+
+
+async def _first_generation(config: Config, running: Running, verdicts: Verdicts, prober: Prober,
+                            notifier: Notifier, log: Any) -> Started:
     notifier.status("checking the config and the OMERO.web venv")
     # once per start: the checks, the plan and the static release
     packages = await asyncio.to_thread(fingerprint, config.daemon.venv)
@@ -72,9 +93,14 @@ async def first_generation(config: Config, running: Running, verdicts: Verdicts,
         return target if fresh is None else dataclasses.replace(target, info=fresh,
                                                                packages=verdicts_module.UNCONFIRMED)
 
-    failure = await running.bring_up(target, running.sockets, switches, after_ready=confirm)
+    try:
+        failure = await running.bring_up(target, running.sockets, switches, after_ready=confirm)
+    finally:
+        await running.drop_early()  # not adopted (the start failed, or spawned its own): stopped before it goes on
     if failure:
         if verdicts.recalled is not None:  # never asked: say what the checks ran on
             log.info("this start ran on the venv's remembered answer", path=str(verdicts.path))
         raise UserError(f"OMERO.web did not start: {failure}", exit_code=EXIT_FAILURE)
-    return Started(target, info, packages, stale=fresh is not None)
+    current = running.gens.current
+    spawned = current.spawned_with if current is not None and current.number == 1 else None
+    return Started(target, info, packages, stale=fresh is not None, spawned=spawned)

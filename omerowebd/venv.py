@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import limits, redact
+from . import limits, redact, spawn_record
 from .errors import ConfigError, ConfigErrors
 from .names import did_you_mean
 from .trust import venv_refusal
@@ -161,7 +161,7 @@ def _probe_input(properties: Mapping[str, str], omerodir: Path | None, number: i
 
 def probe_env() -> dict[str, str]:
     """The environment gunicorn gets, less what belongs to the daemon (PYTHONPATH stays: the app sees it too)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_", "OMERO"))}
+    return spawn_record.inherited_env()  # one rule for the probe and every generation
 
 
 class Prober:

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import checks, log, trust
+from . import checks, log, spawn_record, trust
 from .config import Config
 from .errors import ConfigErrors
 from .files import write_atomic
@@ -154,18 +154,24 @@ class Verdicts:
             return None
         return info
 
-    def remember(self, config: Config, packages: str, info: VenvInfo) -> None:
-        """Keep the venv's answer about a config that passed its checks and serves (a write: call it in a thread)."""
+    def remember(self, config: Config, packages: str, info: VenvInfo) -> bool:
+        """Keep the venv's answer about a config that passed its checks and serves (a write: call it in a thread).
+
+        Whether it is kept: only then may the first generation's spawn be (spawn_record.py)."""
         if info.errors or packages == UNCONFIRMED or not trust.root_may_keep_in(self.path.parent):
-            return
+            return False
         record = {"key": key(config.daemon.venv, config.properties, config.daemon.omerodir, packages),
                   "answer": _answer(info)}
         try:
             write_atomic(self.path, json.dumps(record, sort_keys=True).encode(), mode=0o600)
         except OSError as e:  # a full disk: the next start asks the venv, that is all
             self.log.warning("cannot remember the venv's answer; the next start asks it", error=str(e))
+            return False
+        return True
 
     def forget(self) -> None:
+        # The spawn goes with the answer: a config the venv refused is never spawned from the record again.
+        spawn_record.forget(self.path.parent)
         try:
             if trust.root_may_keep_in(self.path.parent):
                 self.path.unlink()

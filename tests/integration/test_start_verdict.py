@@ -4,7 +4,9 @@ remembered answer the venv contradicts is replaced, without a moment of not serv
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from conftest import Daemon, Load, NotifyListener, free_port, shadow_venv, wait_
 
 from omerowebd import config as config_module
 from omerowebd.venv import fingerprint
+from omerowebd.spawn_record import NAME as SPAWN_RECORD
 from omerowebd.verdicts import NAME, key
 
 pytestmark = pytest.mark.omeroweb
@@ -101,3 +104,88 @@ def test_a_remembered_answer_the_venv_contradicts_is_replaced_under_load(site):
     log = site.log()[mark:]
     assert REMEMBERED in log and "refuses the config" in log and "omero.web.public.enabled" in log, log
     assert site.gunicorn_pids() == [] and not verdict.exists()
+
+
+EARLY = "gunicorn was spawned early, from the remembered spawn"
+NOT_IT = "not what this config runs; stopping it"
+
+
+def serves_once(d: Daemon, workers: int) -> tuple[str, dict]:
+    log = start_and_serve(d)
+    status = d.status()
+    assert status["serving"] and status["generation"]["workers"] == workers, status
+    masters = [p for p in d.gunicorn_pids() if p == status["generation"]["master_pid"]]
+    assert masters, status
+    return log, status
+
+
+def test_a_start_spawns_gunicorn_from_the_remembered_spawn_before_loading_and_never_a_stale_one(site):
+    site.write_config(workers=1)
+    record = site.root / "state" / SPAWN_RECORD
+    first, _ = serves_once(site, 1)
+    assert EARLY not in first
+    wait_for(record.exists, 60, "the first generation's spawn to be remembered")
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert site.stop() == 0
+    assert site.gunicorn_pids() == []
+
+    # The same config and venv: gunicorn is spawned before the daemon imports asyncio, and adopted.
+    second, status = serves_once(site, 1)
+    assert EARLY in second and "before_asyncio=True" in second, second
+    assert NOT_IT not in second
+    assert status["generation"]["number"] == 1
+    assert site.stop() == 0
+    assert site.gunicorn_pids() == []
+
+    # The config edited: the record's key no longer fits; nothing is spawned before the daemon has loaded.
+    site.write_config(workers=2)
+    third, _ = serves_once(site, 2)
+    assert EARLY not in third and NOT_IT not in third, third
+    wait_for(lambda: spawn_key_fits(site), 60, "the new spawn to be remembered")
+    assert site.stop() == 0
+
+    # A package installed since: the venv's stat differs; the venv is asked, and no early spawn happens.
+    packages = next((site.root / "venv").glob("lib/python3*/site-packages"))
+    (packages / "omerowebd_test_extra-1.0.dist-info").mkdir()
+    fourth, _ = serves_once(site, 2)
+    assert EARLY not in fourth and REMEMBERED not in fourth, fourth
+    wait_for(lambda: record.exists() and spawn_key_fits(site), 60, "the spawn to be remembered for the new venv")
+    assert site.stop() == 0
+
+    # A record whose key fits but which spawns something else than the config runs (a daemon upgrade that
+    # changed how it spawns): the early master is stopped before the daemon starts the right one.
+    data = json.loads(record.read_text())
+    data["spec"]["env"]["OMEROWEBD_TEST_MARK"] = "early"
+    record.write_text(json.dumps(data))
+    fifth, status = serves_once(site, 2)
+    assert NOT_IT in fifth and EARLY not in fifth, fifth
+    assert len(site.gunicorn_pids()) == 1 + 2, site.gunicorn_pids()  # one master and its workers: never two
+    assert b"OMEROWEBD_TEST_MARK" not in Path(f"/proc/{status['generation']['master_pid']}/environ").read_bytes()
+    assert site.stop() == 0
+
+
+def spawn_key_fits(d: Daemon) -> bool:
+    from omerowebd import spawn_record
+    data = json.loads((d.root / "state" / SPAWN_RECORD).read_text())
+    digest = hashlib.sha256(d.config_path.read_bytes()).hexdigest()
+    return data["key"] == spawn_record.key(digest, str(d.venv))
+
+
+@pytest.mark.parametrize("spoil", ["writable", "link"])
+def test_a_spawn_record_that_cannot_be_trusted_is_ignored(site, spoil):
+    site.write_config(workers=1)
+    record = site.root / "state" / SPAWN_RECORD
+    serves_once(site, 1)
+    wait_for(record.exists, 60, "the first generation's spawn to be remembered")
+    assert site.stop() == 0
+    if spoil == "writable":
+        record.chmod(0o666)
+        why = "writable by everyone" if os.geteuid() == 0 else "others may write it"  # root: trust.file_problems
+    else:
+        kept = record.with_name("elsewhere.json")
+        record.rename(kept)
+        record.symlink_to(kept)
+        why = "symbolic link"
+    log, _ = serves_once(site, 1)
+    assert EARLY not in log and f"ignoring the remembered spawn {record}" in log and why in log, log
+    assert site.stop() == 0

@@ -142,3 +142,23 @@ def test_reload_and_status_import_none_of_the_daemons_modules(tmp_path: Path, ar
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "imported:"
+
+
+# What the daemon's early start (spawn_record.py: gunicorn spawned from the remembered spawn) runs without:
+# it comes before them, that is its point.
+EARLY_LEAVES_OUT = ("asyncio", "tomlkit", "structlog", "dataclasses", "inspect", "omerowebd.config",
+                    "omerowebd.supervisor", "omerowebd.log")
+
+
+def test_the_early_start_imports_none_of_what_the_daemon_loads_after_it(tmp_path: Path) -> None:
+    config = tmp_path / "omerowebd.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n')
+    (tmp_path / "spawn-record.json").write_text('{"format": 1, "key": "another", "bind": [], "spec": {"argv": ["x"]}}')
+    (tmp_path / "spawn-record.json").chmod(0o600)
+    script = ("import sys\nimport omerowebd.__main__ as m\n"
+              f"early = m.spawn_record.start(['--config', {str(config)!r}])\n"
+              "assert early is not None and early.master is None and early.note is None, vars(early)\n"
+              f"print(' '.join(n for n in {EARLY_LEAVES_OUT!r} if n in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []

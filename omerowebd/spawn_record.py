@@ -1,0 +1,315 @@
+"""The first generation's spawn, remembered, so the next start can spawn gunicorn before the daemon's own imports.
+
+A start with the config and venv unchanged since the last successful one
+spawns what it spawned then. Its own Python (asyncio, the logging library,
+the config code: about 0.15 s) used to come before gunicorn's; this module is
+what runs first instead, and imports little (os, json, socket, hashlib,
+tomllib, subprocess, and the package's light modules) so gunicorn's own
+start overlaps the daemon's.
+
+The record is written where the venv's remembered answer is (verdicts.py),
+when that is, with the same trust rules: read only when it is the daemon's
+user's own file that nobody else may write (root: and root alone controls
+the whole path, trust.py). It says what to run, so it is never taken from
+anywhere the service user can write.
+
+The early start is a guess, checked twice:
+
+* before the spawn, cheaply: the config file's bytes, the daemon's version,
+  the user, the interpreter and the site-packages directories' stat (a
+  package installed or removed changes them) must be what the record was
+  written for; the run lock is taken and the sockets bound (or taken from
+  systemd) as the daemon would;
+* after the daemon has loaded, fully: the daemon derives its plan the normal
+  way and adopts the early master as generation 1 only if what it would
+  spawn (argv, cwd, environment, the view's config.xml, the snapshot, the
+  sockets) equals what was spawned. Anything else: the early master is
+  stopped before anything else is started, and the start goes on as it would
+  have without the record.
+
+Every failure here falls back to the normal start with at most one info
+line (said once logging is set up), never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__, trust
+from .errors import UserError
+from .files import write_atomic
+
+NAME = "spawn-record.json"
+FORMAT = 1  # bump when the record's shape or the key's recipe changes
+MAX_BYTES = 4 << 20
+DEFAULT_CONFIG = "/etc/omerowebd/omerowebd.toml"  # config_file.DEFAULT_CONFIG, without its imports
+DEFAULT_STATE_DIR = "/var/lib/omerowebd"  # config.DaemonSettings.state_dir's default
+# The daemon's own variables, which no venv process gets (probe_env and every generation).
+DAEMON_ONLY = ("NOTIFY_", "LISTEN_", "WATCHDOG_", "OMERO")
+# Set per spawn: not part of what is compared.
+PER_SPAWN = ("OMEROWEBD_FDS", "OMEROWEBD_PID")
+
+
+def inherited_env() -> dict[str, str]:
+    """The environment every venv process gets: the daemon's, less what belongs to the daemon."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(DAEMON_ONLY)}
+
+
+def child_env(extra: dict[str, str], fds: list[int]) -> dict[str, str]:
+    """A generation's master's environment: ``extra`` is its own part (Generation.spec's "env")."""
+    env = inherited_env()
+    env.pop("SCRIPT_NAME", None)  # set from omero.web.prefix, or not at all
+    env.update(extra)
+    env.update(OMEROWEBD_FDS=",".join(map(str, fds)), OMEROWEBD_PID=str(os.getpid()))
+    return env
+
+
+def prepare_view(view: Path, site: Path, config_xml: bytes) -> None:
+    """A generation's OMERODIR: its own etc/grid/config.xml, the site's var/ (Generation.prepare_view says why)."""
+    (site / "var").mkdir(parents=True, exist_ok=True)  # else OMERO.web's makedirs(var/log) fails on the link
+    grid = view / "etc" / "grid"
+    grid.mkdir(mode=0o750, parents=True, exist_ok=True)
+    write_atomic(grid / "config.xml", config_xml, mode=0o600)
+    var = view / "var"
+    if not var.is_symlink():
+        var.symlink_to(site / "var", target_is_directory=True)
+
+
+def bind_probe(path: Path) -> socket.socket:
+    """The socket only this generation listens on, for the health probe."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        probe.bind(str(path))
+        probe.listen(64)
+    except BaseException:
+        probe.close()
+        raise
+    return probe
+
+
+def bind_events(path: Path) -> socket.socket:
+    """The datagram socket the generations' gunicorn hooks report to (Generations.listen takes it over)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        if path.is_socket():
+            path.unlink()
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def spawn(spec: dict[str, Any], fds: list[int]) -> subprocess.Popen[bytes]:
+    """The master, as Generation.start spawns it (asyncio's subprocess is this Popen underneath)."""
+    return subprocess.Popen(spec["argv"], cwd=spec["cwd"], env=child_env(spec["env"], fds), pass_fds=fds,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+# -- the key ------------------------------------------------------------------
+
+
+def key(config_digest: str, venv: str) -> str:
+    """What the early spawn depends on and can check before loading anything: stat-level, cheap."""
+    python = os.path.join(venv, "bin", "python")
+    stamps: list[Any] = []
+    try:
+        st = os.stat(python)
+        stamps.append([os.path.realpath(python), st.st_size, st.st_mtime_ns])
+    except OSError:
+        stamps.append(None)
+    lib = os.path.join(venv, "lib")
+    try:
+        names = sorted(n for n in os.listdir(lib) if n.startswith("python3"))
+    except OSError:
+        names = []
+    for name in names:
+        site = os.path.join(lib, name, "site-packages")
+        try:
+            st = os.stat(site)
+            stamps.append([site, st.st_mtime_ns, st.st_ino])
+        except OSError:
+            continue
+    recipe = {"format": FORMAT, "version": __version__, "uid": os.geteuid(), "daemon": sys.executable,
+              "config": config_digest, "venv": stamps}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+# -- writing ------------------------------------------------------------------
+
+
+def remember(state_dir: Path, config_digest: str, venv: Path, bind: list[str], spec: dict[str, Any]) -> None:
+    """Keep generation 1's spawn for the next start (a write: call it in a thread). Raises OSError.
+
+    ``config_digest``: of the bytes the config was loaded from (Config.digest), not of the file now."""
+    if not trust.root_may_keep_in(state_dir):
+        return
+    record = {"format": FORMAT, "key": key(config_digest, str(venv)), "bind": bind, "spec": spec}
+    write_atomic(state_dir / NAME, json.dumps(record, sort_keys=True).encode(), mode=0o600)
+
+
+def forget(state_dir: Path) -> None:
+    try:
+        if trust.root_may_keep_in(state_dir):
+            (state_dir / NAME).unlink()
+    except OSError:
+        pass  # the next start compares it with what it derives anyway
+
+
+# -- the early start ----------------------------------------------------------
+
+
+class Early:
+    """What the early start holds: the run lock, the sockets, the events socket, and the master, if spawned."""
+
+    def __init__(self) -> None:
+        self.note: str | None = None  # one info line for the log, once it is set up
+        self.lock: Any = None  # runlock.RuntimeLock
+        self.sockets: list[Any] = []  # sockets.HeldSocket
+        self.systemd = False  # the sockets came from systemd (LISTEN_FDS): they were read, and cleared
+        self.bind: list[str] = []  # the config's daemon.bind the sockets were bound for
+        self.events: socket.socket | None = None
+        self.events_path: Path | None = None
+        self.spec: dict[str, Any] | None = None
+        self.master: subprocess.Popen[bytes] | None = None
+        self.adopted = False
+        self.before_asyncio = False  # spawned before the daemon imported asyncio (what the early start is for)
+
+    def kill(self) -> None:
+        """Sync, last resort (the daemon exits without having adopted or stopped it): no gunicorn is left behind."""
+        if self.master is not None and not self.adopted and self.master.returncode is None:
+            try:
+                os.killpg(self.master.pid, 9)
+            except OSError:
+                pass
+            self.master.wait()
+
+    def close(self) -> None:
+        """Drop what the daemon did not take over (the master is stopped by then)."""
+        from . import sockets as sockets_module
+        if self.events is not None:
+            self.events.close()
+            if self.events_path is not None:
+                try:
+                    self.events_path.unlink()
+                except OSError:
+                    pass
+            self.events = None
+        sockets_module.release(self.sockets)
+        self.sockets = []
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The config file, from a command line the early start understands (else None: argparse has its say first)."""
+    if not argv:
+        return os.environ.get("OMEROWEBD_CONFIG") or DEFAULT_CONFIG
+    if len(argv) == 2 and argv[0] == "--config":
+        return argv[1]
+    if len(argv) == 1 and argv[0].startswith("--config="):
+        return argv[0].split("=", 1)[1]
+    return None
+
+
+def start(argv: list[str]) -> Early | None:
+    """Spawn gunicorn from the record if it fits; None when there is nothing to do (no record, another command line)."""
+    path = config_path(argv)
+    if not path:
+        return None
+    early = Early()
+    try:
+        _start(early, Path(path))
+    except Exception as e:  # anything: the normal start does it all again, and reports what is wrong
+        early.note = f"gunicorn was not spawned early: {type(e).__name__}: {e}"
+        if early.master is not None:
+            early.kill()
+            early.master = None
+        _drop_files(early)
+        early.spec = None
+        # The lock and the sockets stay: the daemon takes them if they are what its config needs (systemd's
+        # sockets cannot be had twice), else it releases them.
+        if early.events is not None:
+            early.events.close()
+            early.events = None
+    return early
+
+
+def _start(early: Early, path: Path) -> None:
+    import tomllib
+
+    from . import runlock
+    from . import sockets as sockets_module
+
+    try:
+        config_bytes = path.read_bytes()
+    except OSError:
+        return  # the normal start says it in its words
+    try:
+        daemon = tomllib.loads(config_bytes.decode()).get("daemon", {})
+    except (ValueError, UnicodeDecodeError):
+        return
+    state_dir = daemon.get("state_dir", DEFAULT_STATE_DIR) if isinstance(daemon, dict) else None
+    if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
+        return
+    data, why = trust.read_own_file(os.path.join(state_dir, NAME), MAX_BYTES)
+    if data is None:
+        if why:
+            early.note = f"ignoring the remembered spawn {os.path.join(state_dir, NAME)}: {why}"
+        return
+    record = json.loads(data)
+    spec = record.get("spec") if isinstance(record, dict) else None
+    if not isinstance(spec, dict) or record.get("format") != FORMAT:
+        return
+    venv = Path(spec["argv"][0]).parent.parent  # VENV/bin/python
+    if record.get("key") != key(hashlib.sha256(config_bytes).hexdigest(), str(venv)):
+        return  # another config or venv: the normal start
+    runtime_dir = Path(spec["runtime_dir"])
+    directory = Path(spec["directory"])
+    if directory.parent != runtime_dir:
+        return
+    try:
+        early.lock = runlock.acquire(runtime_dir)
+    except UserError:
+        return  # another daemon runs (the normal start says so), or the directory cannot be made
+    # The sockets: systemd's, else bound as the record says (already resolved: no getaddrinfo).
+    held = sockets_module.from_systemd()
+    if held:
+        early.sockets, early.systemd = held, True
+    else:
+        early.bind = list(record["bind"])
+        early.sockets = sockets_module.bind_recorded(spec["sockets"])
+    if [s.address for s in early.sockets] != [s["address"] for s in spec["sockets"]]:
+        return  # the sockets are kept for the normal start; the master is not spawned on others
+    early.events_path = Path(spec["events"])
+    early.events = bind_events(early.events_path)
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    if spec["config_xml"] is not None:
+        prepare_view(Path(spec["env"]["OMERODIR"]), Path(spec["site_omerodir"]), spec["config_xml"].encode())
+    snapshot = directory / "snapshot.json"
+    snapshot.write_text(spec["snapshot"])
+    probe = bind_probe(directory / "probe.sock")
+    early.spec = spec  # from here on, its directory is the early start's to remove if it fails
+    try:
+        early.master = spawn(spec, [s.fileno() for s in early.sockets] + [probe.fileno()])
+        early.before_asyncio = "asyncio" not in sys.modules
+    finally:
+        probe.close()  # the master holds it now
+
+
+def _drop_files(early: Early) -> None:
+    if early.spec is not None:
+        import shutil
+        shutil.rmtree(early.spec["directory"], ignore_errors=True)
