@@ -47,6 +47,7 @@ from common import (BareGunicorn, Omerowebd, free_port, give_to, median, report_
                     table, wait_for, write_report)
 
 import omerowebd
+from omerowebd.spawn_record import NAME as SPAWN_RECORD
 from omerowebd.verdicts import NAME
 
 START_GOAL = 0.2  # seconds over bare gunicorn
@@ -156,16 +157,21 @@ def main() -> None:
     rss = 0.0
     with scratch() as root:
         verdict = root / "state" / NAME
-        daemon = Omerowebd(root, free_port(), args.workers, user=user)
+        spawn_record = root / "state" / SPAWN_RECORD
+        # One port for every start of the daemon: "the config unchanged since the last successful start" is its
+        # bytes too (the spawn record is keyed by them), and a new port each time would make every start a changed one.
+        port = free_port()
+        daemon = Omerowebd(root, port, args.workers, user=user)
         give_to(user, root)
         daemon.start()  # the first start collects static files and remembers the venv's answer: not timed
         wait_for(verdict.exists, 60, "the venv's answer to be remembered")
         daemon.stop()
+        remembers_spawn = spawn_record.exists()  # an omerowebd that keeps one (else: before it did)
 
         def remembered_start() -> float:
-            if not verdict.exists():
-                raise SystemExit("no remembered venv answer: this start would ask the venv")
-            daemon = Omerowebd(root, free_port(), args.workers, user=user)
+            if not verdict.exists() or remembers_spawn and not spawn_record.exists():
+                raise SystemExit("no remembered venv answer or spawn: this start would not be the one timed here")
+            daemon = Omerowebd(root, port, args.workers, user=user)
             elapsed = daemon.start()
             spawns.append(spawn_offset(daemon))
             daemon.stop()
@@ -187,9 +193,12 @@ def main() -> None:
             gaps.append(daemon_time - bare_time)
             if pair < (1 if args.quick else args.rounds):  # the old way, for comparison
                 verdict.unlink()  # as after an upgrade of omerowebd or a changed config
-                daemon = Omerowebd(root, free_port(), args.workers, user=user)
+                spawn_record.unlink(missing_ok=True)
+                daemon = Omerowebd(root, port, args.workers, user=user)
                 starts[asked].append(daemon.start())
                 wait_for(verdict.exists, 60, "the venv's answer to be remembered")  # else the next start asks too
+                if remembers_spawn:
+                    wait_for(spawn_record.exists, 60, "the spawn to be remembered")
                 daemon.stop()
 
         def rate_round(round_: int) -> None:

@@ -9,9 +9,10 @@ start overlaps the daemon's.
 
 The record is written where the venv's remembered answer is (verdicts.py),
 when that is, with the same trust rules: read only when it is the daemon's
-user's own file that nobody else may write (root: and root alone controls
-the whole path, trust.py). It says what to run, so it is never taken from
-anywhere the service user can write.
+user's own file that nobody else may write. It says what to run, so it is
+never taken from anywhere another user can write. A daemon run as root
+neither writes nor uses one: before root runs the venv's Python it walks the
+whole venv (trust.venv_refusal), which no cheap key can stand in for.
 
 The early start is a guess, checked twice:
 
@@ -153,8 +154,8 @@ def remember(state_dir: Path, config_digest: str, venv: Path, bind: list[str], s
     """Keep generation 1's spawn for the next start (a write: call it in a thread). Raises OSError.
 
     ``config_digest``: of the bytes the config was loaded from (Config.digest), not of the file now."""
-    if not trust.root_may_keep_in(state_dir):
-        return
+    if os.geteuid() == 0 or not trust.root_may_keep_in(state_dir):
+        return  # root never spawns early (start says why): nothing to keep
     record = {"format": FORMAT, "key": key(config_digest, str(venv)), "bind": bind, "spec": spec}
     write_atomic(state_dir / NAME, json.dumps(record, sort_keys=True).encode(), mode=0o600)
 
@@ -227,7 +228,10 @@ def config_path(argv: list[str]) -> str | None:
 def start(argv: list[str]) -> Early | None:
     """Spawn gunicorn from the record if it fits; None when there is nothing to do (no record, another command line)."""
     path = config_path(argv)
-    if not path:
+    if not path or os.geteuid() == 0:
+        # Root runs the venv's Python only once it has walked the venv and found it root's alone (venv.py's
+        # layout_problems, most of a second): a stat-level key cannot see a file made writable deep in the
+        # tree, so a root daemon never spawns early. It runs as the service user under the unit.
         return None
     early = Early()
     try:

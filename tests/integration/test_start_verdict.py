@@ -4,9 +4,11 @@ remembered answer the venv contradicts is replaced, without a moment of not serv
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import pwd
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,8 +112,36 @@ EARLY = "gunicorn was spawned early, from the remembered spawn"
 NOT_IT = "not what this config runs; stopping it"
 
 
+class ServiceDaemon(Daemon):
+    """The daemon as the unit runs it: as the service user (here nobody). A root daemon never spawns early."""
+
+    def start(self, *, wait: bool = True, args: list[str] | None = None, command: list[str] | None = None) -> None:
+        user = pwd.getpwnam("nobody")
+        super().start(wait=wait, command=command or [
+            "setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--",
+            sys.executable, "-m", "omerowebd", "--config", str(self.config_path), *(args or [])])
+
+
+@pytest.fixture
+def service_site(omero_venv: Path) -> Iterator[Daemon]:
+    base = Path(tempfile.mkdtemp(prefix="omerowebd-early-"))  # not pytest's tmp_path: nobody cannot enter it
+    base.chmod(0o755)
+    venv = shadow_venv(omero_venv, base / "venv")  # root's: nobody reads it
+    home = base / "site"
+    home.mkdir()
+    shutil.chown(home, "nobody")
+    d = ServiceDaemon(root=home, venv=venv, port=free_port())
+    try:
+        yield d
+    finally:
+        d.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def serves_once(d: Daemon, workers: int) -> tuple[str, dict]:
-    log = start_and_serve(d)
+    mark = len(d.log())
+    d.start()
+    log = d.log()[mark:]
     status = d.status()
     assert status["serving"] and status["generation"]["workers"] == workers, status
     masters = [p for p in d.gunicorn_pids() if p == status["generation"]["master_pid"]]
@@ -119,7 +149,8 @@ def serves_once(d: Daemon, workers: int) -> tuple[str, dict]:
     return log, status
 
 
-def test_a_start_spawns_gunicorn_from_the_remembered_spawn_before_loading_and_never_a_stale_one(site):
+def test_a_start_spawns_gunicorn_from_the_remembered_spawn_before_loading_and_never_a_stale_one(service_site):
+    site = service_site
     site.write_config(workers=1)
     record = site.root / "state" / SPAWN_RECORD
     first, _ = serves_once(site, 1)
@@ -141,15 +172,17 @@ def test_a_start_spawns_gunicorn_from_the_remembered_spawn_before_loading_and_ne
     site.write_config(workers=2)
     third, _ = serves_once(site, 2)
     assert EARLY not in third and NOT_IT not in third, third
-    wait_for(lambda: spawn_key_fits(site), 60, "the new spawn to be remembered")
+    wait_for(lambda: spawned_workers(record) == 2, 60, "the new spawn to be remembered")
     assert site.stop() == 0
+    kept = json.loads(record.read_text())["key"]
 
     # A package installed since: the venv's stat differs; the venv is asked, and no early spawn happens.
-    packages = next((site.root / "venv").glob("lib/python3*/site-packages"))
+    packages = next(site.venv.glob("lib/python3*/site-packages"))
     (packages / "omerowebd_test_extra-1.0.dist-info").mkdir()
     fourth, _ = serves_once(site, 2)
     assert EARLY not in fourth and REMEMBERED not in fourth, fourth
-    wait_for(lambda: record.exists() and spawn_key_fits(site), 60, "the spawn to be remembered for the new venv")
+    wait_for(lambda: record.exists() and json.loads(record.read_text())["key"] != kept, 60,
+             "the spawn to be remembered for the new venv")
     assert site.stop() == 0
 
     # A record whose key fits but which spawns something else than the config runs (a daemon upgrade that
@@ -164,15 +197,16 @@ def test_a_start_spawns_gunicorn_from_the_remembered_spawn_before_loading_and_ne
     assert site.stop() == 0
 
 
-def spawn_key_fits(d: Daemon) -> bool:
-    from omerowebd import spawn_record
-    data = json.loads((d.root / "state" / SPAWN_RECORD).read_text())
-    digest = hashlib.sha256(d.config_path.read_bytes()).hexdigest()
-    return data["key"] == spawn_record.key(digest, str(d.venv))
+def spawned_workers(record: Path) -> int | None:
+    try:
+        return json.loads(json.loads(record.read_text())["spec"]["snapshot"])["settings"]["workers"]
+    except (OSError, ValueError):
+        return None
 
 
 @pytest.mark.parametrize("spoil", ["writable", "link"])
-def test_a_spawn_record_that_cannot_be_trusted_is_ignored(site, spoil):
+def test_a_spawn_record_that_cannot_be_trusted_is_ignored(service_site, spoil):
+    site = service_site
     site.write_config(workers=1)
     record = site.root / "state" / SPAWN_RECORD
     serves_once(site, 1)
@@ -180,7 +214,7 @@ def test_a_spawn_record_that_cannot_be_trusted_is_ignored(site, spoil):
     assert site.stop() == 0
     if spoil == "writable":
         record.chmod(0o666)
-        why = "writable by everyone" if os.geteuid() == 0 else "others may write it"  # root: trust.file_problems
+        why = "others may write it"
     else:
         kept = record.with_name("elsewhere.json")
         record.rename(kept)
@@ -188,4 +222,16 @@ def test_a_spawn_record_that_cannot_be_trusted_is_ignored(site, spoil):
         why = "symbolic link"
     log, _ = serves_once(site, 1)
     assert EARLY not in log and f"ignoring the remembered spawn {record}" in log and why in log, log
+    assert site.stop() == 0
+
+
+def test_a_root_daemon_neither_keeps_nor_uses_a_spawn_record(site):
+    """Root walks the venv before it runs the venv's Python (trust.venv_refusal): no stat-level key stands in."""
+    site.write_config(workers=1)
+    start_and_serve(site)
+    wait_for((site.root / "state" / NAME).exists, 60, "the venv's answer to be remembered")
+    assert site.stop() == 0
+    assert not (site.root / "state" / SPAWN_RECORD).exists()
+    second = start_and_serve(site)
+    assert REMEMBERED in second and EARLY not in second, second
     assert site.stop() == 0
