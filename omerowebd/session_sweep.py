@@ -64,7 +64,7 @@ a session whose expiry Django cannot compute (a naive date, a list) is
 reported and kept (``clearsessions`` stops there too).
 
 A file is deleted only if it is still the version that was judged: a
-session that a request saved again in the meantime stays (see Deleter).
+session that a request saved again in the meantime stays (see Unlinker).
 """
 
 import array
@@ -75,6 +75,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import mmap
 import os
 import platform
 import queue
@@ -106,7 +107,8 @@ MAX_SECRET_KEY = 1 << 16  # bytes of OMERO.web's secret key file read (it writes
 SECRET_KEY_FILE = ("var", "django_secret_key")  # below OMERODIR, where omeroweb.settings keeps it
 READ_BATCH = 128  # files opened ahead of reading (well under any RLIMIT_NOFILE)
 DELETE_THREADS = 4
-DELETE_QUEUE = 4096
+PREFETCH_AHEAD = 2048  # files the Prefetcher opens ahead of the sweep at most
+DELETE_QUEUE = 1024  # verdicts the unlink helper holds besides those in its pipe
 NOWAIT_READ = 65536  # bytes read at once from the page cache; a bigger file is read as before
 WINDOW = 65536  # session files sorted by inode number at a time (bounded memory on a 1M-file store)
 PACE_CHECK = 0.05  # seconds between two looks at the site's load
@@ -530,8 +532,11 @@ class Sweep:
     disk, so the reads go out in disk order, a batch at a time, with a
     readahead hint. Each file is opened once (O_NOATIME: a sweep must not
     turn every read into an inode write) and judged from that fd's fstat and
-    content: the version read is the version judged. A later sweep knows
-    from the ledger what needs no reading, and pays one lstat per file."""
+    content: the version read is the version judged. Two helper processes
+    take what would otherwise wait in line with the judging: the unlinks
+    (Unlinker) and, once the page cache misses, the cold opens (Prefetcher).
+    A later sweep knows from the ledger what needs no reading, and pays one
+    lstat per file."""
 
     def __init__(self, dfd, snapshot, django, dry_run, use_ledger, pacer=None):
         self.dfd = dfd  # the store, opened once; every name below is looked up in it
@@ -555,6 +560,7 @@ class Sweep:
         self.open_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
         self.nowait = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
         self.buffer = bytearray(NOWAIT_READ)
+        self.prefetch = True
 
     def error(self, name, message):
         self.counts["errors"] += 1
@@ -564,15 +570,26 @@ class Sweep:
     def run(self):
         old = Ledger.read(self.dfd, self.s["serializer"]) if self.use_ledger else None
         self.ledger = Ledger(2 * old.count if old else 1024)
-        self.deleter = None if self.dry_run else Deleter(self)
+        self.deleter = None if self.dry_run else Unlinker(self)
+        prefetcher = None
         try:
             for window in self.windows():
                 for i in range(0, len(window), READ_BATCH):
                     if self.stopping:
                         break
                     self.phases["paused"] += self.pacer.pace()
-                    self.process(window[i:i + READ_BATCH], old)
+                    if prefetcher is not None:
+                        prefetcher.set(i)
+                    if self.process(window[i:i + READ_BATCH], old) and prefetcher is None and self.prefetch:
+                        prefetcher = Prefetcher(self, window, i + READ_BATCH)
+                    if self.deleter is not None:
+                        self.deleter.flush(self.pacer.busy)
+                if prefetcher is not None:
+                    prefetcher.close()
+                    prefetcher = None
         finally:
+            if prefetcher is not None:
+                prefetcher.close()
             if self.deleter is not None:
                 t = time.monotonic()
                 self.deleter.close()
@@ -617,10 +634,12 @@ class Sweep:
         yield window
 
     def process(self, batch, old):
-        """Open a batch (with a readahead hint each), then read and judge it."""
+        """Open a batch (with a readahead hint each), then read and judge it; True when the page
+        cache did not hold all of it."""
         c = self.counts
         t = time.monotonic()
         opened = []
+        missed = False
         for _, name in batch:
             if old is not None:
                 try:
@@ -640,7 +659,9 @@ class Sweep:
             if fd is not None:
                 # What the page cache holds is read at once; only the rest is asked for
                 # (a readahead hint costs as much as the open on a warm store).
-                opened.append((name, fd, self.cached(fd)))
+                data = self.cached(fd)
+                missed = missed or data is None
+                opened.append((name, fd, data))
         t1 = time.monotonic()
         self.phases["read"] += t1 - t
         for name, fd, data in opened:
@@ -649,6 +670,7 @@ class Sweep:
                 st, expired, plain = verdict
                 self.decide(name, st, expired, version_id(name, st) if plain else 0)
         self.phases["judge"] += time.monotonic() - t1
+        return missed
 
     def decide(self, name, st, expired, vid):
         if expired:
@@ -870,68 +892,267 @@ class Pacer:
         return False
 
 
-class Deleter:
-    """Unlinks on a few threads: the kernel frees a deleted inode after it has
-    let go of the directory's lock, so several unlinks overlap (2-4x faster
-    here than one at a time); the verdicts stay on the main thread. While the
-    site is busy (the Pacer says so) only one thread unlinks.
+class Unlinker:
+    """Unlinks in a helper process forked from the sweep, fed the verdicts over a pipe.
 
-    A file is unlinked only if it is still the version that was judged: a
-    session that a request saved again in the meantime stays. The check and
-    the unlink are two calls; a save landing in the microseconds between them
-    is the one race left (clearsessions leaves the whole read-decode-unlink
-    time open)."""
+    Why a process: the unlinks are slow where the store's file system discards
+    freed blocks (0.66 ms each measured on such a disk); on threads of the sweep
+    they fought the scan for the GIL, which made the judging slower by as much
+    as the unlinks overlapped. The helper is a fork of the sweep: the same
+    user, the same lowered priority (nice, SCHED_IDLE, the idle I/O class, the
+    session's autogroup), not dumpable; it uses only the store's fd and the
+    two pipes, and does nothing but what the sweep sends it. Inside, a few
+    threads unlink at once: the kernel frees a deleted inode after it has let
+    go of the directory's lock, so several unlinks overlap (2-4x faster here
+    than one at a time). While the site is busy (the Pacer says so, through a
+    byte of shared memory) only one of them unlinks.
+
+    A file is unlinked only if it is still the version that was judged: the
+    helper looks again (lstat) just before it unlinks, and a session that a
+    request saved again in the meantime stays. The check and the unlink are
+    two calls; a save landing in the microseconds between them is the one
+    race left (clearsessions leaves the whole read-decode-unlink time open).
+
+    It ends with the sweep: the pipe's end (the sweep closes it, or dies) makes
+    it finish what it was given and report; should the sweep be killed, the
+    kernel kills the helper too (PR_SET_PDEATHSIG), and a kill of the sweep's
+    process group (omerowebd's timeout) reaches it anyway. Its report (the
+    counts and the first errors) comes back over a second pipe: the sweep's
+    counts stay exact; a helper that dies without one is counted as errors."""
+
+    RECORD = struct.Struct("=QQqH")  # st_ino, st_size, st_mtime_ns, length of the name that follows
 
     def __init__(self, sweep, threads=DELETE_THREADS):
         self.sweep = sweep
-        # Bounded: the scan waits for the unlinks rather than piling up work in memory.
-        self.queue = queue.Queue(maxsize=DELETE_QUEUE)
-        self.results = []  # one (counts, errors) per thread, merged by close()
-        self.closing = False
-        self.threads = [threading.Thread(target=self.work, args=(i,), daemon=True) for i in range(threads)]
-        for t in self.threads:
-            t.start()
+        self.pending = bytearray()
+        self.sent = 0  # records sent, to account for a helper that dies without its report
+        self.busy = mmap.mmap(-1, 1)  # MAP_SHARED|MAP_ANONYMOUS: the helper sees the byte we write
+        work_r, self.work_w = os.pipe2(os.O_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # Bounded: the sweep waits for the unlinks rather than piling up work (about 3000 verdicts).
+            fcntl.fcntl(self.work_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 18)
+        except OSError:
+            pass  # the kernel's default (64 KiB) bounds it all the same
+        parent = os.getpid()
+        try:
+            self.pid = os.fork()
+        except OSError as e:
+            for fd in (work_r, self.work_w, report_r, report_w):
+                os.close(fd)
+            raise Fatal("cannot start the sweep's unlink helper: %s" % e.strerror)
+        if self.pid == 0:
+            status = 1
+            try:
+                os.close(self.work_w)
+                os.close(report_r)
+                status = helper_main(parent, sweep.dfd, work_r, report_w, self.busy, threads)
+            finally:
+                os._exit(status)
+        os.close(work_r)
+        os.close(report_w)
+        self.report_r = report_r
 
     def put(self, name, st):
-        self.queue.put((name, st))
+        encoded = os.fsencode(name)
+        self.pending += self.RECORD.pack(st.st_ino, st.st_size, st.st_mtime_ns, len(encoded)) + encoded
+        self.sent += 1
+        if len(self.pending) >= 16384:
+            self.flush()
+
+    def flush(self, busy=False):
+        """Send what was decided (the sweep calls this after every batch), and whether the site is busy."""
+        self.busy[0] = 1 if busy else 0
+        if self.pending and self.work_w is not None:
+            try:
+                view = memoryview(self.pending)
+                while view:
+                    view = view[os.write(self.work_w, view):]
+            except OSError:  # the helper is gone: close() accounts for it
+                os.close(self.work_w)
+                self.work_w = None
+        self.pending = bytearray()
 
     def close(self):
-        self.closing = True  # no more pacing: every thread helps finish
-        for _ in self.threads:
-            self.queue.put(None)
-        for t in self.threads:
-            t.join()
-        for counts, errors in self.results:
-            for key, n in counts.items():
-                self.sweep.counts[key] += n
-            for name, message in errors:
+        self.busy[0] = 0  # no more pacing: every thread helps finish
+        self.flush()
+        if self.work_w is not None:
+            os.close(self.work_w)  # the helper's end of work
+            self.work_w = None
+        chunks = []
+        while True:
+            chunk = os.read(self.report_r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(self.report_r)
+        _, status = os.waitpid(self.pid, 0)
+        try:
+            report = json.loads(b"".join(chunks).decode())
+        except ValueError:
+            how = ("signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                   else "exit status %d" % os.WEXITSTATUS(status))
+            self.problem(max(1, self.sent), "the unlink helper ended (%s) without its report: %d expired sessions "
+                         "handed to it are not accounted for" % (how, self.sent))
+            return
+        for key, n in report["counts"].items():
+            self.sweep.counts[key] += n
+        self.sweep.counts["errors"] += report["errors"] - len(report["samples"])
+        for name, message in report["samples"]:
+            if name is None:
+                self.problem(1, message)
+            else:
                 self.sweep.error(name, message)
 
-    def work(self, index):
-        dfd = self.sweep.dfd
-        pacer = self.sweep.pacer
-        counts = dict(deleted=0, changed=0, kept=0, vanished=0)
-        errors = []
-        self.results.append((counts, errors))
+    def problem(self, count, message):
+        """Errors that name no session file."""
+        self.sweep.counts["errors"] += count
+        if len(self.sweep.error_samples) < MAX_ERROR_SAMPLES:
+            self.sweep.error_samples.append(message)
+
+
+def become_helper(parent):
+    """First thing in a process forked from the sweep: False when the sweep is gone already."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1: die with the sweep
+    except (OSError, AttributeError):
+        pass  # the pipe's end (Unlinker) or the sweep's kill (Prefetcher) stops it all the same
+    if os.getppid() != parent:  # the sweep died before the line above
+        return False
+    # Only the sweep decides when to stop; a kill reaches us through the group or the sweep.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)  # the daemon reads the sweep's stdout and stderr to their end: we must not hold them
+    os.close(null)
+    return True
+
+
+def helper_main(parent, dfd, work, report, busy, threads):
+    """The unlink helper (see Unlinker): returns its exit status."""
+    if not become_helper(parent):
+        return 1
+    items = queue.Queue(maxsize=DELETE_QUEUE)
+    counts = dict(deleted=0, changed=0, kept=0, vanished=0)
+    errors = []
+    lock = threading.Lock()
+    closing = []
+
+    def unlink(index):
+        mine = dict.fromkeys(counts, 0)
+        failed = []
         while True:
-            while index and pacer.busy and not self.closing:
+            while index and busy[0] and not closing:
                 time.sleep(PACE_CHECK)  # the site is busy: thread 0 alone unlinks
-            item = self.queue.get()
+            item = items.get()
             if item is None:
-                return
-            name, st = item
+                break
+            name, ino, size, mtime_ns = item
             try:
                 now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                if same_version(now, st):
+                if now.st_ino == ino and now.st_size == size and now.st_mtime_ns == mtime_ns:
                     os.unlink(name, dir_fd=dfd)
-                    counts["deleted"] += 1
+                    mine["deleted"] += 1
                 else:
-                    counts["changed"] += 1
-                    counts["kept"] += 1
+                    mine["changed"] += 1
+                    mine["kept"] += 1
             except FileNotFoundError:
-                counts["vanished"] += 1
+                mine["vanished"] += 1
             except OSError as e:
-                errors.append((name, "cannot delete: %s" % e.strerror))
+                failed.append((name, "cannot delete: %s" % e.strerror))
+        with lock:
+            for key, n in mine.items():
+                counts[key] += n
+            errors.extend(failed)
+
+    workers = [threading.Thread(target=unlink, args=(i,), daemon=True) for i in range(threads)]
+    for t in workers:
+        t.start()
+    record = Unlinker.RECORD
+    buffered = b""
+    while True:
+        chunk = os.read(work, 65536)
+        if not chunk:
+            break
+        buffered += chunk
+        at = 0
+        while len(buffered) - at >= record.size:
+            ino, size, mtime_ns, length = record.unpack_from(buffered, at)
+            end = at + record.size + length
+            if end > len(buffered):
+                break
+            items.put((os.fsdecode(buffered[at + record.size:end]), ino, size, mtime_ns))
+            at = end
+        buffered = buffered[at:]
+    closing.append(True)
+    for _ in workers:
+        items.put(None)
+    for t in workers:
+        t.join()
+    text = json.dumps({"counts": counts, "errors": len(errors) + (1 if buffered else 0),
+                       "samples": errors[:MAX_ERROR_SAMPLES]
+                       + ([(None, "the unlink helper got a cut record")] if buffered else [])})
+    data = text.encode()
+    while data:
+        data = data[os.write(report, data):]
+    return 0
+
+
+class Prefetcher:
+    """Cold page cache: a process forked from the sweep opens the window's files ahead of
+    it (up to PREFETCH_AHEAD), each with a readahead hint, and closes them. Opening a
+    file whose inode is not cached waits for the disk, one at a time in the sweep;
+    here those waits overlap with the sweep's judging, and the hints keep the disk's
+    queue full. It only warms the cache: the sweep still opens, reads and judges
+    every file itself. Started only once a batch missed the cache (on a warm store
+    it would only cost CPU); the same user and priority as the sweep (a fork),
+    killed when the window is done, or with the sweep."""
+
+    def __init__(self, sweep, window, start):
+        self.progress = mmap.mmap(-1, 8)  # the sweep's position in the window, shared
+        self.set(start)
+        parent = os.getpid()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            self.pid = None  # only a speed-up: the sweep reads on without it
+            return
+        if self.pid == 0:
+            status = 1
+            try:
+                if become_helper(parent):
+                    self.warm(sweep.dfd, sweep.open_flags, window, start)
+                    status = 0
+            finally:
+                os._exit(status)
+
+    def set(self, position):
+        struct.pack_into("=q", self.progress, 0, position)
+
+    def warm(self, dfd, flags, window, start):
+        for i in range(start, len(window)):
+            while i - struct.unpack_from("=q", self.progress, 0)[0] > PREFETCH_AHEAD:
+                time.sleep(0.005)
+            try:
+                fd = os.open(window[i][1], flags, dir_fd=dfd)
+            except OSError:
+                continue  # the sweep will see why
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            os.close(fd)
+
+    def close(self):
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.pid, 0)
+            self.pid = None
 
 
 def name_hash(name):

@@ -397,7 +397,7 @@ def test_deleter_unlinks_only_the_version_judged(tmp_path: Path) -> None:
     job = sweep_with()
     job.dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        deleter = sweep_script.Deleter(job, threads=2)
+        deleter = sweep_script.Unlinker(job, threads=2)
         for path, st in stats.items():
             deleter.put(path.name, st)
         deleter.close()
