@@ -289,9 +289,11 @@ def _start(early: Early, path: Path) -> None:
     except UserError:
         return  # another daemon runs (the normal start says so), or the directory cannot be made
     # The sockets: systemd's, else bound as the record says (already resolved: no getaddrinfo).
-    held = sockets_module.from_systemd()
+    held = sockets_module.from_systemd(dict(os.environ))  # a copy: if it raises, the normal start says so
     if held:
         early.sockets, early.systemd = held, True
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # taken: as from_systemd leaves them
+            os.environ.pop(name, None)
     else:
         early.bind = list(record["bind"])
         early.sockets = sockets_module.bind_recorded(spec["sockets"])
