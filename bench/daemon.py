@@ -135,11 +135,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--idle", type=int, default=20, help="seconds of idle to measure the daemon's CPU")
     parser.add_argument("--user", help="run both servers as this user (default: nobody when run as root; 'root')")
+    parser.add_argument("--windows", type=int, default=2,
+                        help="timed requests/s windows per server and round (A B B A, repeated)")
+    parser.add_argument("--rate-only", action="store_true",
+                        help="only the requests/s rounds (no timed starts, no idle window): to compare quickly")
     report_args(parser)
     args = parser.parse_args()
     if args.quick:
         # 5 s windows: at 3 s one window's requests/s moves by 15 % here. The idle window stays 20 s (taken once).
         args.seconds, args.starts = min(args.seconds, 5), min(args.starts, 5)
+    if args.rate_only:
+        args.starts = 0
     user = service_user(args.user)
     # As a package install leaves it (dh_python3, %py_byte_compile): the daemon's modules compiled. Else each start
     # compiles every module edited since its bytecode was last written, in memory (the service user cannot write it).
@@ -154,6 +160,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {remembered: [], bare_name: []}
     per_request: dict[str, list[float]] = {remembered: [], bare_name: []}  # the workers' CPU ms per request
     idle: list[float] = []
+    paired: list[float] = []  # per round: omerowebd's requests/s over bare's, its windows summed
     rss = 0.0
     with scratch() as root:
         verdict = root / "state" / NAME
@@ -215,7 +222,7 @@ def main() -> None:
             try:
                 settled(daemon)
                 assert daemon.proc is not None
-                if round_ == 0 or not args.quick:  # before any load: no request's tail in the window
+                if (round_ == 0 or not args.quick) and not args.rate_only:  # before any load: no request's tail
                     idle.append(idle_percent(daemon.proc.pid, args.idle))
                 bare.start()
                 assert bare.proc is not None
@@ -223,11 +230,15 @@ def main() -> None:
                            bare_name: (bare.port, bare.proc.pid)}
                 for name in servers:
                     wrk(servers[name][0], WARM_UP)
-                order = [remembered, bare_name, bare_name, remembered]
-                for name in order if round_ % 2 == 0 else order[::-1]:
+                # A B B A is its own reverse: which server is A alternates by round (it was always omerowebd).
+                first, second = (remembered, bare_name) if round_ % 2 == 0 else (bare_name, remembered)
+                served = {name: 0.0 for name in servers}
+                for name in [first, second, second, first] * ((args.windows + 1) // 2):
                     rate, cpu = serve_rate(*servers[name], args.seconds)
                     rates[name].append(rate)
                     per_request[name].append(cpu)
+                    served[name] += rate
+                paired.append(served[remembered] / served[bare_name])
                 rss = max(rss, rss_mb(daemon.proc.pid))
             finally:
                 bare.stop()
@@ -235,6 +246,16 @@ def main() -> None:
 
         for round_ in range(args.rounds):
             rate_round(round_)
+
+    if args.rate_only:
+        print(f"\nrequests/s, login page, {args.workers} sync workers, {args.rounds} rounds of "
+              f"{len(rates[bare_name]) // max(args.rounds, 1)} windows of {args.seconds} s per server "
+              f"(load average now: {os.getloadavg()[0]:.2f})")
+        print(f"  ratio omerowebd / bare, of the medians: {median(rates[remembered]) / median(rates[bare_name]):.3f}; "
+              f"each round's (its windows summed): {' '.join(f'{r:.3f}' for r in paired)}")
+        print(f"  the workers' CPU per request (ms), omerowebd / bare, each window: "
+              f"{' '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(per_request[remembered], per_request[bare_name]))}")
+        return
 
     who = f"as {user}" if user else "as root"
     rows = [[name, f"{median(starts[name]):.2f}", len(starts[name]),
@@ -258,6 +279,7 @@ def main() -> None:
         ["requests/s ratio omerowebd / bare", f"{ratio:.3f}", ">= 0.98"],
         ["  its windows, omerowebd / bare (requests/s)",
          "  ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(rates[remembered], rates[bare_name])), "-"],
+        ["  each round's ratio (fresh servers; its windows summed)", " ".join(f"{r:.3f}" for r in paired), "-"],
         ["  the workers' CPU per request, omerowebd / bare (ms)",
          f"{median(per_request[remembered]):.2f} / {median(per_request[bare_name]):.2f}", "-"],
         ["daemon RSS (MB)", f"{rss:.1f}", "< 40"],
