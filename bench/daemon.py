@@ -30,6 +30,7 @@ gunicorn's spawn (the master's fork time less the daemon's, from /proc, to
 the clock tick), and gunicorn from there to the first 200.
 
     .venv/bin/python bench/daemon.py [--rounds 3] [--starts 7] [--seconds 10] [--workers 2] [--user USER] [--quick] [--report FILE]
+    .venv/bin/python bench/daemon.py --rate-only [--rounds 4] [--windows 4] [--seconds 3]   # requests/s only
 """
 
 from __future__ import annotations
