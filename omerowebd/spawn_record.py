@@ -54,8 +54,8 @@ DEFAULT_CONFIG = "/etc/omerowebd/omerowebd.toml"  # config_file.DEFAULT_CONFIG, 
 DEFAULT_STATE_DIR = "/var/lib/omerowebd"  # config.DaemonSettings.state_dir's default
 # The daemon's own variables, which no venv process gets (probe_env and every generation).
 DAEMON_ONLY = ("NOTIFY_", "LISTEN_", "WATCHDOG_", "OMERO")
-# Set per spawn: not part of what is compared.
-PER_SPAWN = ("OMEROWEBD_FDS", "OMEROWEBD_PID")
+# Environment variables that change what the venv's Python imports or how Ice and Django load (verdicts.py's too).
+ENV_PREFIXES = ("PYTHON", "DJANGO", "LD_", "ICE")
 
 
 def inherited_env() -> dict[str, str]:
@@ -142,8 +142,13 @@ def key(config_digest: str, venv: str) -> str:
             stamps.append([site, st.st_mtime_ns, st.st_ino])
         except OSError:
             continue
+    # What else the venv's remembered answer is keyed by (verdicts.key), so that one is not missed while this hits:
+    # the probe script and gunicorn's config file (an upgrade of omerowebd), the variables that change imports.
+    here = Path(__file__).parent
+    scripts = [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in ("venv_probe.py", "gunicorn_conf.py")]
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIXES))
     recipe = {"format": FORMAT, "version": __version__, "uid": os.geteuid(), "daemon": sys.executable,
-              "config": config_digest, "venv": stamps}
+              "config": config_digest, "venv": stamps, "scripts": scripts, "env": env}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 

@@ -50,7 +50,7 @@ NAME = "venv-verdict.json"
 FORMAT = 1  # bump when the file's shape or the key's recipe changes
 MAX_BYTES = 16 << 20  # the probe's own answer is capped the same way (Prober's line limit)
 # Environment variables that change what the venv's Python imports or how Ice and Django load.
-ENV_PREFIXES = ("PYTHON", "DJANGO", "LD_", "ICE")
+ENV_PREFIXES = spawn_record.ENV_PREFIXES
 # What a reload compares packages against, for a generation started on an answer the venv has since contradicted:
 # it differs from every fingerprint, so the reload brings up a generation derived from the fresh answer.
 UNCONFIRMED = "unconfirmed"
