@@ -958,11 +958,14 @@ class Unlinker:
         self.pending += self.RECORD.pack(st.st_ino, st.st_size, st.st_mtime_ns, len(encoded)) + encoded
         self.sent += 1
         if len(self.pending) >= 16384:
-            self.flush()
+            self._send()  # mid-batch: the pacing stays what the last batch found
 
     def flush(self, busy=False):
         """Send what was decided (the sweep calls this after every batch), and whether the site is busy."""
         self.busy[0] = 1 if busy else 0
+        self._send()
+
+    def _send(self):
         if self.pending and self.work_w is not None:
             try:
                 view = memoryview(self.pending)

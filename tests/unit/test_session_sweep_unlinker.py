@@ -143,3 +143,22 @@ def test_the_prefetcher_warms_ahead_and_ends_with_its_window(tmp_path: Path) -> 
     finally:
         os.close(job.dfd)
     assert sorted(os.listdir(tmp_path)) == names  # it only reads
+
+
+def test_a_full_buffer_sent_mid_batch_keeps_the_pacing(tmp_path: Path) -> None:
+    """The site was busy at the last batch: verdicts sent because the buffer filled, before the
+    batch's own flush, must not tell the helper it may unlink with every thread again."""
+    job = a_sweep(tmp_path)
+    try:
+        unlinker = sweep_script.Unlinker(job, threads=2)
+        unlinker.flush(busy=True)
+        stat = os.stat(tmp_path)
+        for i in range(400):  # more than one buffer's worth of verdicts for files that are not there
+            unlinker.put(f"sessionid{i:032d}", stat)
+        assert unlinker.busy[0] == 1
+        unlinker.flush(busy=False)
+        assert unlinker.busy[0] == 0
+        unlinker.close()
+    finally:
+        os.close(job.dfd)
+    assert job.counts["deleted"] == 0 and job.counts["errors"] == 0
