@@ -112,7 +112,7 @@ def test_the_helper_dies_with_the_sweep_and_keeps_its_priority(tmp_path: Path) -
         helper = int(proc.stdout.readline())
         fields = Path(f"/proc/{helper}/stat").read_text().rsplit(")", 1)[1].split()
         assert int(fields[1]) == proc.pid  # ppid: a fork of the sweep
-        assert int(fields[16]) == os.getpriority(os.PRIO_PROCESS, 0) + 7  # nice: inherited, lowered
+        assert int(fields[16]) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)  # nice: inherited, lowered
         assert os.stat(f"/proc/{helper}").st_uid == os.getuid()
         os.kill(proc.pid, signal.SIGKILL)  # the sweep alone: no close(), no pipe end written
         proc.wait(30)
@@ -126,7 +126,8 @@ def test_the_helper_dies_with_the_sweep_and_keeps_its_priority(tmp_path: Path) -
         proc.stdout.close()
 
 
-def test_the_prefetcher_warms_ahead_and_ends_with_its_window(tmp_path: Path) -> None:
+def test_the_prefetcher_is_the_sweeps_child_only_reads_and_ends_with_its_window(tmp_path: Path) -> None:
+    """(What it warms is measured by bench/sessions_sweep.py's cold rows, not here.)"""
     names = [f"sessionid{i:032d}" for i in range(40)]
     for name in names:
         (tmp_path / name).write_text("x")
