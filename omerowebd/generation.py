@@ -408,6 +408,11 @@ class Generation:
 
     async def start(self, sockets: list[HeldSocket], events_path: Path) -> None:
         """Spawn the master on duplicates of ``sockets`` plus a probe socket of its own."""
+        # Anything heard for this number so far came from the early start's master (stopped before this one
+        # starts, running.py): its workers are not this master's.
+        self.ready_workers.clear()
+        self._booting.clear()
+        self._leaving.clear()
         self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.prepare_view()
         self.spawned_with = spec = self.spec(sockets, events_path)

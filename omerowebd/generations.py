@@ -31,6 +31,9 @@ from .sockets import HeldSocket
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
+# Reports for a generation not registered yet, kept until it is: the early start's master boots while the
+# daemon still checks and derives (spawn_record.py), and its workers' worker_ready must not be lost.
+PENDING_MAX = 256
 
 T = TypeVar("T")  # the target a generation is made for (desired.Desired in the daemon)
 
@@ -59,6 +62,7 @@ class Generations(Generic[T]):
         self.stopping = False
         self._sleep = asyncio.sleep  # the backoff's wait (a test counts the waits instead)
         self._events: tuple[asyncio.BaseTransport, Path] | None = None
+        self._pending: list[tuple[int, Mapping[str, Any]]] = []  # (number, report) for numbers not registered yet
         # Told when the serving master is lost ("crashed") or back ("restarted"): the supervisor's effects.
         self.on_change: Callable[[str, Generation], None] = lambda what, generation: None
 
@@ -77,6 +81,7 @@ class Generations(Generic[T]):
         generation = self._make(number, target)
         generation.on_exit = self._exited
         self.all[number] = generation
+        self._replay(number)  # what its master's workers said before it was registered (the early start)
         spawned = time.monotonic()
         try:
             await self._launch(generation, target, sockets)
@@ -156,11 +161,26 @@ class Generations(Generic[T]):
     def on_event(self, message: Mapping[str, Any]) -> None:
         """A report from a generation's gunicorn hooks (gunicorn_conf.py)."""
         try:
-            generation = self.all.get(int(message["gen"]))
-        except (ValueError, KeyError, TypeError):
+            number = int(message["gen"])
+        except (ValueError, KeyError, TypeError, OverflowError):
             return
+        generation = self.all.get(number)
         if generation is not None:
             generation.on_event(message)
+        elif number >= self.next_number and len(self._pending) < PENDING_MAX:
+            self._pending.append((number, message))  # not registered yet: replayed once it is
+
+    def forget_pending(self, number: int) -> None:
+        """Reports kept for ``number`` came from a master that will not be it (the early one, stopped)."""
+        self._pending = [(n, m) for n, m in self._pending if n != number]
+
+    def _replay(self, number: int) -> None:
+        pending, self._pending = self._pending, []
+        for n, message in pending:
+            if n == number:
+                self.all[number].on_event(message)
+            elif n > number:
+                self._pending.append((n, message))
 
     def _exited(self, generation: Generation) -> None:
         self.all.pop(generation.number, None)

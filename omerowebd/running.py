@@ -13,6 +13,7 @@ come through ``bring_up``; a change that needs no generation, through
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -103,6 +104,8 @@ class Running:
             await master.wait()
             if early.spec is not None:
                 await asyncio.to_thread(shutil.rmtree, early.spec["directory"], True)
+        if early.spec is not None and not early.adopted:  # what its workers said, kept for its number: not heard
+            self.gens.forget_pending(json.loads(early.spec["snapshot"])["generation"])
         early.close()
 
     def _acquire(self, config: Config) -> list[HeldSocket]:

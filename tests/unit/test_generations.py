@@ -55,7 +55,7 @@ class FakeGunicorn:
             proc.send_signal(signal.SIGKILL)
             return
         self.servers.append(await asyncio.start_unix_server(_answer_200, path=str(generation.probe_path)))
-        if how == "ok":
+        if how == "ok":  # "heard before": its workers reported before it was registered (the early start)
             for worker in range(generation.plan.workers):
                 generation.on_event({"gen": generation.number, "event": "worker_ready", "pid": 10_000 + worker})
 
@@ -205,3 +205,27 @@ def test_a_hostile_datagram_is_dropped_and_the_next_one_heard(tmp_path: Path) ->
         gens._heard(data)
     gens._heard(b'{"gen": 1, "event": "worker_ready", "pid": 7}')
     assert heard == [{"gen": 1, "event": "worker_ready", "pid": 7}]
+
+
+def test_reports_for_a_generation_not_registered_yet_are_replayed_once_it_is(tmp_path: Path) -> None:
+    """The early start's master boots while the daemon still checks and derives: its worker_ready is kept, not lost."""
+    async def test(gens: Generations[str], fake: FakeGunicorn) -> None:
+        for worker in range(2):
+            gens.on_event({"gen": 1, "event": "worker_booting", "pid": 10_000 + worker})
+            gens.on_event({"gen": 1, "event": "worker_ready", "pid": 10_000 + worker})
+        gens.on_event({"gen": 2, "event": "worker_ready", "pid": 20_000})  # kept for 2, not given to 1
+        first = await gens.bring_up("config 1", [], ready_timeout=5)
+        assert first.state is State.SERVING and first.ready_workers == {10_000, 10_001}
+        gens.on_event({"gen": 1, "event": "worker_ready", "pid": 10_002})  # registered: applied at once
+        assert 10_002 in first.ready_workers
+        gens.on_event({"gen": 2, "event": "worker_ready", "pid": 20_001})
+        gens.forget_pending(2)  # the early master was stopped: what it said is not the next one's
+        gens.on_event({"gen": 2, "event": "worker_ready", "pid": 20_002})
+        with pytest.raises(GenerationFailed, match="1 of 2 workers"):
+            await gens.bring_up("config 2", [], ready_timeout=1)
+        gens.on_event({"gen": 2, "event": "worker_ready", "pid": 20_003})  # gone: a number already used
+        for pid in range(1000):  # bounded
+            gens.on_event({"gen": 9, "event": "worker_ready", "pid": pid})
+        assert len(gens._pending) == 256
+
+    run(tmp_path, "heard before", "heard before", test=test)
