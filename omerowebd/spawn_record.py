@@ -17,8 +17,9 @@ whole venv (trust.venv_refusal), which no cheap key can stand in for.
 The early start is a guess, checked twice:
 
 * before the spawn, cheaply: the config file's bytes, the daemon's version,
-  the user, the interpreter and the site-packages directories' stat (a
-  package installed or removed changes them) must be what the record was
+  the user, the interpreter, the site-packages directories' stat and their
+  package entries' mtimes (what venv.fingerprint hashes, so the venv's
+  remembered answer is not missed while this hits) must be what the record was
   written for; the run lock is taken and the sockets bound (or taken from
   systemd) as the daemon would;
 * after the daemon has loaded, fully: the daemon derives its plan the normal
@@ -121,6 +122,29 @@ def spawn(spec: dict[str, Any], fds: list[int]) -> subprocess.Popen[bytes]:
 # -- the key ------------------------------------------------------------------
 
 
+def package_entries(venv: str) -> list[tuple[str, int]]:
+    """Each site-packages' package entries (.dist-info, .pth ...) with their mtime, what venv.fingerprint hashes:
+    an install, upgrade or removal changes one, even where the directory's own mtime does not show it."""
+    entries: list[tuple[str, int]] = []
+    lib = os.path.join(venv, "lib")
+    try:
+        names = sorted(n for n in os.listdir(lib) if n.startswith("python3"))
+    except OSError:
+        return entries
+    for name in names:
+        site = os.path.join(lib, name, "site-packages")
+        try:
+            found = sorted(e for e in os.listdir(site) if e.endswith((".dist-info", ".egg-info", ".egg-link", ".pth")))
+        except OSError:
+            continue
+        for entry in found:
+            try:
+                entries.append((entry, os.stat(os.path.join(site, entry)).st_mtime_ns))
+            except OSError:
+                continue
+    return entries
+
+
 def key(config_digest: str, venv: str) -> str:
     """What the early spawn depends on and can check before loading anything: stat-level, cheap."""
     python = os.path.join(venv, "bin", "python")
@@ -148,7 +172,8 @@ def key(config_digest: str, venv: str) -> str:
     scripts = [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in ("venv_probe.py", "gunicorn_conf.py")]
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIXES))
     recipe = {"format": FORMAT, "version": __version__, "uid": os.geteuid(), "daemon": sys.executable,
-              "config": config_digest, "venv": stamps, "scripts": scripts, "env": env}
+              "config": config_digest, "venv": stamps, "packages": package_entries(venv), "scripts": scripts,
+              "env": env}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 

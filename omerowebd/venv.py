@@ -103,17 +103,8 @@ def _root_refusal(venv: Path, python: Path, packages: str | None = None) -> str 
 def fingerprint(venv: Path) -> str:
     """Changes whenever a package is installed, upgraded or removed in the venv."""
     digest = hashlib.sha256()
-    for site in site_packages(venv):
-        try:
-            entries = sorted(e for e in os.listdir(site) if e.endswith((".dist-info", ".egg-info", ".egg-link", ".pth")))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                mtime = os.stat(site / entry).st_mtime_ns
-            except OSError:
-                continue
-            digest.update(f"{entry}\0{mtime}\n".encode())
+    for entry, mtime in spawn_record.package_entries(str(venv)):  # the early start's key takes the same entries
+        digest.update(f"{entry}\0{mtime}\n".encode())
     return digest.hexdigest()
 
 

@@ -214,3 +214,19 @@ def test_the_venv_refusing_now_fails_the_start(site):
         assert not (site / "state" / NAME).exists()
 
     asyncio.run(scenario())
+
+
+def test_what_misses_the_remembered_answer_misses_the_remembered_spawn_too(site):
+    # The early start's key (spawn_record.key, before the daemon's imports) must see every venv change the
+    # remembered answer's key sees, else gunicorn is spawned early on a venv whose answer is then asked again.
+    from omerowebd import spawn_record
+    venv = str(site / "venv")
+    packages = site / "venv" / "lib" / "python3.10" / "site-packages"
+    dist_info = packages / "Django-4.2.dist-info"
+    before = (fingerprint(Path(venv)), spawn_record.key("digest", venv))
+    directory = os.stat(packages)
+    os.utime(dist_info, ns=(1, 1))  # reinstalled in place: the entry's mtime moves, the directory's does not
+    os.utime(packages, ns=(directory.st_atime_ns, directory.st_mtime_ns))
+    after = (fingerprint(Path(venv)), spawn_record.key("digest", venv))
+    assert after[0] != before[0], "the remembered answer misses"
+    assert after[1] != before[1], "so the remembered spawn misses too"
