@@ -74,16 +74,25 @@ def from_systemd(environ: dict[str, str] | None = None) -> list[HeldSocket]:
     if pid != os.getpid() or count <= 0:
         return []
     held = []
-    for i in range(count):
-        fd = SD_LISTEN_FDS_START + i
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISSOCK(mode):
-            raise UserError(f"systemd passed fd {fd}, which is not a socket: check the .socket unit")
-        sock = socket.socket(fileno=fd)
-        os.set_inheritable(fd, False)
-        if sock.type != socket.SOCK_STREAM:
-            raise UserError(f"systemd passed a non-stream socket (fd {fd}): use ListenStream= in the .socket unit")
-        held.append(HeldSocket(sock, _address_of(sock), "systemd", names[i] if i < len(names) else ""))
+    wrapped: list[socket.socket] = []
+    try:
+        for i in range(count):
+            fd = SD_LISTEN_FDS_START + i
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISSOCK(mode):
+                raise UserError(f"systemd passed fd {fd}, which is not a socket: check the .socket unit")
+            sock = socket.socket(fileno=fd)
+            wrapped.append(sock)
+            os.set_inheritable(fd, False)
+            if sock.type != socket.SOCK_STREAM:
+                raise UserError(f"systemd passed a non-stream socket (fd {fd}): use ListenStream= in the .socket unit")
+            held.append(HeldSocket(sock, _address_of(sock), "systemd", names[i] if i < len(names) else ""))
+    except BaseException:
+        # The descriptors stay open as systemd passed them: a collected socket object would close them (the
+        # early start's attempt fails here, then the normal start reads them again and says what is wrong).
+        for sock in wrapped:
+            sock.detach()
+        raise
     return held
 
 

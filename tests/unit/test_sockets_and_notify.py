@@ -62,6 +62,43 @@ def test_from_systemd_ignores_other_pids():
     assert "LISTEN_FDS" not in env  # cleared either way: never passed on
 
 
+# In a process of its own: systemd's descriptors are 3 and up, which pytest's own files may hold here.
+PASSED_BADLY = """if True:
+    import gc, os, socket, sys
+    from omerowebd import sockets
+    from omerowebd.errors import UserError
+    stream = socket.socket(); stream.bind(("127.0.0.1", 0)); stream.listen()
+    last = socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if sys.argv[1] == "dgram" else open(os.devnull, "rb")
+    moved = [os.dup2(stream.fileno(), 20), os.dup2(last.fileno(), 21)]  # out of the way, then down to 3 and 4
+    stream.close(); last.close()
+    for i, fd in enumerate(moved):
+        os.dup2(fd, 3 + i, inheritable=False)
+    said = []
+    for attempt in ("early", "normal"):
+        try:
+            sockets.from_systemd({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2"})
+        except (UserError, OSError) as e:
+            said.append(str(e))
+        gc.collect()  # a socket object the failed attempt made and dropped would close its descriptor now
+    print(said[0] == said[1], socket.socket(fileno=os.dup(3)).type == socket.SOCK_STREAM, said[1])
+"""
+
+
+@pytest.mark.parametrize("last", ["dgram", "file"])
+def test_from_systemd_refusing_leaves_the_descriptors_as_systemd_passed_them(last):
+    # The early start reads systemd's sockets first; when it refuses them, the normal start reads them again
+    # and must say the same thing, not "bad file descriptor" (or misread a descriptor reused meanwhile).
+    import subprocess
+    import sys
+    from pathlib import Path
+    done = subprocess.run([sys.executable, "-c", PASSED_BADLY, last], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    same, stream_kept, said = done.stdout.strip().split(" ", 2)
+    assert (same, stream_kept) == ("True", "True"), said
+    assert ("non-stream socket (fd 4)" if last == "dgram" else "fd 4, which is not a socket") in said
+
+
 def test_notifier_sends_datagrams(tmp_path):
     listener = NotifyListener(tmp_path / "n.sock")
     try:
