@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -288,9 +289,15 @@ def _start(early: Early, path: Path) -> None:
     from . import sockets as sockets_module
 
     try:
-        config_bytes = path.read_bytes()
+        # Not blocking on a FIFO with no writer yet; anything but a regular file (a FIFO, /dev/stdin, a process
+        # substitution) is left unread: it can be read once only, and that read is the normal start's.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return  # the normal start says it in its words
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        config_bytes = file.read()
     try:
         daemon = tomllib.loads(config_bytes.decode()).get("daemon", {})
     except (ValueError, UnicodeDecodeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,19 @@ def test_config_xml_is_watched_once_the_first_generation_serves_and_an_edit_mean
             site.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_early_start_leaves_a_config_that_can_be_read_once_unread(tmp_path):
+    # --config /dev/stdin, a FIFO, <(...): the normal start's config.load must get the bytes, not an empty read.
+    from omerowebd import spawn_record
+    text = f'[daemon]\nstate_dir = "{tmp_path}"\n'.encode()
+    r, w = os.pipe()
+    try:
+        os.write(w, text)
+        os.close(w)
+        early = spawn_record.Early()
+        spawn_record._start(early, Path(f"/proc/self/fd/{r}"))
+        assert early.master is None and early.note is None and early.lock is None
+        assert os.read(r, 4096) == text
+    finally:
+        os.close(r)
