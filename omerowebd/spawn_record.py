@@ -21,7 +21,8 @@ The early start is a guess, checked twice:
   package entries' mtimes (what venv.fingerprint hashes, so the venv's
   remembered answer is not missed while this hits) must be what the record was
   written for; the run lock is taken and the sockets bound (or taken from
-  systemd) as the daemon would;
+  systemd) as the daemon would (bound only where daemon.bind names unix
+  paths and literal IPs: a host name may resolve elsewhere now);
 * after the daemon has loaded, fully: the daemon derives its plan the normal
   way and adopts the early master as generation 1 only if what it would
   spawn (argv, cwd, environment, the view's config.xml, the snapshot, the
@@ -332,6 +333,8 @@ def _start(early: Early, path: Path) -> None:
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # taken: as from_systemd leaves them
             os.environ.pop(name, None)
     else:
+        if not all(map(_resolves_to_itself, record["bind"])):
+            return  # a host name: the record holds what it resolved to last time, the normal start resolves it now
         early.bind = list(record["bind"])
         early.sockets = sockets_module.bind_recorded(spec["sockets"])
     if [s.address for s in early.sockets] != [s["address"] for s in spec["sockets"]]:
@@ -350,6 +353,22 @@ def _start(early: Early, path: Path) -> None:
         early.before_asyncio = "asyncio" not in sys.modules
     finally:
         probe.close()  # the master holds it now
+
+
+def _resolves_to_itself(address: str) -> bool:
+    """A unix path or a literal IP (or none: every address), which getaddrinfo gives back as it is, each start."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")  # as sockets.bind reads it (nginx_syntax.host_and_port)
+    if not host:
+        return True
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def _drop_files(early: Early) -> None:

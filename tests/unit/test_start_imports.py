@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from omerowebd import omero_config
 from omerowebd.config_xml import SiteConfigXml
@@ -88,3 +91,30 @@ def test_the_early_start_leaves_a_config_that_can_be_read_once_unread(tmp_path):
         assert os.read(r, 4096) == text
     finally:
         os.close(r)
+
+
+@pytest.mark.parametrize("host, binds", [("127.0.0.1", True), ("[::1]", True), ("localhost", False)])
+def test_the_early_start_binds_only_what_resolves_to_itself(tmp_path, host, binds):
+    # The record keeps the addresses a host name resolved to last time; the normal start resolves it now.
+    import hashlib
+
+    from omerowebd import spawn_record, sockets
+    config = tmp_path / "omerowebd.toml"
+    config.write_bytes(f'[daemon]\nstate_dir = "{tmp_path}"\n'.encode())
+    venv = tmp_path / "venv"
+    run = tmp_path / "run"
+    family, sockaddr = (socket.AF_INET6, ["::1", 0, 0, 0]) if host == "[::1]" else (socket.AF_INET, ["127.0.0.1", 0])
+    spec = {"argv": [str(venv / "bin" / "python")], "runtime_dir": str(run), "directory": str(run / "gen-1"),
+            "sockets": [{"address": f"{host}:0", "origin": "bound", "family": int(family), "sockaddr": sockaddr}]}
+    record = {"format": spawn_record.FORMAT, "bind": [f"{host}:0"], "spec": spec,
+              "key": spawn_record.key(hashlib.sha256(config.read_bytes()).hexdigest(), str(venv))}
+    (tmp_path / spawn_record.NAME).write_text(json.dumps(record))
+    (tmp_path / spawn_record.NAME).chmod(0o600)
+    early = spawn_record.Early()
+    try:
+        spawn_record._start(early, config)  # bound, then it stops: the port bound is not the recorded ":0"
+        assert early.note is None and early.master is None and early.lock is not None, early.note
+        assert [s.address.rpartition(":")[0] for s in early.sockets] == ([host] if binds else [])
+    finally:
+        sockets.release(early.sockets)
+        early.lock.release()
