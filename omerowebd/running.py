@@ -77,7 +77,7 @@ class Running:
             self.sockets, early.sockets = early.sockets, []
         else:
             if early is not None:
-                await self.drop_early()  # bound for another config: the master goes before its sockets do
+                await self.drop_early("it was bound for other addresses")  # the master goes before its sockets do
             self.sockets = await asyncio.to_thread(self._acquire, config)
         events = self.runtime_dir / "events.sock"
         if early is not None and early.events is not None and early.events_path == events:
@@ -86,22 +86,25 @@ class Running:
         else:
             await self.gens.listen(events)
 
-    async def drop_early(self) -> None:
-        """The early start's master, not adopted: stopped in order, and what it held released."""
+    async def drop_early(self, why: str) -> None:
+        """The early start's master, not adopted (``why``, for the log): stopped in order, what it held released."""
         early, self.early = self.early, None
         if early is None:
             return
         if early.master is not None and not early.adopted:
-            self.log.info("the gunicorn spawned from the remembered spawn is not what this config runs; stopping it"
-                          " and starting the one it runs")
-            master = AdoptedMaster(early.master)
-            signal_group(master.pid, signal.SIGTERM, group=False)
-            try:
-                await asyncio.wait_for(master.wait(), 10)
-            except asyncio.TimeoutError:
-                pass
-            signal_group(master.pid, signal.SIGKILL, group=True)
-            await master.wait()
+            status = early.master.poll()
+            if status is not None:  # reaped: its pid may be another process's by now, never signalled
+                self.log.info(f"the gunicorn spawned from the remembered spawn exited with status {status}; not"
+                              " adopted", why=why)
+            else:  # not reaped, so its pid (and its group's) is still its own
+                self.log.info("the gunicorn spawned from the remembered spawn is not adopted; stopping it", why=why)
+                master = AdoptedMaster(early.master)
+                signal_group(master.pid, signal.SIGTERM, group=False)
+                try:
+                    await asyncio.wait_for(master.wait(), 10)
+                except asyncio.TimeoutError:
+                    signal_group(master.pid, signal.SIGKILL, group=True)  # still unreaped: still its group
+                    await master.wait()
             if early.spec is not None:
                 await asyncio.to_thread(shutil.rmtree, early.spec["directory"], True)
         if early.spec is not None and not early.adopted:  # what its workers said, kept for its number: not heard
@@ -236,7 +239,10 @@ class Running:
             self.log.info("gunicorn was spawned early, from the remembered spawn; adopted as this generation",
                           generation=generation.number, pid=generation.pid, before_asyncio=early.before_asyncio)
             return
-        await self.drop_early()
+        if early is not None:
+            exited = early.master is not None and early.master.poll() is not None
+            await self.drop_early("it exited before it could be adopted" if exited else
+                                  "what it runs is not what this config runs")
         await generation.start(list(held), events)
 
     # -- status --------------------------------------------------------------

@@ -61,8 +61,11 @@ async def first_generation(config: Config, running: Running, verdicts: Verdicts,
     """Bring the first generation up on the held sockets; UserError (one line) if it cannot."""
     try:
         return await _first_generation(config, running, verdicts, prober, notifier, log)
+    except ConfigError:
+        await running.drop_early("the config was refused")  # before any generation: the early master goes too
+        raise
     finally:
-        await running.drop_early()  # a config refused before any generation: the early master goes too
+        await running.drop_early("the start did not get as far as adopting it")  # stopped, or a bug
 
 
 async def _first_generation(config: Config, running: Running, verdicts: Verdicts, prober: Prober,
@@ -96,7 +99,7 @@ async def _first_generation(config: Config, running: Running, verdicts: Verdicts
     try:
         failure = await running.bring_up(target, running.sockets, switches, after_ready=confirm)
     finally:
-        await running.drop_early()  # not adopted (the start failed, or spawned its own): stopped before it goes on
+        await running.drop_early("the first generation did not come up")  # stopped before the start goes on
     if failure:
         if verdicts.recalled is not None:  # never asked: say what the checks ran on
             log.info("this start ran on the venv's remembered answer", path=str(verdicts.path))

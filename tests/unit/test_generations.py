@@ -229,3 +229,52 @@ def test_reports_for_a_generation_not_registered_yet_are_replayed_once_it_is(tmp
         assert len(gens._pending) == 256
 
     run(tmp_path, "heard before", "heard before", test=test)
+
+
+class SaidLog:
+    def __init__(self) -> None:
+        self.said: list[tuple[str, dict[str, Any]]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.said.append((event, fields))
+
+
+@pytest.mark.parametrize("reaped", [True, False])
+def test_an_early_master_not_adopted_is_signalled_only_while_its_pid_is_its_own(tmp_path: Path, reaped: bool,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # running.drop_early: a master the daemon's own poll() already reaped may have a reused pid: never signalled.
+    import subprocess
+
+    from omerowebd import running as running_module
+    from omerowebd.spawn_record import Early
+    signalled: list[tuple[int, int, bool]] = []
+    real = running_module.signal_group
+
+    def record(pid: int, sig: int, *, group: bool = True) -> None:
+        signalled.append((pid, sig, group))
+        real(pid, sig, group=group)
+
+    monkeypatch.setattr(running_module, "signal_group", record)
+    master = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    if reaped:
+        master.kill()
+        master.wait()
+    early = Early()
+    early.master = master
+    running = object.__new__(running_module.Running)
+    running.log = SaidLog()
+    running.early = early
+    running.gens = Generations(lambda number, target: None, lambda generation, target, sockets: None)  # type: ignore[arg-type,return-value]
+    try:
+        asyncio.run(running.drop_early("the config was refused"))
+    finally:
+        if master.poll() is None:
+            os.killpg(master.pid, signal.SIGKILL)
+            master.wait()
+    assert master.returncode is not None and running.early is None
+    event, fields = running.log.said[0]
+    assert fields == {"why": "the config was refused"}
+    if reaped:
+        assert signalled == [] and "exited with status -9" in event
+    else:
+        assert signalled == [(master.pid, signal.SIGTERM, False)] and "stopping it" in event
