@@ -61,8 +61,7 @@ def _main(argv: list[str] | None, early: spawn_record.Early | None) -> int:
         if early.lock.path == config.daemon.runtime_dir / runlock.LOCK_NAME:
             lock, early.lock = early.lock, None  # taken before the early spawn, on this config's runtime dir
         else:
-            early.kill()
-            early.close()
+            early.let_go()  # systemd's sockets stay, for the normal start (Running.open)
     try:
         # Before anything touches the runtime dir: a second daemon would take
         # over the first one's control and event sockets.

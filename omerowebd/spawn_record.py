@@ -228,6 +228,15 @@ class Early:
                 pass
             self.master.wait()
 
+    def let_go(self) -> None:
+        """Taken for another runtime dir than the config's: the master killed, the rest released, but systemd's
+        sockets, which cannot be had again (LISTEN_* were read and cleared): the daemon's start takes those."""
+        self.kill()
+        self.master = None
+        kept, self.sockets = (self.sockets, []) if self.systemd else ([], self.sockets)
+        self.close()
+        self.sockets = kept
+
     def close(self) -> None:
         """Drop what the daemon did not take over (the master is stopped by then)."""
         from . import sockets as sockets_module

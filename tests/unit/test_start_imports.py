@@ -118,3 +118,23 @@ def test_the_early_start_binds_only_what_resolves_to_itself(tmp_path, host, bind
     finally:
         sockets.release(early.sockets)
         early.lock.release()
+
+
+@pytest.mark.parametrize("systemd", [True, False])
+def test_an_early_start_for_another_runtime_dir_lets_go_of_all_but_systemds_sockets(tmp_path, systemd):
+    # __main__: the lock was taken for another runtime dir than the config's. systemd's sockets cannot be had
+    # again (LISTEN_* were read and cleared): the normal start takes them, not an EADDRINUSE of its own bind.
+    from omerowebd import runlock, sockets, spawn_record
+    early = spawn_record.Early()
+    early.lock = runlock.acquire(tmp_path / "run")
+    early.sockets, early.systemd = sockets.bind(("127.0.0.1:0",)), systemd
+    held = list(early.sockets)
+    early.events_path = tmp_path / "events.sock"
+    early.events = spawn_record.bind_events(early.events_path)
+    try:
+        early.let_go()
+        assert early.lock is None and early.events is None and not early.events_path.exists()
+        assert early.sockets == (held if systemd else [])
+        assert all((s.sock.fileno() != -1) == systemd for s in held)
+    finally:
+        sockets.release(held)
