@@ -109,6 +109,7 @@ class Running:
                 await asyncio.to_thread(shutil.rmtree, early.spec["directory"], True)
         if early.spec is not None and not early.adopted:  # what its workers said, kept for its number: not heard
             self.gens.forget_pending(json.loads(early.spec["snapshot"])["generation"])
+            early.spec = None  # its directory is gone (a generation of this start may use the name now)
         early.close()
 
     def _acquire(self, config: Config) -> list[HeldSocket]:

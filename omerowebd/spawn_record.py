@@ -220,13 +220,18 @@ class Early:
         self.before_asyncio = False  # spawned before the daemon imported asyncio (what the early start is for)
 
     def kill(self) -> None:
-        """Sync, last resort (the daemon exits without having adopted or stopped it): no gunicorn is left behind."""
-        if self.master is not None and not self.adopted and self.master.returncode is None:
+        """Sync, last resort (the daemon exits without having adopted or stopped it): no gunicorn is left behind,
+        nor its view (a config.xml with the site's secrets)."""
+        if self.adopted:
+            return
+        if self.master is not None and self.master.returncode is None:  # unreaped: the pid is still its own
             try:
                 os.killpg(self.master.pid, 9)
             except OSError:
                 pass
             self.master.wait()
+        _drop_files(self)
+        self.spec = None
 
     def let_go(self) -> None:
         """Taken for another runtime dir than the config's: the master killed, the rest released, but systemd's
@@ -279,11 +284,8 @@ def start(argv: list[str]) -> Early | None:
         _start(early, Path(path))
     except Exception as e:  # anything: the normal start does it all again, and reports what is wrong
         early.note = f"gunicorn was not spawned early: {type(e).__name__}: {e}"
-        if early.master is not None:
-            early.kill()
-            early.master = None
-        _drop_files(early)
-        early.spec = None
+        early.kill()  # the master, if spawned, and its view
+        early.master = None
         # The lock and the sockets stay: the daemon takes them if they are what its config needs (systemd's
         # sockets cannot be had twice), else it releases them.
         if early.events is not None:

@@ -149,6 +149,7 @@ class Supervisor:
         self.running.site_xml.stop()
         for task in list(self._tasks):
             task.cancel()
+        await self.running.drop_early("the daemon is stopping")  # stopped before the start adopted it: in order
         await self.gens.stop_all()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._control:

@@ -138,3 +138,22 @@ def test_an_early_start_for_another_runtime_dir_lets_go_of_all_but_systemds_sock
         assert all((s.sock.fileno() != -1) == systemd for s in held)
     finally:
         sockets.release(held)
+
+
+def test_the_last_resort_kill_of_an_early_master_takes_its_view_too(tmp_path):
+    # __main__'s finally (the daemon failed before adopting or stopping it): no gunicorn left, and no view, whose
+    # config.xml holds the site's secrets.
+    from omerowebd import spawn_record
+    view = tmp_path / "run" / "gen-1"
+    (view / "etc" / "grid").mkdir(parents=True)
+    (view / "etc" / "grid" / "config.xml").write_text("<secret/>")
+    early = spawn_record.Early()
+    early.spec = {"directory": str(view)}
+    early.master = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        early.kill()
+        assert early.master.returncode == -9 and not view.exists()
+    finally:
+        if early.master.returncode is None:
+            early.master.kill()
+            early.master.wait()
