@@ -8,8 +8,37 @@ reading config.xml) see a change only when there is one.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+
+def read_regular(path: Path) -> tuple[bytes, int] | None:
+    """The bytes and permission bits of ``path`` if it is a regular file (not a link); else None.
+
+    Never blocks: a FIFO put where an output goes (by mistake, or by the user whose
+    directory it is) would hold an open for reading until someone writes to it, and
+    a reload with it. Missing, a link, a FIFO, a device, unreadable: None, and the
+    caller replaces it (the write says what is wrong, if anything)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(), st.st_mode & 0o777
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def holds(path: Path, data: bytes, mode: int) -> bool:
+    """Whether ``path`` is a regular file (not a link) holding exactly ``data``, with ``mode``."""
+    return read_regular(path) == (data, mode)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, int] | None = None) -> bool:
@@ -19,11 +48,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, i
     e.g. to keep a root:omero-web config readable by the service.
     Returns whether the file changed. Readers never see a partial file.
     """
-    try:
-        if path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
-            return False
-    except FileNotFoundError:
-        pass
+    if holds(path, data, mode):
+        return False
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:

@@ -52,7 +52,7 @@ from . import limits
 from .config import Config, NginxSettings
 from .errors import UserError
 from .exits import EXIT_FAILURE
-from .files import write_atomic
+from .files import holds, read_regular, write_atomic
 from .nginx_syntax import listen_address, value_problem  # value_problem: also nginx.value_problem to callers
 from .static import static_location
 from .venv import VenvInfo, effective, probe_env
@@ -740,12 +740,8 @@ def _changed(files: Mapping[Path, bytes]) -> dict[Path, bytes]:
     """The files whose content (or mode) differs from what is on disk."""
     out = {}
     for path, data in files.items():
-        try:
-            if path.read_bytes() == data and (path.stat().st_mode & 0o777) == 0o644:
-                continue
-        except OSError:
-            pass  # missing, or unreadable: writing it says what is wrong
-        out[path] = data
+        if not holds(path, data, 0o644):  # missing, unreadable, not a file: writing it says what is wrong
+            out[path] = data
     return out
 
 
@@ -754,13 +750,14 @@ def _write_changed(files: Mapping[Path, bytes]) -> dict[Path, bytes | None]:
     previous: dict[Path, bytes | None] = {}
     try:
         for path, data in files.items():
-            try:
-                old: bytes | None = path.read_bytes()
-            except FileNotFoundError:
-                old = None
-            if old == data and (path.stat().st_mode & 0o777) == 0o644:
+            found = read_regular(path)  # None: missing (or not a file: replaced, and removed on a restore)
+            old = found[0] if found is not None else None
+            if found == (data, 0o644):
                 continue
-            _make_dir(path.parent)
+            try:
+                _make_dir(path.parent)
+            except OSError as e:  # said of the file it was for
+                raise OSError(e.errno, e.strerror, str(path)) from None
             previous[path] = old
             write_atomic(path, data, mode=0o644)
     except OSError as e:
