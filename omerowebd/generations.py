@@ -12,11 +12,14 @@ longer after each failed attempt (supervisord's BACKOFF, gunicorn's arbiter).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
+import termios
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -169,6 +172,25 @@ class Generations(Generic[T]):
             generation.on_event(message)
         elif number >= self.next_number and len(self._pending) < PENDING_MAX:
             self._pending.append((number, message))  # not registered yet: replayed once it is
+
+    async def heard_all(self) -> None:
+        """Return once the loop has read every report already queued on the events socket.
+
+        A master that has exited said its last before it did; its workers' late reports
+        (worker_exit, from the early master the start did not adopt) must reach the
+        generation they name while it is not booting yet, never a later boot of that
+        number, where a worker's exit means the boot failed."""
+        if self._events is None:
+            return
+        sock = self._events[0].get_extra_info("socket")
+        for _ in range(100_000):  # each turn of the loop reads one datagram; bounded all the same
+            try:
+                queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+            except (OSError, ValueError):
+                return
+            if not queued:
+                return
+            await asyncio.sleep(0)
 
     def forget_pending(self, number: int) -> None:
         """Reports kept for ``number`` came from a master that will not be it (the early one, stopped)."""

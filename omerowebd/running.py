@@ -107,6 +107,8 @@ class Running:
                     await master.wait()
             if early.spec is not None:
                 await asyncio.to_thread(shutil.rmtree, early.spec["directory"], True)
+        if early.master is not None and not early.adopted:
+            await self.gens.heard_all()  # its last reports, read now: never by the boot that follows
         if early.spec is not None and not early.adopted:  # what its workers said, kept for its number: not heard
             self.gens.forget_pending(json.loads(early.spec["snapshot"])["generation"])
             early.spec = None  # its directory is gone (a generation of this start may use the name now)

@@ -9,6 +9,7 @@ so and whose probe socket answers 200. No venv; each test takes a second or so.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -278,3 +279,24 @@ def test_an_early_master_not_adopted_is_signalled_only_while_its_pid_is_its_own(
         assert signalled == [] and "exited with status -9" in event
     else:
         assert signalled == [(master.pid, signal.SIGTERM, False)] and "stopping it" in event
+
+
+def test_heard_all_returns_once_every_queued_report_was_read(tmp_path: Path) -> None:
+    """An early master not adopted has exited; what its workers said before is in the socket's queue.
+    heard_all lets the loop read it all, so none of it reaches the boot that follows."""
+    import socket
+
+    async def main() -> list[int]:
+        gens: Generations[str] = Generations(lambda number, target: None, lambda generation, target, sockets: None)  # type: ignore[arg-type,return-value]
+        path = tmp_path / "events.sock"
+        await gens.listen(path)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                for pid in range(8):  # (the kernel queues about 10 datagrams before sendto waits)
+                    s.sendto(json.dumps({"gen": 1, "event": "worker_exit", "pid": pid}).encode(), str(path))
+            await gens.heard_all()
+            return [m["pid"] for _, m in gens._pending]
+        finally:
+            gens.close()
+
+    assert asyncio.run(main()) == list(range(8))
