@@ -955,7 +955,7 @@ class Unlinker:
 
     def put(self, name, st):
         encoded = os.fsencode(name)
-        self.pending += self.RECORD.pack(st.st_ino, st.st_size, st.st_mtime_ns, len(encoded)) + encoded
+        self.pending += self.RECORD.pack(*version(st), len(encoded)) + encoded
         self.sent += 1
         if len(self.pending) >= 16384:
             self._send()  # mid-batch: the pacing stays what the last batch found
@@ -1052,10 +1052,9 @@ def helper_main(parent, dfd, work, report, busy, threads):
             item = items.get()
             if item is None:
                 break
-            name, ino, size, mtime_ns = item
+            name, judged = item
             try:
-                now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                if now.st_ino == ino and now.st_size == size and now.st_mtime_ns == mtime_ns:
+                if version(os.stat(name, dir_fd=dfd, follow_symlinks=False)) == judged:
                     os.unlink(name, dir_fd=dfd)
                     mine["deleted"] += 1
                 else:
@@ -1086,7 +1085,7 @@ def helper_main(parent, dfd, work, report, busy, threads):
             end = at + record.size + length
             if end > len(buffered):
                 break
-            items.put((os.fsdecode(buffered[at + record.size:end]), ino, size, mtime_ns))
+            items.put((os.fsdecode(buffered[at + record.size:end]), (ino, size, mtime_ns)))
             at = end
         buffered = buffered[at:]
     closing.append(True)
@@ -1177,8 +1176,9 @@ def is_session_name(name, prefix, valid):
     return len(key) >= 8 and not key.strip(valid if isinstance(valid, str) else "".join(valid))
 
 
-def same_version(a, b):
-    return a.st_ino == b.st_ino and a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+def version(st):
+    """What tells one save of a session file from another: a save writes a new file under the name."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 # -- lock and entry points ------------------------------------------------------------
