@@ -124,17 +124,21 @@ def spawn(spec: dict[str, Any], fds: list[int]) -> subprocess.Popen[bytes]:
 # -- the key ------------------------------------------------------------------
 
 
-def package_entries(venv: str) -> list[tuple[str, int]]:
-    """Each site-packages' package entries (.dist-info, .pth ...) with their mtime, what venv.fingerprint hashes:
-    an install, upgrade or removal changes one, even where the directory's own mtime does not show it."""
-    entries: list[tuple[str, int]] = []
+def site_dirs(venv: str) -> list[str]:
+    """The venv's VENV/lib/python3*/site-packages directories, in order (venv.site_packages; without glob)."""
     lib = os.path.join(venv, "lib")
     try:
         names = sorted(n for n in os.listdir(lib) if n.startswith("python3"))
     except OSError:
-        return entries
-    for name in names:
-        site = os.path.join(lib, name, "site-packages")
+        return []
+    return [site for name in names if os.path.isdir(site := os.path.join(lib, name, "site-packages"))]
+
+
+def package_entries(venv: str) -> list[tuple[str, int]]:
+    """Each site-packages' package entries (.dist-info, .pth ...) with their mtime, what venv.fingerprint hashes:
+    an install, upgrade or removal changes one, even where the directory's own mtime does not show it."""
+    entries: list[tuple[str, int]] = []
+    for site in site_dirs(venv):
         try:
             found = sorted(e for e in os.listdir(site) if e.endswith((".dist-info", ".egg-info", ".egg-link", ".pth")))
         except OSError:
@@ -156,13 +160,7 @@ def key(config_digest: str, venv: str) -> str:
         stamps.append([os.path.realpath(python), st.st_size, st.st_mtime_ns])
     except OSError:
         stamps.append(None)
-    lib = os.path.join(venv, "lib")
-    try:
-        names = sorted(n for n in os.listdir(lib) if n.startswith("python3"))
-    except OSError:
-        names = []
-    for name in names:
-        site = os.path.join(lib, name, "site-packages")
+    for site in site_dirs(venv):
         try:
             st = os.stat(site)
             stamps.append([site, st.st_mtime_ns, st.st_ino])

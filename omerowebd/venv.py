@@ -47,7 +47,7 @@ def python_of(venv: Path) -> Path:
 
 
 def site_packages(venv: Path) -> list[Path]:
-    return sorted(venv.glob("lib/python3*/site-packages"))
+    return [Path(site) for site in spawn_record.site_dirs(str(venv))]
 
 
 def layout_problems(venv: Path, packages: str | None = None) -> list[str]:
