@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
-import os
 import shutil
 import signal
 import socket
@@ -26,7 +25,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from . import log
+from . import log, spawn_record
 from .errors import UserError, one_line, os_error_text
 from .generation import BadTransition, Generation, GenerationFailed, State
 from .procs import signal_group
@@ -134,16 +133,10 @@ class Generations(Generic[T]):
     async def listen(self, path: Path, sock: socket.socket | None = None) -> None:
         """Hear the generations' gunicorn hooks (gunicorn_conf.py) on a datagram socket at ``path``
         (``sock``: already bound there by the early start, with what it heard meanwhile queued)."""
-        if sock is not None:
-            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                lambda: _Events(self._heard), sock=sock)
-            self._events = (transport, path)
-            return
-        if path.is_socket():
-            path.unlink()
+        if sock is None:
+            sock = spawn_record.bind_events(path)
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _Events(self._heard), local_addr=str(path), family=socket.AF_UNIX)
-        os.chmod(path, 0o600)
+            lambda: _Events(self._heard), sock=sock)
         self._events = (transport, path)
 
     def close(self) -> None:
