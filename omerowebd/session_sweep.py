@@ -1239,20 +1239,40 @@ def take_lock(dfd):
             holder = read_holder(fd)
             os.close(fd)
             return None, holder
-        record = ("%s %d\n" % (socket.gethostname(), os.getpid())).encode()
-        os.pwrite(fd, record, 0)
-        os.ftruncate(fd, len(record))
+        os.pwrite(fd, holder_record(), 0)
+        if st.st_size > HOLDER_SIZE:  # an older sweeper's longer file
+            os.ftruncate(fd, HOLDER_SIZE)
         return fd, None
     raise OSError(errno.EAGAIN, "the lock file %s keeps changing under us" % LOCK_NAME)
 
 
+HOLDER_SIZE = 80  # "host pid" (host at most 64, pid at most 10), padded: written whole, in one pwrite
+HOLDER_LOOKS = 10  # a holder writes its record just after it locks: look again, 5 ms apart, before "unknown"
+
+
+def holder_record():
+    """This sweeper's "host pid", padded to HOLDER_SIZE so that a shorter
+    record never leaves the end of a longer one behind it."""
+    return ("%s %d" % (socket.gethostname(), os.getpid())).ljust(HOLDER_SIZE - 1).encode() + b"\n"
+
+
 def read_holder(fd):
-    """The "host pid" a holder wrote, or "" when it is not that."""
-    try:
-        text = os.pread(fd, 128, 0).decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return text if is_holder(text) else ""
+    """The "host pid" a holder wrote, or "" when it is not that.
+
+    A new lock file is empty between the holder's lock and its write: a
+    reader in that moment looks again, briefly, rather than say "unknown"."""
+    for look in range(HOLDER_LOOKS):
+        try:
+            text = os.pread(fd, 128, 0).decode("ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+        if is_holder(text):
+            return text
+        if text:  # not a record a sweeper writes: looking again will not help
+            return ""
+        if look + 1 < HOLDER_LOOKS:
+            time.sleep(0.005)
+    return ""
 
 
 def is_holder(text):

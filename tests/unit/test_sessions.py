@@ -864,8 +864,60 @@ def test_lock_is_posix_and_names_its_holder(tmp_path: Path) -> None:
         fd, holder = sweep_script.take_lock(dfd)
         assert fd is not None and holder is None
         record = (tmp_path / sweep_script.LOCK_NAME).read_text()
-        assert record == f"{socket.gethostname()} {os.getpid()}\n"
+        assert record.strip() == f"{socket.gethostname()} {os.getpid()}" and len(record) == sweep_script.HOLDER_SIZE
         os.close(fd)
+
+
+def test_a_shorter_record_leaves_nothing_of_a_longer_one(tmp_path: Path) -> None:
+    """A record is written whole over the last holder's, never shortened after
+    (a reader between a write and a truncate saw "host 77\n9")."""
+    (tmp_path / sweep_script.LOCK_NAME).write_text("web-9 " + "9" * 10 + "\n" + "x" * 200)
+    with store_fd(tmp_path) as dfd:
+        fd, _ = sweep_script.take_lock(dfd)
+        assert fd is not None
+        try:
+            assert sweep_script.read_holder(fd) == f"{socket.gethostname()} {os.getpid()}"
+            assert os.fstat(fd).st_size == sweep_script.HOLDER_SIZE
+        finally:
+            os.close(fd)
+
+
+HOLD_THEN_WRITE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+os.write(fd, sys.argv[2].encode())
+print("written", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_holder_between_its_lock_and_its_write_is_still_named(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new lock file is empty from the holder's lock to its write: a look in
+    that moment waits for the record rather than say "unknown"."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_THEN_WRITE, str(tmp_path / sweep_script.LOCK_NAME),
+                             "web-2 4242\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    looks = []
+
+    def the_holder_writes_meanwhile(seconds: float) -> None:
+        looks.append(seconds)
+        if len(looks) == 1:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "written"
+
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(sweep_script.time, "sleep", the_holder_writes_meanwhile)
+        assert sessions.lock_state(tmp_path) == {"held": True, "holder": "web-2 4242"}
+        assert len(looks) == 1
+    finally:
+        proc.kill()
+        proc.wait(30)
 
 
 def test_a_holder_record_that_is_not_host_and_pid_is_not_shown(tmp_path: Path) -> None:
