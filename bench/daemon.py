@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--user", help="run both servers as this user (default: nobody when run as root; 'root')")
     parser.add_argument("--windows", type=int, default=2,
                         help="timed requests/s windows per server and round (A B B A, repeated)")
+    parser.add_argument("--start-only", action="store_true",
+                        help="time to first 200 only: the pairs of starts, no requests/s rounds")
     parser.add_argument("--rate-only", action="store_true",
                         help="only the requests/s rounds (no timed starts, no idle window): to compare quickly")
     report_args(parser)
@@ -151,6 +153,8 @@ def main() -> None:
         args.rounds = max(args.rounds, 5)
     if args.rate_only:
         args.starts = 0
+    if args.start_only:
+        args.rounds = 0
     user = service_user(args.user)
     # As a package install leaves it (dh_python3, %py_byte_compile): the daemon's modules compiled. Else each start
     # compiles every module edited since its bytecode was last written, in memory (the service user cannot write it).
@@ -260,6 +264,15 @@ def main() -> None:
               f"each round's (its windows summed): {' '.join(f'{r:.3f}' for r in paired)}")
         print(f"  the workers' CPU per request (ms), omerowebd / bare, each window: "
               f"{' '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(per_request[remembered], per_request[bare_name]))}")
+        return
+
+    if args.start_only:
+        print(f"\nfirst 200 after start, {args.workers} sync workers, {len(gaps)} pairs "
+              f"(load average now: {os.getloadavg()[0]:.2f})")
+        print(f"  omerowebd (answer remembered) - bare gunicorn, median: {median(gaps):+.2f} s; "
+              f"pairs: {' '.join(f'{g:+.2f}' for g in gaps)}")
+        print(f"  omerowebd {median(starts[remembered]):.2f} s (its own Python up to the spawn "
+              f"{median(spawns):.2f} s), bare {median(starts[bare_name]):.2f} s")
         return
 
     who = f"as {user}" if user else "as root"

@@ -130,11 +130,14 @@ class Generations(Generic[T]):
 
     # -- events --------------------------------------------------------------
 
-    async def listen(self, path: Path, sock: socket.socket | None = None) -> None:
+    async def listen(self, path: Path, sock: socket.socket | None = None, heard: Sequence[bytes] = ()) -> None:
         """Hear the generations' gunicorn hooks (gunicorn_conf.py) on a datagram socket at ``path``
-        (``sock``: already bound there by the early start, with what it heard meanwhile queued)."""
+        (``sock``: already bound there by the early start, with what it heard meanwhile queued; ``heard``:
+        what it read off the socket already, in order, heard first)."""
         if sock is None:
             sock = spawn_record.bind_events(path)
+        for data in heard:
+            self._heard(data)
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: _Events(self._heard), sock=sock)
         self._events = (transport, path)

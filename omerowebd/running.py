@@ -82,7 +82,8 @@ class Running:
         events = self.runtime_dir / "events.sock"
         if early is not None and early.events is not None and early.events_path == events:
             sock, early.events = early.events, None
-            await self.gens.listen(events, sock)
+            heard, early.heard = early.heard, []
+            await self.gens.listen(events, sock, heard)
         else:
             await self.gens.listen(events)
 
@@ -240,7 +241,8 @@ class Running:
             self.early = None
             early.close()
             self.log.info("gunicorn was spawned early, from the remembered spawn; adopted as this generation",
-                          generation=generation.number, pid=generation.pid, before_asyncio=early.before_asyncio)
+                          generation=generation.number, pid=generation.pid, before_asyncio=early.before_asyncio,
+                          waited_for_boot=early.waited)
             return
         if early is not None:
             exited = early.master is not None and early.master.poll() is not None

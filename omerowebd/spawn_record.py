@@ -216,6 +216,8 @@ class Early:
         self.master: subprocess.Popen[bytes] | None = None
         self.adopted = False
         self.before_asyncio = False  # spawned before the daemon imported asyncio (what the early start is for)
+        self.heard: list[bytes] = []  # the workers' reports read while waiting for the boot (Generations.listen)
+        self.waited: float | None = None  # seconds the daemon's own loading waited for gunicorn's boot
 
     def kill(self) -> None:
         """Sync, last resort (the daemon exits without having adopted or stopped it): no gunicorn is left behind,
@@ -362,6 +364,108 @@ def _start(early: Early, path: Path) -> None:
         early.before_asyncio = "asyncio" not in sys.modules
     finally:
         probe.close()  # the master holds it now
+    wait_for_boot(early, json.loads(spec["snapshot"]))
+
+
+# -- waiting for the boot -------------------------------------------------------
+
+BOOT_WAIT = 10.0  # at most: then the daemon loads anyway, and its own ready wait (daemon.ready_timeout) goes on
+HEARD_MAX = 256  # reports kept for the daemon (Generations.PENDING_MAX): a flood is cut, the wait ends
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT while the daemon waited for gunicorn's boot."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def wait_for_boot(early: Early, snapshot: dict[str, Any], limit: float = BOOT_WAIT) -> None:
+    """Load nothing more until gunicorn's workers have loaded the app.
+
+    On 2 cores the daemon's own loading (asyncio, the config, its checks:
+    about 0.3 s of CPU) took a core from the workers loading OMERO.web, and
+    the site's first answer came that much later. It waits instead: nothing
+    it does before the adoption serves a request, and READY comes after
+    the workers' reports either way. The reports read here are the
+    daemon's (Early.heard, replayed by Generations.listen), unchanged.
+
+    The wait ends when every worker has said worker_ready, when one exits
+    (a failed boot: the daemon's own wait says so), when the master exits,
+    or after ``limit`` seconds. SIGTERM or SIGINT meanwhile stops the master
+    and takes its view and what the start held away, then ends the daemon
+    by that signal, as it would have ended without the wait."""
+    assert early.master is not None and early.events is not None
+    import select
+    import signal
+    import time
+
+    workers = snapshot.get("settings", {}).get("workers")
+    workers = workers if isinstance(workers, int) and workers > 0 else 1
+    number = snapshot.get("generation")
+    started = time.monotonic()
+    ready: set[Any] = set()
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            poller = select.poll()
+            poller.register(early.events.fileno(), select.POLLIN)
+            try:
+                pidfd = os.pidfd_open(early.master.pid)
+            except (AttributeError, OSError):  # no pidfd (an old kernel): the master is polled every 50 ms
+                pidfd = None
+            else:
+                poller.register(pidfd, select.POLLIN)
+            try:
+                while len(ready) < workers and early.master.poll() is None and len(early.heard) < HEARD_MAX:
+                    left = limit - (time.monotonic() - started)
+                    if left <= 0:
+                        break
+                    poller.poll(min(left, 0.05 if pidfd is None else left) * 1000)
+                    if _read_reports(early, number, ready) == "failed":
+                        break
+            except OSError:
+                pass  # the wait is a courtesy to the workers: the daemon's own start watches them from here
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    except _Stopped as stopped:
+        early.kill()  # nothing served yet: no worker had loaded the app
+        early.close()
+        signal.signal(stopped.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stopped.signum)
+        raise SystemExit(128 + stopped.signum) from None  # not reached: the default action ends the process
+    early.waited = round(time.monotonic() - started, 3)
+
+
+def _read_reports(early: Early, number: Any, ready: set[Any]) -> str | None:
+    """Read what is queued on the events socket into ``early.heard``; "failed" when a worker of ``number`` exited."""
+    assert early.events is not None
+    while len(early.heard) < HEARD_MAX:
+        try:
+            data = early.events.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return None  # read all that was queued
+        early.heard.append(data)
+        try:
+            report = json.loads(data)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(report, dict) or report.get("gen") != number:
+            continue
+        if report.get("event") == "worker_ready":
+            ready.add(report.get("pid"))
+        elif report.get("event") == "worker_exit":
+            return "failed"
+    return None
 
 
 def _resolves_to_itself(address: str) -> bool:

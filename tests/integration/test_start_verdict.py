@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pwd
+import re
 import shutil
 import sys
 import tempfile
@@ -163,6 +164,8 @@ def test_a_start_spawns_gunicorn_from_the_remembered_spawn_before_loading_and_ne
     # The same config and venv: gunicorn is spawned before the daemon imports asyncio, and adopted.
     second, status = serves_once(site, 1)
     assert EARLY in second and "before_asyncio=True" in second, second
+    # The daemon loaded once its worker had (spawn_record.wait_for_boot): the wait is timed, never skipped.
+    assert re.search(r"waited_for_boot=[0-9.]+", second), second
     assert NOT_IT not in second
     assert status["generation"]["number"] == 1
     assert site.stop() == 0
