@@ -42,14 +42,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import (BareGunicorn, Omerowebd, free_port, give_to, median, report_args, row, scratch, service_user,
-                    table, wait_for, write_report)
+from common import (BareGunicorn, Omerowebd, free_port, give_to, installed_python, median, report_args, row, scratch,
+                    service_user, table, wait_for, write_report)
 
-import omerowebd
 from omerowebd.spawn_record import NAME as SPAWN_RECORD
 from omerowebd.verdicts import NAME
 
@@ -156,9 +154,6 @@ def main() -> None:
     if args.start_only:
         args.rounds = 0
     user = service_user(args.user)
-    # As a package install leaves it (dh_python3, %py_byte_compile): the daemon's modules compiled. Else each start
-    # compiles every module edited since its bytecode was last written, in memory (the service user cannot write it).
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(omerowebd.__file__).parent)], check=False)
     if not shutil.which("wrk"):
         subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, capture_output=True)
 
@@ -172,12 +167,15 @@ def main() -> None:
     paired: list[float] = []  # per round: omerowebd's requests/s over bare's, its windows summed
     rss = 0.0
     with scratch() as root:
+        # As a package install leaves it (dh_python3, %py_byte_compile): the daemon's modules compiled, no
+        # editable-install hook at the interpreter's start (common.installed_python).
+        python = installed_python(root)
         verdict = root / "state" / NAME
         spawn_record = root / "state" / SPAWN_RECORD
         # One port for every start of the daemon: "the config unchanged since the last successful start" is its
         # bytes too (the spawn record is keyed by them), and a new port each time would make every start a changed one.
         port = free_port()
-        daemon = Omerowebd(root, port, args.workers, user=user)
+        daemon = Omerowebd(root, port, args.workers, python=python, user=user)
         give_to(user, root)
         daemon.start()  # the first start collects static files and remembers the venv's answer: not timed
         wait_for(verdict.exists, 60, "the venv's answer to be remembered")
@@ -187,7 +185,7 @@ def main() -> None:
         def remembered_start() -> float:
             if not verdict.exists() or remembers_spawn and not spawn_record.exists():
                 raise SystemExit("no remembered venv answer or spawn: this start would not be the one timed here")
-            daemon = Omerowebd(root, port, args.workers, user=user)
+            daemon = Omerowebd(root, port, args.workers, python=python, user=user)
             elapsed = daemon.start()
             spawns.append(spawn_offset(daemon))
             daemon.stop()
@@ -210,7 +208,7 @@ def main() -> None:
             if pair < (1 if args.quick else args.rounds):  # the old way, for comparison
                 verdict.unlink()  # as after an upgrade of omerowebd or a changed config
                 spawn_record.unlink(missing_ok=True)
-                daemon = Omerowebd(root, port, args.workers, user=user)
+                daemon = Omerowebd(root, port, args.workers, python=python, user=user)
                 starts[asked].append(daemon.start())
                 wait_for(verdict.exists, 60, "the venv's answer to be remembered")  # else the next start asks too
                 if remembers_spawn:
@@ -221,7 +219,7 @@ def main() -> None:
             """Both servers up side by side, their windows in the order A B B A: drift on the machine
             (the other work on its cores comes and goes) hits both alike."""
             nonlocal rss
-            daemon = Omerowebd(root, free_port(), args.workers, user=user)
+            daemon = Omerowebd(root, free_port(), args.workers, python=python, user=user)
             os.environ["WATCHDOG_USEC"] = str(WATCHDOG_SEC * 1_000_000)  # as under the unit: its probe counts
             try:
                 daemon.start()

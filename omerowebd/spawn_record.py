@@ -295,8 +295,6 @@ def start(argv: list[str]) -> Early | None:
 
 
 def _start(early: Early, path: Path) -> None:
-    import tomllib
-
     from . import runlock
     from . import sockets as sockets_module
 
@@ -310,25 +308,28 @@ def _start(early: Early, path: Path) -> None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return
         config_bytes = file.read()
-    try:
-        daemon = tomllib.loads(config_bytes.decode()).get("daemon", {})
-    except (ValueError, UnicodeDecodeError):
-        return
-    state_dir = daemon.get("state_dir", DEFAULT_STATE_DIR) if isinstance(daemon, dict) else None
-    if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
-        return
-    data, why = trust.read_own_file(os.path.join(state_dir, NAME), MAX_BYTES)
-    if data is None:
-        if why:
-            early.note = f"ignoring the remembered spawn {os.path.join(state_dir, NAME)}: {why}"
-        return
-    record = json.loads(data)
-    spec = record.get("spec") if isinstance(record, dict) else None
-    if not isinstance(spec, dict) or record.get("format") != FORMAT:
-        return
-    venv = Path(spec["argv"][0]).parent.parent  # VENV/bin/python
-    if record.get("key") != key(hashlib.sha256(config_bytes).hexdigest(), str(venv)):
-        return  # another config or venv: the normal start
+    digest = hashlib.sha256(config_bytes).hexdigest()
+    # Where the record most likely is, tried before the TOML parser is imported (about 10 ms before the spawn):
+    # systemd's StateDirectory= and the default, which a config that says nothing else uses. A record there
+    # whose key holds this config's digest was written for exactly these bytes, whose state_dir it is in.
+    likely = [d for d in os.environ.get("STATE_DIRECTORY", "").split(":") if os.path.isabs(d)] + [DEFAULT_STATE_DIR]
+    for state_dir in dict.fromkeys(likely):
+        record = _matching(state_dir, digest)
+        if record is not None:
+            break
+    else:
+        import tomllib
+        try:
+            daemon = tomllib.loads(config_bytes.decode()).get("daemon", {})
+        except (ValueError, UnicodeDecodeError):
+            return
+        state_dir = daemon.get("state_dir", DEFAULT_STATE_DIR) if isinstance(daemon, dict) else None
+        if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
+            return
+        record = _matching(state_dir, digest, early)  # tried again if it was a likely one: why not, for the log
+        if record is None:
+            return
+    spec = record["spec"]
     runtime_dir = Path(spec["runtime_dir"])
     directory = Path(spec["directory"])
     if directory.parent != runtime_dir:
@@ -466,6 +467,25 @@ def _read_reports(early: Early, number: Any, ready: set[Any]) -> str | None:
         elif report.get("event") == "worker_exit":
             return "failed"
     return None
+
+
+def _matching(state_dir: str, digest: str, early: Early | None = None) -> dict[str, Any] | None:
+    """The record in ``state_dir`` if it was written for a config with this digest and for the venv as it is now.
+    Why one there is not used goes to ``early.note`` (only for the config's own state_dir: ``early`` given)."""
+    path = os.path.join(state_dir, NAME)
+    data, why = trust.read_own_file(path, MAX_BYTES)
+    if data is None:
+        if why and early is not None:
+            early.note = f"ignoring the remembered spawn {path}: {why}"
+        return None
+    record = json.loads(data)
+    spec = record.get("spec") if isinstance(record, dict) else None
+    if not isinstance(spec, dict) or record.get("format") != FORMAT:
+        return None
+    venv = Path(spec["argv"][0]).parent.parent  # VENV/bin/python
+    if record.get("key") != key(digest, str(venv)):
+        return None  # another config or venv: the normal start
+    return record
 
 
 def _resolves_to_itself(address: str) -> bool:

@@ -19,7 +19,6 @@ use it before trusting anything else.
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import stat
@@ -251,6 +250,8 @@ def _pth_entries(site: Path) -> Iterator[Path]:
 
 def _editable_paths(site: Path, line: str) -> Iterator[Path]:
     """Source directories an editable install's finder maps its packages to (setuptools >= 64)."""
+    import ast  # here: the early start imports this module before gunicorn's spawn, and needs none of it
+
     for module in _finder_modules(line):
         try:
             tree = ast.parse((site / f"{module}.py").read_text(errors="replace"))

@@ -157,3 +157,56 @@ def test_the_last_resort_kill_of_an_early_master_takes_its_view_too(tmp_path):
         if early.master.returncode is None:
             early.master.kill()
             early.master.wait()
+
+
+LOOK_FOR_THE_RECORD = """
+import json, sys
+from pathlib import Path
+from omerowebd import spawn_record, sockets
+early = spawn_record.Early()
+spawn_record._start(early, Path(sys.argv[1]))
+print(json.dumps({"found": early.lock is not None, "tomllib": "tomllib" in sys.modules, "note": early.note}))
+sockets.release(early.sockets)
+if early.lock is not None:
+    early.lock.release()
+"""
+
+
+def write_record(state_dir: Path, config: Path, run: Path) -> None:
+    import hashlib
+
+    from omerowebd import spawn_record
+    venv = state_dir / "venv"
+    spec = {"argv": [str(venv / "bin" / "python")], "runtime_dir": str(run), "directory": str(run / "gen-1"),
+            "sockets": [{"address": "127.0.0.1:0", "origin": "bound", "family": int(socket.AF_INET),
+                         "sockaddr": ["127.0.0.1", 0]}]}
+    record = {"format": spawn_record.FORMAT, "bind": ["127.0.0.1:0"], "spec": spec,
+              "key": spawn_record.key(hashlib.sha256(config.read_bytes()).hexdigest(), str(venv))}
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / spawn_record.NAME).write_text(json.dumps(record))
+    (state_dir / spawn_record.NAME).chmod(0o600)
+
+
+@pytest.mark.parametrize("where", ["systemd's state dir", "another config's record there", "not there"])
+def test_the_record_is_looked_for_in_systemds_state_dir_before_the_toml_parser_is_imported(tmp_path, where):
+    """Under the unit $STATE_DIRECTORY is the state_dir (StateDirectory=): a record there written for these
+    config bytes is used without parsing the TOML. One written for other bytes is not, nor does it hide the
+    config's own."""
+    state, other = tmp_path / "state", tmp_path / "other"
+    config = tmp_path / "omerowebd.toml"
+    config.write_bytes(f'[daemon]\nstate_dir = "{state}"\n'.encode())
+    write_record(state, config, tmp_path / "run")
+    env = dict(os.environ, STATE_DIRECTORY=str(state))
+    if where == "another config's record there":
+        foreign = tmp_path / "foreign.toml"
+        foreign.write_bytes(f'[daemon]\nstate_dir = "{other}"\n'.encode())
+        write_record(other, foreign, tmp_path / "run-other")
+        env["STATE_DIRECTORY"] = str(other)
+    elif where == "not there":
+        env["STATE_DIRECTORY"] = str(other)
+    done = subprocess.run([sys.executable, "-c", LOOK_FOR_THE_RECORD, str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["found"] and result["note"] is None, result  # the config's own record, wherever it was looked up
+    assert result["tomllib"] == (where != "systemd's state dir"), result
