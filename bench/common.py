@@ -203,16 +203,20 @@ class Omerowebd:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **as_user(self.user))
         first_200(self.port)
         elapsed = time.monotonic() - t0
-        wait_for(lambda: self.status().get("serving"), 60, "omerowebd to report serving")
+        # Its gunicorn may serve before the daemon has loaded (the early start): status may not answer yet.
+        wait_for(lambda: self.status(quiet=True).get("serving"), 60, "omerowebd to report serving")
         return elapsed
 
     def reload(self) -> int:
         return subprocess.run([self.python, "-m", "omerowebd.ctl", "--config", str(self.config), "reload"],
                               capture_output=True, cwd="/").returncode
 
-    def status(self) -> dict:
+    def status(self, quiet: bool = False) -> dict:
+        """``quiet``: {} while the daemon does not answer yet, rather than raise."""
         out = subprocess.run([self.python, "-m", "omerowebd.ctl", "--config", str(self.config), "status", "--json"],
                              capture_output=True, text=True, cwd="/")
+        if quiet and out.returncode != 0 and not out.stdout.strip():
+            return {}
         return json.loads(out.stdout)
 
     def stop(self) -> None:

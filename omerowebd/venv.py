@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # only a type here: config.py must not need this module to lo
 
 PROBE = Path(__file__).with_name("venv_probe.py")
 PROBE_TIMEOUT = limits.VENV_PROBE_TIMEOUT
+PROBE_NICE = 10  # above the daemon's own: about a tenth of a core against a busy worker (yield_cpu)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,19 @@ def probe_env() -> dict[str, str]:
     return spawn_record.inherited_env()  # one rule for the probe and every generation
 
 
+def yield_cpu(pid: int) -> None:
+    """Let process ``pid`` (just started) yield the CPU to the site's workers: nice PROBE_NICE above ours.
+
+    The probe runs while the first generation's workers serve their first
+    requests (a start on a remembered answer asks the venv again once it
+    serves) and beside a busy site on a reload; the site comes first. Raising
+    a nice value needs no privilege; if it is refused, the probe runs as it is."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, min(os.getpriority(os.PRIO_PROCESS, 0) + PROBE_NICE, 19))
+    except OSError:
+        pass
+
+
 class Prober:
     """A probe process kept warm in the venv (``venv_probe.py --serve``).
 
@@ -194,6 +208,7 @@ class Prober:
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
                     env=probe_env(), cwd="/", limit=16 << 20,
                 )
+                yield_cpu(self._proc.pid)
                 self._key = key
             proc = self._proc
             assert proc.stdin is not None and proc.stdout is not None

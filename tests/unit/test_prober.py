@@ -192,3 +192,20 @@ async def _until(predicate, timeout: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("timed out")
         await asyncio.sleep(0.02)
+
+
+def test_the_probe_yields_the_cpu_to_the_site(fake_venv):
+    """It runs while the first workers serve their first requests (a start on a remembered answer) and beside a
+    busy site (a reload): PROBE_NICE above the daemon's own nice value, capped at 19."""
+    venv, state = fake_venv
+    plan(state, "good")
+
+    async def scenario() -> int:
+        prober = Prober(timeout=30.0)
+        try:
+            answer = await prober.probe(venv, {"q": "1"})
+            return os.getpriority(os.PRIO_PROCESS, int(answer.versions["pid"]))
+        finally:
+            await prober.close()
+
+    assert asyncio.run(scenario()) == min(os.getpriority(os.PRIO_PROCESS, 0) + venv_module.PROBE_NICE, 19)
