@@ -7,9 +7,9 @@ reading config.xml) see a change only when there is one.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 
@@ -51,7 +51,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, i
     if holds(path, data, mode):
         return False
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _temporary(path)
     except OSError as e:
         raise WriteError(e.errno, e.strerror, str(path)) from e
     try:
@@ -73,6 +73,21 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, i
         raise
     fsync_dir(path.parent)
     return True
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new, empty file beside ``path`` (O_EXCL, not through a link, 0600), as tempfile.mkstemp makes one.
+
+    Not tempfile itself: it imports shutil and random (about 8 ms), which the
+    early start would pay before gunicorn's spawn (spawn_record.py writes the
+    first generation's config.xml with write_atomic)."""
+    for _ in range(100):
+        tmp = str(path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp"))
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))
 
 
 class WriteError(OSError):

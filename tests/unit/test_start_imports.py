@@ -165,7 +165,10 @@ from pathlib import Path
 from omerowebd import spawn_record, sockets
 early = spawn_record.Early()
 spawn_record._start(early, Path(sys.argv[1]))
-print(json.dumps({"found": early.lock is not None, "tomllib": "tomllib" in sys.modules, "note": early.note}))
+# What the spawn does not need, which would delay it (the record's path found by $STATE_DIRECTORY: no TOML parse).
+heavy = [m for m in ("tomllib", "typing", "tempfile", "shutil", "ast", "asyncio") if m in sys.modules]
+print(json.dumps({"found": early.lock is not None, "tomllib": "tomllib" in sys.modules, "note": early.note,
+                  "heavy": heavy}))
 sockets.release(early.sockets)
 if early.lock is not None:
     early.lock.release()
@@ -210,3 +213,5 @@ def test_the_record_is_looked_for_in_systemds_state_dir_before_the_toml_parser_i
     result = json.loads(done.stdout)
     assert result["found"] and result["note"] is None, result  # the config's own record, wherever it was looked up
     assert result["tomllib"] == (where != "systemd's state dir"), result
+    if where == "systemd's state dir":
+        assert result["heavy"] == [], result
