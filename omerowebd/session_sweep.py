@@ -1242,6 +1242,7 @@ def take_lock(dfd):
         os.pwrite(fd, holder_record(), 0)
         if st.st_size > HOLDER_SIZE:  # an older sweeper's longer file
             os.ftruncate(fd, HOLDER_SIZE)
+        os.fsync(fd)  # on NFS, the other hosts read the record from the server, not from this host's cache
         return fd, None
     raise OSError(errno.EAGAIN, "the lock file %s keeps changing under us" % LOCK_NAME)
 

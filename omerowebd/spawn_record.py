@@ -416,9 +416,12 @@ def wait_for_boot(early: Early, snapshot: dict[str, Any], limit: float = BOOT_WA
     def stop(signum: int, frame: Any) -> None:
         raise _Stopped(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous: dict[int, Any] = {}
     try:
         try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # one ignored (nohup, a shell's &) stays ignored
+                    previous[sig] = signal.signal(sig, stop)
             poller = select.poll()
             poller.register(early.events.fileno(), select.POLLIN)
             try:
@@ -444,10 +447,14 @@ def wait_for_boot(early: Early, snapshot: dict[str, Any], limit: float = BOOT_WA
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     except _Stopped as stopped:
-        early.kill()  # nothing served yet: no worker had loaded the app
-        early.close()
-        signal.signal(stopped.signum, signal.SIG_DFL)
-        os.kill(os.getpid(), stopped.signum)
+        for sig in previous:  # a second signal (a double Ctrl-C) must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            early.kill()  # nothing served yet: no worker had loaded the app
+            early.close()
+        finally:
+            signal.signal(stopped.signum, signal.SIG_DFL)
+            os.kill(os.getpid(), stopped.signum)
         raise SystemExit(128 + stopped.signum) from None  # not reached: the default action ends the process
     early.waited = round(time.monotonic() - started, 3)
 
@@ -468,7 +475,9 @@ def _read_reports(early: Early, number: Any, ready: set[Any]) -> str | None:
         if not isinstance(report, dict) or report.get("gen") != number:
             continue
         if report.get("event") == "worker_ready":
-            ready.add(report.get("pid"))
+            pid = report.get("pid")
+            if isinstance(pid, int):
+                ready.add(pid)
         elif report.get("event") == "worker_exit":
             return "failed"
     return None
@@ -483,11 +492,14 @@ def _matching(state_dir: str, digest: str, early: Early | None = None) -> dict[s
         if why and early is not None:
             early.note = f"ignoring the remembered spawn {path}: {why}"
         return None
-    record = json.loads(data)
-    spec = record.get("spec") if isinstance(record, dict) else None
-    if not isinstance(spec, dict) or record.get("format") != FORMAT:
-        return None
-    venv = Path(spec["argv"][0]).parent.parent  # VENV/bin/python
+    try:
+        record = json.loads(data)
+        spec = record.get("spec") if isinstance(record, dict) else None
+        if not isinstance(spec, dict) or record.get("format") != FORMAT:
+            return None
+        venv = Path(spec["argv"][0]).parent.parent  # VENV/bin/python
+    except (ValueError, RecursionError, KeyError, IndexError, TypeError):
+        return None  # not a record this daemon wrote whole: the next place, or the normal start, rewrites it
     if record.get("key") != key(digest, str(venv)):
         return None  # another config or venv: the normal start
     return record

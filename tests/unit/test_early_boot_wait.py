@@ -129,11 +129,52 @@ def test_the_signal_handlers_are_given_back(tmp_path: Path, cleanup: Any) -> Non
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_an_ignored_signal_stays_ignored(tmp_path: Path, cleanup: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Started with SIGINT ignored (nohup, a shell's &): a Ctrl-C meant for the shell does not stop the wait.
+    early = early_with_master(tmp_path, "wait", report("worker_ready", 11))
+    cleanup(early)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        seen: list[Any] = []
+
+        def interrupt_while_waiting(*args: Any) -> Any:
+            seen.append(signal.getsignal(signal.SIGINT))
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: the wait goes on, and hears the worker
+            assert early.master is not None and early.master.stdin is not None
+            early.master.stdin.write("go\n")
+            early.master.stdin.flush()
+            return real_poll(*args)
+
+        import select
+        real_poll = select.poll
+        monkeypatch.setattr(select, "poll", interrupt_while_waiting)
+        spawn_record.wait_for_boot(early, snapshot(1), limit=60)
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert [json.loads(d)["event"] for d in early.heard] == ["worker_ready"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_report_not_shaped_as_the_hooks_send_it_is_kept_but_never_counts(tmp_path: Path, cleanup: Any) -> None:
+    # Only the service user can send to the socket (0600); still, an odd report must not end the early start.
+    odd = [json.dumps({"gen": 1, "event": "worker_ready", "pid": [1]}), "[1, 2]", "not json", report("worker_ready", 12)]
+    early = early_with_master(tmp_path, *odd)
+    cleanup(early)
+    spawn_record.wait_for_boot(early, snapshot(1), limit=60)
+    assert [d.decode() for d in early.heard] == odd
+    assert early.master is not None and early.master.poll() is None
+
+
 DAEMON = """
-import json, subprocess, sys
+import json, select, subprocess, sys
 from pathlib import Path
 from omerowebd import spawn_record
 tmp = Path(sys.argv[1])
+real_poll = select.poll
+def poll():  # called once the wait's handlers are set: the test signals only then
+    (tmp / "waiting").touch()
+    return real_poll()
+select.poll = poll
 early = spawn_record.Early()
 early.events_path = tmp / "events.sock"
 early.events = spawn_record.bind_events(early.events_path)
@@ -164,8 +205,8 @@ def test_a_stop_while_waiting_stops_the_master_and_takes_its_view(tmp_path: Path
                               text=True)
     master_pid = None
     try:
-        wait_for(lambda: (tmp_path / "master.pid").exists() and caught(daemon.pid, sig), 60,
-                 "the daemon to wait, its handler set")
+        wait_for(lambda: (tmp_path / "waiting").exists(), 60, "the daemon to wait, its handlers set")
+        assert caught(daemon.pid, sig)
         master_pid = int((tmp_path / "master.pid").read_text())
         daemon.send_signal(sig)
         assert daemon.wait(60) == -sig

@@ -162,6 +162,7 @@ def test_the_last_resort_kill_of_an_early_master_takes_its_view_too(tmp_path):
 LOOK_FOR_THE_RECORD = """
 import json, sys
 from pathlib import Path
+import omerowebd.__main__  # what runs first, as the console script and -m run it
 from omerowebd import spawn_record, sockets
 early = spawn_record.Early()
 spawn_record._start(early, Path(sys.argv[1]))
