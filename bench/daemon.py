@@ -273,6 +273,9 @@ def main() -> None:
               f"pairs: {' '.join(f'{g:+.2f}' for g in gaps)}")
         print(f"  omerowebd {median(starts[remembered]):.2f} s (its own Python up to the spawn "
               f"{median(spawns):.2f} s), bare {median(starts[bare_name]):.2f} s")
+        print(f"  each start, omerowebd / bare (s): "
+              f"{' '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(starts[remembered], starts[bare_name]))}; "
+              f"omerowebd's spawns: {' '.join(f'{x:.2f}' for x in spawns)}")
         return
 
     who = f"as {user}" if user else "as root"
@@ -292,6 +295,7 @@ def main() -> None:
          f"<= {START_GOAL} s"],
         ["  its pairs", " ".join(f"{g:+.2f}" for g in gaps), "-"],
         ["  of omerowebd's start: its own Python, up to gunicorn's spawn", f"{spawn:.2f} s", "-"],
+        ["  each start's, in the pairs' order", " ".join(f"{x:.2f}" for x in spawns), "-"],
         ["  of omerowebd's start: gunicorn, from its spawn to the first 200",
          f"{median(starts[remembered]) - spawn:.2f} s", f"bare: {median(starts[bare_name]):.2f} s"],
         ["first 200: omerowebd (venv asked first) - bare gunicorn",
