@@ -222,7 +222,13 @@ class Early:
         self.adopted = False
         self.before_asyncio = False  # spawned before the daemon imported asyncio (what the early start is for)
         self.heard: list[bytes] = []  # the workers' reports read while waiting for the boot (Generations.listen)
+        self.stop_signal: int | None = None  # a SIGTERM held after the wait, for the daemon's loop (hold_stop)
         self.waited: float | None = None  # seconds the daemon's own loading waited for gunicorn's boot
+
+    def hold_stop(self, signum: int, frame: Any) -> None:
+        """SIGTERM's handler from the end of the wait until the daemon's loop takes SIGTERM over: the stop is
+        kept for it (Supervisor.run), so the master and its view go in order, not with Python ended outright."""
+        self.stop_signal = signum
 
     def kill(self) -> None:
         """Sync, last resort (the daemon exits without having adopted or stopped it): no gunicorn is left behind,
@@ -287,6 +293,10 @@ def start(argv: list[str]) -> Early | None:
     early = Early()
     try:
         _start(early, Path(path))
+        if early.master is not None:
+            import signal
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # until the daemon's loop takes it over
+                signal.signal(signal.SIGTERM, early.hold_stop)
     except Exception as e:  # anything: the normal start does it all again, and reports what is wrong
         early.note = f"gunicorn was not spawned early: {type(e).__name__}: {e}"
         early.kill()  # the master, if spawned, and its view

@@ -101,6 +101,9 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGINT, self.handle_stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
         self._startup = asyncio.create_task(self._start())
+        early = self.running.early
+        if early is not None and early.stop_signal is not None:  # a SIGTERM that came while the daemon loaded
+            self.handle_stop(signal.Signals(early.stop_signal).name)
         try:
             await self._startup
         except asyncio.CancelledError:

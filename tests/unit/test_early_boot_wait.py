@@ -22,6 +22,7 @@ from omerowebd import spawn_record
 from omerowebd.generations import Generations
 
 from conftest import wait_for
+from unit.test_nginx import info  # noqa: F401 (a fixture)
 
 # Sends each report given (JSON, one per argument) to the events socket; "wait" reads a line from stdin first,
 # "exit" ends the process there; then it stays until it is killed.
@@ -243,3 +244,56 @@ def test_what_the_wait_read_is_heard_first_by_the_daemon(tmp_path: Path) -> None
             gens.close()
 
     assert asyncio.run(main()) == [1, 2, 3]
+
+
+HELD = """
+import json, os, signal, sys
+from omerowebd import spawn_record
+def spawned(early, path):  # what _start leaves once the master is spawned and the wait is over
+    early.master = object()
+spawn_record._start = spawned
+os.geteuid = lambda: 65534  # the service user's daemon: root never spawns early
+early = spawn_record.start(["--config", "/nonexistent.toml"])
+os.kill(os.getpid(), signal.SIGTERM)
+print(json.dumps({"held": early.stop_signal}))
+"""
+
+
+def test_a_sigterm_after_the_wait_is_held_for_the_daemons_loop(tmp_path: Path) -> None:
+    """From the wait's end until asyncio takes SIGTERM, Python's default would end the daemon outright,
+    leaving the early master's view (config.xml, the site's secrets) behind: the stop is kept instead."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", HELD], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"held": signal.SIGTERM}
+
+
+def test_the_daemon_stops_at_once_in_order_on_a_held_stop(tmp_path: Path, info: Any) -> None:  # noqa: F811
+    """Supervisor.run: a SIGTERM held while the daemon loaded stops it before the start runs: the early master
+    gets SIGTERM (in order, not killed), its view goes, and the daemon exits 0."""
+    from omerowebd import supervisor as supervisor_module
+    from unit.test_desired import _Quiet, write
+
+    sup = supervisor_module.Supervisor(write(tmp_path, {}), _Quiet())
+    sup.services = {}
+    view = tmp_path / "run" / "gen-1"
+    (view / "etc" / "grid").mkdir(parents=True)
+    (view / "etc" / "grid" / "config.xml").write_text("<secret/>")
+    early = spawn_record.Early()
+    early.spec = {"directory": str(view), "snapshot": json.dumps({"generation": 1})}
+    early.master = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    early.stop_signal = signal.SIGTERM
+    sup.running.early = early
+    started: list[bool] = []
+
+    async def start() -> None:
+        started.append(True)
+
+    sup._start = start  # type: ignore[method-assign]
+    try:
+        assert asyncio.run(asyncio.wait_for(sup.run(), 60)) == 0
+        assert early.master.returncode == -signal.SIGTERM and not view.exists() and started == []
+    finally:
+        if early.master.poll() is None:
+            early.master.kill()
+            early.master.wait()
