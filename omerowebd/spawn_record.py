@@ -222,13 +222,15 @@ class Early:
         self.adopted = False
         self.before_asyncio = False  # spawned before the daemon imported asyncio (what the early start is for)
         self.heard: list[bytes] = []  # the workers' reports read while waiting for the boot (Generations.listen)
-        self.stop_signal: int | None = None  # a SIGTERM held after the wait, for the daemon's loop (hold_stop)
+        self.held: list[int] = []  # SIGTERM, SIGHUP that came before the daemon's loop took them (hold)
         self.waited: float | None = None  # seconds the daemon's own loading waited for gunicorn's boot
 
-    def hold_stop(self, signum: int, frame: Any) -> None:
-        """SIGTERM's handler from the end of the wait until the daemon's loop takes SIGTERM over: the stop is
-        kept for it (Supervisor.run), so the master and its view go in order, not with Python ended outright."""
-        self.stop_signal = signum
+    def hold(self, signum: int, frame: Any) -> None:
+        """SIGTERM's and SIGHUP's handler from the early spawn until the daemon's loop takes them over: each is
+        kept for it (Supervisor.run), so a stop takes the master and its view in order and a reload comes right
+        after the start, rather than Python ending outright (their default) with the view left behind."""
+        if signum not in self.held:
+            self.held.append(signum)
 
     def kill(self) -> None:
         """Sync, last resort (the daemon exits without having adopted or stopped it): no gunicorn is left behind,
@@ -293,10 +295,6 @@ def start(argv: list[str]) -> Early | None:
     early = Early()
     try:
         _start(early, Path(path))
-        if early.master is not None:
-            import signal
-            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # until the daemon's loop takes it over
-                signal.signal(signal.SIGTERM, early.hold_stop)
     except Exception as e:  # anything: the normal start does it all again, and reports what is wrong
         early.note = f"gunicorn was not spawned early: {type(e).__name__}: {e}"
         early.kill()  # the master, if spawned, and its view
@@ -375,6 +373,7 @@ def _start(early: Early, path: Path) -> None:
     snapshot.write_text(spec["snapshot"])
     probe = bind_probe(directory / "probe.sock")
     early.spec = spec  # from here on, its directory is the early start's to remove if it fails
+    _hold_signals(early)
     try:
         early.master = spawn(spec, [s.fileno() for s in early.sockets] + [probe.fileno()])
         early.before_asyncio = "asyncio" not in sys.modules
@@ -513,6 +512,15 @@ def _matching(state_dir: str, digest: str, early: Early | None = None) -> dict[s
     if record.get("key") != key(digest, str(venv)):
         return None  # another config or venv: the normal start
     return record
+
+
+def _hold_signals(early: Early) -> None:
+    """SIGTERM and SIGHUP kept for the daemon's loop (Early.hold) from the spawn until it takes them over;
+    one ignored where the daemon was started stays ignored."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, early.hold)
 
 
 def _resolves_to_itself(address: str) -> bool:

@@ -102,8 +102,11 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
         self._startup = asyncio.create_task(self._start())
         early = self.running.early
-        if early is not None and early.stop_signal is not None:  # a SIGTERM that came while the daemon loaded
-            self.handle_stop(signal.Signals(early.stop_signal).name)
+        for held in early.held if early is not None else ():  # signals that came while the daemon loaded
+            if held == signal.SIGTERM:
+                self.handle_stop("SIGTERM")
+            elif held == signal.SIGHUP:
+                self.handle_hup()  # applied right after the start
         try:
             await self._startup
         except asyncio.CancelledError:

@@ -249,28 +249,31 @@ def test_what_the_wait_read_is_heard_first_by_the_daemon(tmp_path: Path) -> None
 HELD = """
 import json, os, signal, sys
 from omerowebd import spawn_record
-def spawned(early, path):  # what _start leaves once the master is spawned and the wait is over
-    early.master = object()
-spawn_record._start = spawned
-os.geteuid = lambda: 65534  # the service user's daemon: root never spawns early
-early = spawn_record.start(["--config", "/nonexistent.toml"])
+if sys.argv[1] == "ignored":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+early = spawn_record.Early()
+spawn_record._hold_signals(early)
 os.kill(os.getpid(), signal.SIGTERM)
-print(json.dumps({"held": early.stop_signal}))
+os.kill(os.getpid(), signal.SIGHUP)
+os.kill(os.getpid(), signal.SIGTERM)
+print(json.dumps({"held": early.held}))
 """
 
 
-def test_a_sigterm_after_the_wait_is_held_for_the_daemons_loop(tmp_path: Path) -> None:
-    """From the wait's end until asyncio takes SIGTERM, Python's default would end the daemon outright,
-    leaving the early master's view (config.xml, the site's secrets) behind: the stop is kept instead."""
+@pytest.mark.parametrize("sighup", ["default", "ignored"])
+def test_a_stop_or_reload_before_the_daemons_loop_is_held_for_it(tmp_path: Path, sighup: str) -> None:
+    """From the spawn until asyncio takes them, Python's default would end the daemon outright on SIGTERM or
+    SIGHUP, leaving the early master's view (config.xml, the site's secrets) behind: each is kept instead,
+    once; one ignored where the daemon was started stays ignored."""
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", HELD], cwd=root, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", HELD, sighup], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"held": signal.SIGTERM}
+    assert json.loads(done.stdout) == {"held": [signal.SIGTERM] + ([signal.SIGHUP] if sighup == "default" else [])}
 
 
 def test_the_daemon_stops_at_once_in_order_on_a_held_stop(tmp_path: Path, info: Any) -> None:  # noqa: F811
     """Supervisor.run: a SIGTERM held while the daemon loaded stops it before the start runs: the early master
-    gets SIGTERM (in order, not killed), its view goes, and the daemon exits 0."""
+    gets SIGTERM (in order, not killed), its view goes, and the daemon exits 0; a held reload is dropped."""
     from omerowebd import supervisor as supervisor_module
     from unit.test_desired import _Quiet, write
 
@@ -282,7 +285,7 @@ def test_the_daemon_stops_at_once_in_order_on_a_held_stop(tmp_path: Path, info: 
     early = spawn_record.Early()
     early.spec = {"directory": str(view), "snapshot": json.dumps({"generation": 1})}
     early.master = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
-    early.stop_signal = signal.SIGTERM
+    early.held = [signal.SIGHUP, signal.SIGTERM]  # a reload asked for, then a stop: the stop wins
     sup.running.early = early
     started: list[bool] = []
 

@@ -216,3 +216,67 @@ def test_the_record_is_looked_for_in_systemds_state_dir_before_the_toml_parser_i
     assert result["tomllib"] == (where != "systemd's state dir"), result
     if where == "systemd's state dir":
         assert result["heavy"] == [], result
+
+
+FAKE_MASTER = """
+import json, os, socket, sys, time
+snapshot = json.load(open(os.environ["OMEROWEBD_SNAPSHOT"]))
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    s.sendto(json.dumps({"gen": 1, "event": "worker_ready", "pid": os.getpid()}).encode(), snapshot["events"])
+time.sleep(600)
+"""
+
+WHOLE_EARLY_START = """
+import json, signal, sys
+from pathlib import Path
+import omerowebd.__main__  # what runs first, as the console script and -m run it
+from omerowebd import spawn_record, sockets
+early = spawn_record.Early()
+spawn_record._start(early, Path(sys.argv[1]))
+heavy = [m for m in ("tomllib", "typing", "tempfile", "shutil", "ast", "asyncio") if m in sys.modules]
+handlers = [signal.getsignal(s) == early.hold for s in (signal.SIGTERM, signal.SIGHUP)]
+print(json.dumps({"spawned": early.master is not None, "waited": early.waited, "heard": len(early.heard),
+                  "heavy": heavy, "held_by_early": handlers, "note": early.note}), flush=True)
+early.kill()
+early.close()
+"""
+
+
+def test_the_whole_early_start_spawns_waits_and_holds_signals_with_nothing_heavy_imported(tmp_path):
+    """The early path end to end, with a stand-in master that reports its worker ready: before the daemon's
+    own imports it binds, spawns, waits for the boot and holds SIGTERM and SIGHUP for the daemon's loop, having
+    imported none of what would delay the spawn."""
+    import hashlib
+
+    from omerowebd import spawn_record
+    state, run = tmp_path / "state", tmp_path / "run"
+    state.mkdir()
+    config = tmp_path / "omerowebd.toml"
+    config.write_bytes(f'[daemon]\nstate_dir = "{state}"\n'.encode())
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    with socket.socket() as probe:  # a free port, recorded as the daemon records what it bound
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    directory = run / "gen-1"
+    spec = {"argv": [str(venv / "bin" / "python"), "-c", FAKE_MASTER], "cwd": str(tmp_path),
+            "env": {"OMERODIR": str(directory / "omerodir"), "OMEROWEBD_SNAPSHOT": str(directory / "snapshot.json")},
+            "snapshot": json.dumps({"generation": 1, "events": str(run / "events.sock"),
+                                    "settings": {"workers": 1}}),
+            "config_xml": None, "site_omerodir": str(tmp_path / "omerodir"), "directory": str(directory),
+            "runtime_dir": str(run), "events": str(run / "events.sock"),
+            "sockets": [{"address": f"127.0.0.1:{port}", "origin": "bound", "family": int(socket.AF_INET),
+                         "sockaddr": ["127.0.0.1", port]}]}
+    record = {"format": spawn_record.FORMAT, "bind": [f"127.0.0.1:{port}"], "spec": spec,
+              "key": spawn_record.key(hashlib.sha256(config.read_bytes()).hexdigest(), str(venv))}
+    (state / spawn_record.NAME).write_text(json.dumps(record))
+    (state / spawn_record.NAME).chmod(0o600)
+    done = subprocess.run([sys.executable, "-c", WHOLE_EARLY_START, str(config)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, STATE_DIRECTORY=str(state)))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["spawned"] and result["note"] is None, result
+    assert result["heard"] == 1 and result["waited"] < 60, result  # it waited for the one worker, and heard it
+    assert result["heavy"] == [] and result["held_by_early"] == [True, True], result
+    assert not directory.exists()  # early.kill took the view
