@@ -366,14 +366,14 @@ def _start(early: Early, path: Path) -> None:
         return  # the sockets are kept for the normal start; the master is not spawned on others
     early.events_path = Path(spec["events"])
     early.events = bind_events(early.events_path)
+    early.spec = spec  # from here on, its directory (the view: config.xml) is the early start's to remove
+    _hold_signals(early)
     directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     if spec["config_xml"] is not None:
         prepare_view(Path(spec["env"]["OMERODIR"]), Path(spec["site_omerodir"]), spec["config_xml"].encode())
     snapshot = directory / "snapshot.json"
     snapshot.write_text(spec["snapshot"])
     probe = bind_probe(directory / "probe.sock")
-    early.spec = spec  # from here on, its directory is the early start's to remove if it fails
-    _hold_signals(early)
     try:
         early.master = spawn(spec, [s.fileno() for s in early.sockets] + [probe.fileno()])
         early.before_asyncio = "asyncio" not in sys.modules
@@ -408,9 +408,10 @@ def wait_for_boot(early: Early, snapshot: dict[str, Any], limit: float = BOOT_WA
 
     The wait ends when every worker has said worker_ready, when one exits
     (a failed boot: the daemon's own wait says so), when the master exits,
-    or after ``limit`` seconds. SIGTERM or SIGINT meanwhile stops the master
-    and takes its view and what the start held away, then ends the daemon
-    by that signal, as it would have ended without the wait."""
+    or after ``limit`` seconds. SIGTERM or SIGINT meanwhile (or a SIGTERM held
+    since the spawn) stops the master at once, as no worker serves yet, and
+    takes its view and what the start held away, then ends the daemon by
+    that signal."""
     assert early.master is not None and early.events is not None
     import select
     import signal
@@ -431,6 +432,8 @@ def wait_for_boot(early: Early, snapshot: dict[str, Any], limit: float = BOOT_WA
             for sig in (signal.SIGTERM, signal.SIGINT):
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # one ignored (nohup, a shell's &) stays ignored
                     previous[sig] = signal.signal(sig, stop)
+            if signal.SIGTERM in early.held:  # came during the spawn (Early.hold)
+                raise _Stopped(signal.SIGTERM)
             poller = select.poll()
             poller.register(early.events.fileno(), select.POLLIN)
             try:

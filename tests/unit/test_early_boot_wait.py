@@ -167,7 +167,7 @@ def test_a_report_not_shaped_as_the_hooks_send_it_is_kept_but_never_counts(tmp_p
 
 
 DAEMON = """
-import json, select, subprocess, sys
+import json, select, signal, subprocess, sys
 from pathlib import Path
 from omerowebd import spawn_record
 tmp = Path(sys.argv[1])
@@ -185,6 +185,8 @@ view = tmp / "run" / "gen-1"
 early.spec = {"directory": str(view)}
 early.master = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 (tmp / "master.pid").write_text(str(early.master.pid))
+if sys.argv[2] == "held":  # a SIGTERM that came during the spawn (Early.hold)
+    early.held.append(signal.SIGTERM)
 spawn_record.wait_for_boot(early, {"generation": 1, "settings": {"workers": 2}}, limit=600)
 print("the wait returned")
 """
@@ -197,20 +199,22 @@ def caught(pid: int, sig: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_while_waiting_stops_the_master_and_takes_its_view(tmp_path: Path, sig: int) -> None:
-    """systemctl stop during the boot: no gunicorn left, no view (its config.xml has the site's secrets),
-    and the daemon ends by that signal, as it would have without the wait."""
+@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "waiting"), (signal.SIGINT, "waiting"),
+                                       (signal.SIGTERM, "held")])
+def test_a_stop_while_waiting_stops_the_master_and_takes_its_view(tmp_path: Path, sig: int, when: str) -> None:
+    """systemctl stop during the boot (or during the spawn, held until the wait): no gunicorn left, no view
+    (its config.xml has the site's secrets), and the daemon ends by that signal."""
     root = Path(__file__).resolve().parents[2]
-    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, str(tmp_path)], cwd=root, stdout=subprocess.PIPE,
-                              text=True)
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, str(tmp_path), when], cwd=root,
+                              stdout=subprocess.PIPE, text=True)
     master_pid = None
     try:
-        wait_for(lambda: (tmp_path / "waiting").exists(), 60, "the daemon to wait, its handlers set")
-        assert caught(daemon.pid, sig)
-        master_pid = int((tmp_path / "master.pid").read_text())
-        daemon.send_signal(sig)
+        if when == "waiting":
+            wait_for(lambda: (tmp_path / "waiting").exists(), 60, "the daemon to wait, its handlers set")
+            assert caught(daemon.pid, sig)
+            daemon.send_signal(sig)
         assert daemon.wait(60) == -sig
+        master_pid = int((tmp_path / "master.pid").read_text())  # written before the wait began
         assert daemon.stdout is not None and daemon.stdout.read() == ""
         assert not (tmp_path / "run" / "gen-1").exists()
         assert not (tmp_path / "events.sock").exists()

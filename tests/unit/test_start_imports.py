@@ -232,13 +232,15 @@ from pathlib import Path
 import omerowebd.__main__  # what runs first, as the console script and -m run it
 from omerowebd import spawn_record, sockets
 early = spawn_record.Early()
-spawn_record._start(early, Path(sys.argv[1]))
-heavy = [m for m in ("tomllib", "typing", "tempfile", "shutil", "ast", "asyncio") if m in sys.modules]
-handlers = [signal.getsignal(s) == early.hold for s in (signal.SIGTERM, signal.SIGHUP)]
-print(json.dumps({"spawned": early.master is not None, "waited": early.waited, "heard": len(early.heard),
-                  "heavy": heavy, "held_by_early": handlers, "note": early.note}), flush=True)
-early.kill()
-early.close()
+try:
+    spawn_record._start(early, Path(sys.argv[1]))
+    heavy = [m for m in ("tomllib", "typing", "tempfile", "shutil", "ast", "asyncio") if m in sys.modules]
+    handlers = [signal.getsignal(s) == early.hold for s in (signal.SIGTERM, signal.SIGHUP)]
+    print(json.dumps({"spawned": early.master is not None, "waited": early.waited, "heard": len(early.heard),
+                      "heavy": heavy, "held_by_early": handlers, "note": early.note}), flush=True)
+finally:
+    early.kill()
+    early.close()
 """
 
 
@@ -256,9 +258,7 @@ def test_the_whole_early_start_spawns_waits_and_holds_signals_with_nothing_heavy
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
-    with socket.socket() as probe:  # a free port, recorded as the daemon records what it bound
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    web = f"unix:{tmp_path / 'web.sock'}"
     directory = run / "gen-1"
     spec = {"argv": [str(venv / "bin" / "python"), "-c", FAKE_MASTER], "cwd": str(tmp_path),
             "env": {"OMERODIR": str(directory / "omerodir"), "OMEROWEBD_SNAPSHOT": str(directory / "snapshot.json")},
@@ -266,9 +266,8 @@ def test_the_whole_early_start_spawns_waits_and_holds_signals_with_nothing_heavy
                                     "settings": {"workers": 1}}),
             "config_xml": None, "site_omerodir": str(tmp_path / "omerodir"), "directory": str(directory),
             "runtime_dir": str(run), "events": str(run / "events.sock"),
-            "sockets": [{"address": f"127.0.0.1:{port}", "origin": "bound", "family": int(socket.AF_INET),
-                         "sockaddr": ["127.0.0.1", port]}]}
-    record = {"format": spawn_record.FORMAT, "bind": [f"127.0.0.1:{port}"], "spec": spec,
+            "sockets": [{"address": web, "origin": "bound"}]}
+    record = {"format": spawn_record.FORMAT, "bind": [web], "spec": spec,
               "key": spawn_record.key(hashlib.sha256(config.read_bytes()).hexdigest(), str(venv))}
     (state / spawn_record.NAME).write_text(json.dumps(record))
     (state / spawn_record.NAME).chmod(0o600)
@@ -277,6 +276,6 @@ def test_the_whole_early_start_spawns_waits_and_holds_signals_with_nothing_heavy
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["spawned"] and result["note"] is None, result
-    assert result["heard"] == 1 and result["waited"] < 60, result  # it waited for the one worker, and heard it
+    assert result["heard"] == 1 and result["waited"] is not None, result  # it waited for its worker, and heard it
     assert result["heavy"] == [] and result["held_by_early"] == [True, True], result
     assert not directory.exists()  # early.kill took the view
