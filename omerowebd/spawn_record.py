@@ -304,6 +304,10 @@ def start(argv: list[str]) -> Early | None:
         if early.events is not None:
             early.events.close()
             early.events = None
+    except BaseException:  # Ctrl-C (KeyboardInterrupt) before the wait took SIGINT: nothing left behind
+        early.kill()
+        early.close()
+        raise
     return early
 
 
