@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 from pathlib import Path
+
 from .errors import UserError
 
 # typing.TYPE_CHECKING without importing typing (about 5 ms): the early start imports this module before gunicorn's

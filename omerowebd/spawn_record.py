@@ -404,7 +404,7 @@ def wait_for_boot(early: Early, snapshot: dict[str, Any], limit: float = BOOT_WA
     """Load nothing more until gunicorn's workers have loaded the app.
 
     On 2 cores the daemon's own loading (asyncio, the config, its checks:
-    about 0.3 s of CPU) took a core from the workers loading OMERO.web, and
+    about 0.2 s of CPU) took a core from the workers loading OMERO.web, and
     the site's first answer came that much later. It waits instead: nothing
     it does before the adoption serves a request, and READY comes after
     the workers' reports either way. The reports read here are the
