@@ -93,11 +93,21 @@ def test_the_early_start_leaves_a_config_that_can_be_read_once_unread(tmp_path):
         os.close(r)
 
 
+def keep_record(state_dir: Path, config: Path, spec: dict, bind: list[str]) -> None:
+    """A spawn record as the daemon keeps it for ``config``'s bytes and the venv ``spec`` runs (0600, its own)."""
+    import hashlib
+
+    from omerowebd import spawn_record
+    venv = Path(spec["argv"][0]).parent.parent  # VENV/bin/python, as the early start reads it
+    record = {"format": spawn_record.FORMAT, "bind": bind, "spec": spec,
+              "key": spawn_record.key(hashlib.sha256(config.read_bytes()).hexdigest(), str(venv))}
+    (state_dir / spawn_record.NAME).write_text(json.dumps(record))
+    (state_dir / spawn_record.NAME).chmod(0o600)
+
+
 @pytest.mark.parametrize("host, binds", [("127.0.0.1", True), ("[::1]", True), ("localhost", False)])
 def test_the_early_start_binds_only_what_resolves_to_itself(tmp_path, host, binds):
     # The record keeps the addresses a host name resolved to last time; the normal start resolves it now.
-    import hashlib
-
     from omerowebd import spawn_record, sockets
     config = tmp_path / "omerowebd.toml"
     config.write_bytes(f'[daemon]\nstate_dir = "{tmp_path}"\n'.encode())
@@ -106,10 +116,7 @@ def test_the_early_start_binds_only_what_resolves_to_itself(tmp_path, host, bind
     family, sockaddr = (socket.AF_INET6, ["::1", 0, 0, 0]) if host == "[::1]" else (socket.AF_INET, ["127.0.0.1", 0])
     spec = {"argv": [str(venv / "bin" / "python")], "runtime_dir": str(run), "directory": str(run / "gen-1"),
             "sockets": [{"address": f"{host}:0", "origin": "bound", "family": int(family), "sockaddr": sockaddr}]}
-    record = {"format": spawn_record.FORMAT, "bind": [f"{host}:0"], "spec": spec,
-              "key": spawn_record.key(hashlib.sha256(config.read_bytes()).hexdigest(), str(venv))}
-    (tmp_path / spawn_record.NAME).write_text(json.dumps(record))
-    (tmp_path / spawn_record.NAME).chmod(0o600)
+    keep_record(tmp_path, config, spec, [f"{host}:0"])
     early = spawn_record.Early()
     try:
         spawn_record._start(early, config)  # bound, then it stops: the port bound is not the recorded ":0"
@@ -177,18 +184,12 @@ if early.lock is not None:
 
 
 def write_record(state_dir: Path, config: Path, run: Path) -> None:
-    import hashlib
-
-    from omerowebd import spawn_record
     venv = state_dir / "venv"
     spec = {"argv": [str(venv / "bin" / "python")], "runtime_dir": str(run), "directory": str(run / "gen-1"),
             "sockets": [{"address": "127.0.0.1:0", "origin": "bound", "family": int(socket.AF_INET),
                          "sockaddr": ["127.0.0.1", 0]}]}
-    record = {"format": spawn_record.FORMAT, "bind": ["127.0.0.1:0"], "spec": spec,
-              "key": spawn_record.key(hashlib.sha256(config.read_bytes()).hexdigest(), str(venv))}
     state_dir.mkdir(exist_ok=True)
-    (state_dir / spawn_record.NAME).write_text(json.dumps(record))
-    (state_dir / spawn_record.NAME).chmod(0o600)
+    keep_record(state_dir, config, spec, ["127.0.0.1:0"])
 
 
 @pytest.mark.parametrize("where", ["systemd's state dir", "another config's record there", "not there"])
@@ -248,9 +249,6 @@ def test_the_whole_early_start_spawns_waits_and_holds_signals_with_nothing_heavy
     """The early path end to end, with a stand-in master that reports its worker ready: before the daemon's
     own imports it binds, spawns, waits for the boot and holds SIGTERM and SIGHUP for the daemon's loop, having
     imported none of what would delay the spawn."""
-    import hashlib
-
-    from omerowebd import spawn_record
     state, run = tmp_path / "state", tmp_path / "run"
     state.mkdir()
     config = tmp_path / "omerowebd.toml"
@@ -267,10 +265,7 @@ def test_the_whole_early_start_spawns_waits_and_holds_signals_with_nothing_heavy
             "config_xml": None, "site_omerodir": str(tmp_path / "omerodir"), "directory": str(directory),
             "runtime_dir": str(run), "events": str(run / "events.sock"),
             "sockets": [{"address": web, "origin": "bound"}]}
-    record = {"format": spawn_record.FORMAT, "bind": [web], "spec": spec,
-              "key": spawn_record.key(hashlib.sha256(config.read_bytes()).hexdigest(), str(venv))}
-    (state / spawn_record.NAME).write_text(json.dumps(record))
-    (state / spawn_record.NAME).chmod(0o600)
+    keep_record(state, config, spec, [web])
     done = subprocess.run([sys.executable, "-c", WHOLE_EARLY_START, str(config)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, STATE_DIRECTORY=str(state)))
     assert done.returncode == 0, done.stderr
