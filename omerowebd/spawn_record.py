@@ -330,8 +330,9 @@ def _start(early: Early, path: Path) -> None:
     # systemd's StateDirectory= and the default, which a config that says nothing else uses. A record there
     # whose key holds this config's digest was written for exactly these bytes, whose state_dir it is in.
     likely = [d for d in os.environ.get("STATE_DIRECTORY", "").split(":") if os.path.isabs(d)] + [DEFAULT_STATE_DIR]
+    looked: dict[str, str | None] = {}  # state dir -> why its record was not trusted, if that was why
     for state_dir in dict.fromkeys(likely):
-        record = _matching(state_dir, digest)
+        record, looked[state_dir] = _matching(state_dir, digest)
         if record is not None:
             break
     else:
@@ -343,8 +344,10 @@ def _start(early: Early, path: Path) -> None:
         state_dir = daemon.get("state_dir", DEFAULT_STATE_DIR) if isinstance(daemon, dict) else None
         if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
             return
-        record = _matching(state_dir, digest, early)  # tried again if it was a likely one: why not, for the log
+        record, why = (None, looked[state_dir]) if state_dir in looked else _matching(state_dir, digest)
         if record is None:
+            if why:  # said only of the config's own state dir
+                early.note = f"ignoring the remembered spawn {os.path.join(state_dir, NAME)}: {why}"
             return
     spec = record["spec"]
     runtime_dir = Path(spec["runtime_dir"])
@@ -499,26 +502,23 @@ def _read_reports(early: Early, number: Any, ready: set[Any]) -> str | None:
     return None
 
 
-def _matching(state_dir: str, digest: str, early: Early | None = None) -> dict[str, Any] | None:
-    """The record in ``state_dir`` if it was written for a config with this digest and for the venv as it is now.
-    Why one there is not used goes to ``early.note`` (only for the config's own state_dir: ``early`` given)."""
-    path = os.path.join(state_dir, NAME)
-    data, why = trust.read_own_file(path, MAX_BYTES)
+def _matching(state_dir: str, digest: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the record in ``state_dir``, None) if it was written for a config with this digest and for the venv as it
+    is now; else (None, why it may not be trusted, or None when it is just not there or not for this)."""
+    data, why = trust.read_own_file(os.path.join(state_dir, NAME), MAX_BYTES)
     if data is None:
-        if why and early is not None:
-            early.note = f"ignoring the remembered spawn {path}: {why}"
-        return None
+        return None, why
     try:
         record = json.loads(data)
         spec = record.get("spec") if isinstance(record, dict) else None
         if not isinstance(spec, dict) or record.get("format") != FORMAT:
-            return None
+            return None, None
         venv = Path(spec["argv"][0]).parent.parent  # VENV/bin/python
     except (ValueError, RecursionError, KeyError, IndexError, TypeError):
-        return None  # not a record this daemon wrote whole: the next place, or the normal start, rewrites it
+        return None, None  # not a record this daemon wrote whole: the next place, or the normal start, rewrites it
     if record.get("key") != key(digest, str(venv)):
-        return None  # another config or venv: the normal start
-    return record
+        return None, None  # another config or venv: the normal start
+    return record, None
 
 
 def _hold_signals(early: Early) -> None:

@@ -274,3 +274,21 @@ def test_the_whole_early_start_spawns_waits_and_holds_signals_with_nothing_heavy
     assert result["heard"] == 1 and result["waited"] is not None, result  # it waited for its worker, and heard it
     assert result["heavy"] == [] and result["held_by_early"] == [True, True], result
     assert not directory.exists()  # early.kill took the view
+
+
+def test_a_record_that_cannot_be_trusted_in_systemds_state_dir_is_named_once(tmp_path):
+    """The config's own state dir is systemd's: looked at once, and why its record is ignored is said of it."""
+    from omerowebd import spawn_record
+    state = tmp_path / "state"
+    config = tmp_path / "omerowebd.toml"
+    config.write_bytes(f'[daemon]\nstate_dir = "{state}"\n'.encode())
+    write_record(state, config, tmp_path / "run")
+    (state / spawn_record.NAME).chmod(0o620)  # others may write it: never what says what to run
+    done = subprocess.run([sys.executable, "-c", LOOK_FOR_THE_RECORD, str(config)], cwd=ROOT,
+                          env=dict(os.environ, STATE_DIRECTORY=str(state)), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert not result["found"], result
+    assert result["note"] == (f"ignoring the remembered spawn {state / spawn_record.NAME}: others may write it "
+                              "(mode 0620)"), result
