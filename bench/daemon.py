@@ -43,6 +43,7 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import (BareGunicorn, Omerowebd, free_port, give_to, installed_python, median, report_args, row, scratch,
@@ -68,13 +69,58 @@ def wrk(port: int, seconds: int) -> tuple[float, int]:
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), int(re.search(r"(\d+) requests in", out).group(1))
 
 
-def serve_rate(port: int, master: int, seconds: int) -> tuple[float, float]:
-    """(requests/s, the workers' CPU milliseconds per request): the CPU a request costs moves less with
-    the machine's other load than requests/s, which moves by 10 % between windows on these 2 shared cores."""
+@dataclass(frozen=True)
+class Window:
+    """One timed window on one server."""
+
+    rate: float  # requests/s
+    per_request: float  # the workers' CPU milliseconds per request
+    server: float  # the server's other processes' CPU, % of one core (omerowebd: the daemon, its probe, the master)
+    machine: float  # every other process on the machine (wrk included), % of one core
+
+
+def serve_rate(port: int, top: int, master: int, seconds: int) -> Window:
+    """One window of load on a server whose processes all descend from ``top``. The CPU a request costs
+    moves less with the machine's other load than requests/s, which moves by 10 % between windows on
+    these 2 shared cores; what the rest of the server and of the machine took meanwhile says why."""
     workers = children(master)
-    before = sum(cpu_seconds(pid) for pid in workers)
+    others = [pid for pid in descendants(top) if pid not in workers]
+    before, before_others, before_all = cpu_of(workers), cpu_of(others), machine_cpu()
+    started = time.monotonic()
     rate, requests = wrk(port, seconds)
-    return rate, (sum(cpu_seconds(pid) for pid in workers) - before) / max(requests, 1) * 1000
+    spent, spent_others = cpu_of(workers) - before, cpu_of(others) - before_others
+    elapsed = time.monotonic() - started
+    return Window(rate, spent / max(requests, 1) * 1000, spent_others / elapsed * 100,
+                  (machine_cpu() - before_all - spent - spent_others) / elapsed * 100)
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it."""
+    found, queue = [], [pid]
+    while queue:
+        found.append(queue.pop())
+        try:
+            queue += children(found[-1])
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:  # gone meanwhile: its CPU is left out of both ends alike
+            pass
+    return total
+
+
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has been busy (/proc/stat: every state but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -164,7 +210,7 @@ def main() -> None:
     gaps: list[float] = []  # per pair: omerowebd (remembered) - bare gunicorn
     spawns: list[float] = []  # per omerowebd start: its own Python up to gunicorn's spawn
     rates: dict[str, list[float]] = {remembered: [], bare_name: []}
-    per_request: dict[str, list[float]] = {remembered: [], bare_name: []}  # the workers' CPU ms per request
+    windows: dict[str, list[Window]] = {remembered: [], bare_name: []}
     idle: list[float] = []
     paired: list[float] = []  # per round: omerowebd's requests/s over bare's, its windows summed
     rss = 0.0
@@ -235,18 +281,18 @@ def main() -> None:
                     idle.append(idle_percent(daemon.proc.pid, args.idle))
                 bare.start()
                 assert bare.proc is not None
-                servers = {remembered: (daemon.port, daemon.status()["generation"]["master_pid"]),
-                           bare_name: (bare.port, bare.proc.pid)}
+                servers = {remembered: (daemon.port, daemon.proc.pid, daemon.status()["generation"]["master_pid"]),
+                           bare_name: (bare.port, bare.proc.pid, bare.proc.pid)}
                 for name in servers:
                     wrk(servers[name][0], WARM_UP)
                 # A B B A is its own reverse: which server is A alternates by round (it was always omerowebd).
                 first, second = (remembered, bare_name) if round_ % 2 == 0 else (bare_name, remembered)
                 served = {name: 0.0 for name in servers}
                 for name in [first, second, second, first] * ((args.windows + 1) // 2):
-                    rate, cpu = serve_rate(*servers[name], args.seconds)
-                    rates[name].append(rate)
-                    per_request[name].append(cpu)
-                    served[name] += rate
+                    window = serve_rate(*servers[name], args.seconds)
+                    rates[name].append(window.rate)
+                    windows[name].append(window)
+                    served[name] += window.rate
                 paired.append(served[remembered] / served[bare_name])
                 rss = max(rss, rss_mb(daemon.proc.pid))
             finally:
@@ -262,8 +308,12 @@ def main() -> None:
               f"(load average now: {os.getloadavg()[0]:.2f})")
         print(f"  ratio omerowebd / bare, of the medians: {median(rates[remembered]) / median(rates[bare_name]):.3f}; "
               f"each round's (its windows summed): {' '.join(f'{r:.3f}' for r in paired)}")
-        print(f"  the workers' CPU per request (ms), omerowebd / bare, each window: "
-              f"{' '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(per_request[remembered], per_request[bare_name]))}")
+        for what, pick, form in [("the workers' CPU per request (ms)", "per_request", "{:.2f}"),
+                                 ("the server's other processes' CPU (% of a core)", "server", "{:.1f}"),
+                                 ("the rest of the machine's CPU, wrk's included (% of a core)", "machine", "{:.0f}")]:
+            print(f"  {what}, omerowebd / bare, each window: " + " ".join(
+                f"{form.format(getattr(a, pick))}/{form.format(getattr(b, pick))}"
+                for a, b in zip(windows[remembered], windows[bare_name])))
         return
 
     if args.start_only:
@@ -305,7 +355,13 @@ def main() -> None:
          "  ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(rates[remembered], rates[bare_name])), "-"],
         ["  each round's ratio (fresh servers; its windows summed)", " ".join(f"{r:.3f}" for r in paired), "-"],
         ["  the workers' CPU per request, omerowebd / bare (ms)",
-         f"{median(per_request[remembered]):.2f} / {median(per_request[bare_name]):.2f}", "-"],
+         f"{median([w.per_request for w in windows[remembered]]):.2f} / "
+         f"{median([w.per_request for w in windows[bare_name]]):.2f}", "-"],
+        ["  the server's other processes' CPU meanwhile, omerowebd / bare (% of a core)",
+         f"{median([w.server for w in windows[remembered]]):.1f} / {median([w.server for w in windows[bare_name]]):.1f}",
+         "-"],
+        ["  the rest of the machine's CPU meanwhile, wrk's included (% of a core, each window)",
+         "  ".join(f"{a.machine:.0f}/{b.machine:.0f}" for a, b in zip(windows[remembered], windows[bare_name])), "-"],
         ["daemon RSS (MB)", f"{rss:.1f}", "< 40"],
         [f"daemon CPU while idle ({args.idle} s, {len(idle)} windows, systemd's watchdog on)",
          f"{idle_cpu:.2f} %", "< 0.5 %"],
@@ -321,8 +377,8 @@ def main() -> None:
             bare_start, "s", "(for comparison)", None),
         row("requests/s, login page", median(rates[remembered]), bare_name, median(rates[bare_name]), "requests/s",
             f">= 0.98 x anchor (median of {len(paired)} rounds' ratios: {ratio:.3f})", ratio >= 0.98),
-        row("  the workers' CPU per request, login page", median(per_request[remembered]), bare_name,
-            median(per_request[bare_name]), "ms", "(for comparison)", None),
+        row("  the workers' CPU per request, login page", median([w.per_request for w in windows[remembered]]),
+            bare_name, median([w.per_request for w in windows[bare_name]]), "ms", "(for comparison)", None),
         row("daemon RSS", rss, "", None, "MB", "< 40 MB", rss < 40),
         row("daemon CPU while idle", idle_cpu, "", None, "%", "< 0.5 %", idle_cpu < 0.5),
     ])
