@@ -10,17 +10,26 @@ root measures a root daemon, which first checks that root alone controls the
 venv). Goals: first 200 within 0.2 s of bare gunicorn, requests/s ratio >=
 0.98, RSS < 40 MB, idle CPU < 0.5 %.
 
-Each requests/s round starts omerowebd and bare gunicorn side by side, waits
-for what the daemon's start leaves running after READY (the first session
-sweep), loads each for a second, then times four windows, omerowebd, bare,
-bare, omerowebd (which server goes first alternates by round), so the
-machine's other load, which comes and goes, hits both alike; beside
-requests/s, the workers' CPU per request. The ratio judged is the median of
-the rounds' ratios (5 rounds in --quick): one round's ratio moves by about
-10 % on these 2 shared cores, a paired round cancels the drift between rounds. The daemon's idle CPU is measured before any load (no
-request's tail in it), over --idle seconds (20, in --quick too, once), with
-systemd's watchdog on as under the unit (WatchdogSec=30: the daemon asks the
-site every 10 s).
+Each requests/s round starts omerowebd and bare gunicorn fresh, side by side,
+waits for what the daemon's start leaves running after READY (the first
+session sweep), loads each for a second, then times windows: each server
+alone, in turn (A B, or A B B A; which goes first alternates by round), and
+then both loaded at once, wrk against each. The ratio judged is the median of
+the rounds' ratios with both loaded at once (8 rounds in --quick). On these 2
+shared cores a window loaded alone moves by about 10 % with the machine's
+drift (one round's ratio went from 0.87 to 1.16 between runs); loaded at once,
+both servers meet the same moments of it, and the kernel gives each server's
+session an equal share of the CPU, so their ratio is that of what a request
+costs each. One process's own speed also differs by a few % from the next
+one's (two bare gunicorns side by side: 0.95 to 1.02), hence fresh servers
+each round, and which of them starts first alternates by round as well:
+loaded at once, the one started first served 2 to 4 % less (8 rounds with
+omerowebd always first: 0.953; alternating: 0.995). Beside requests/s: the workers' CPU per request, and what the
+server's other processes (omerowebd: the daemon, its venv probe, the gunicorn
+master) and the rest of the machine took meanwhile. The daemon's idle CPU is
+measured before any load (no request's tail in it), over --idle seconds (20,
+in --quick too, once), with systemd's watchdog on as under the unit
+(WatchdogSec=30: the daemon asks the site every 10 s).
 
 Each start is timed from the Popen of the process (omerowebd's Python, or
 bare gunicorn's) to the first 200 on its port. The starts are measured in
@@ -32,7 +41,7 @@ gunicorn's spawn (the master's fork time less the daemon's, from /proc, to
 the clock tick), and gunicorn from there to the first 200.
 
     .venv/bin/python bench/daemon.py [--rounds 3] [--starts 7] [--seconds 10] [--workers 2] [--user USER] [--quick] [--report FILE]
-    .venv/bin/python bench/daemon.py --rate-only [--rounds 4] [--windows 4] [--seconds 3]   # requests/s only
+    .venv/bin/python bench/daemon.py --rate-only [--rounds 8] [--windows 1] [--seconds 5]   # requests/s only
 """
 
 from __future__ import annotations
@@ -61,8 +70,18 @@ WATCHDOG_SEC = 30  # units/omerowebd.service's WatchdogSec: the idle daemon prob
 
 def wrk(port: int, seconds: int) -> tuple[float, int]:
     """(requests/s, requests) of the login page over ``seconds``."""
-    out = subprocess.run(["wrk", "-t2", "-c8", f"-d{seconds}s", "--timeout", "30s", f"http://127.0.0.1:{port}/webclient/login/"],
-                         capture_output=True, text=True, check=True).stdout
+    return wrk_result(port, wrk_start(port, seconds))
+
+
+def wrk_start(port: int, seconds: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(["wrk", "-t2", "-c8", f"-d{seconds}s", "--timeout", "30s",
+                             f"http://127.0.0.1:{port}/webclient/login/"], stdout=subprocess.PIPE, text=True)
+
+
+def wrk_result(port: int, proc: subprocess.Popen[str]) -> tuple[float, int]:
+    out = proc.communicate()[0]
+    if proc.returncode:
+        raise SystemExit(f"wrk failed on port {port} (exit {proc.returncode}):\n{out}")
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
     if errors:
         raise SystemExit(f"wrk saw errors on port {port}:\n{out}")
@@ -75,23 +94,36 @@ class Window:
 
     rate: float  # requests/s
     per_request: float  # the workers' CPU milliseconds per request
+    workers: float  # the workers' CPU, % of one core
     server: float  # the server's other processes' CPU, % of one core (omerowebd: the daemon, its probe, the master)
-    machine: float  # every other process on the machine (wrk included), % of one core
+    machine: float  # every other process on the machine (wrk included), % of one core; loaded together: the same
 
 
-def serve_rate(port: int, top: int, master: int, seconds: int) -> Window:
-    """One window of load on a server whose processes all descend from ``top``. The CPU a request costs
-    moves less with the machine's other load than requests/s, which moves by 10 % between windows on
-    these 2 shared cores; what the rest of the server and of the machine took meanwhile says why."""
-    workers = children(master)
-    others = [pid for pid in descendants(top) if pid not in workers]
-    before, before_others, before_all = cpu_of(workers), cpu_of(others), machine_cpu()
+@dataclass(frozen=True)
+class Server:
+    """What a window loads: the port, the process all of the server descends from, and the gunicorn master."""
+
+    port: int
+    top: int
+    master: int
+
+
+def serve(servers: list[Server], seconds: int) -> list[Window]:
+    """One window of load on each of ``servers``, all at once (wrk against each). The CPU a request
+    costs moves less with the machine's other load than requests/s; what the rest of each server and of
+    the machine took meanwhile says why a window is low."""
+    workers = [children(server.master) for server in servers]
+    others = [[pid for pid in descendants(server.top) if pid not in mine] for server, mine in zip(servers, workers)]
+    before = [(cpu_of(mine), cpu_of(rest)) for mine, rest in zip(workers, others)]
+    before_all = machine_cpu()
     started = time.monotonic()
-    rate, requests = wrk(port, seconds)
-    spent, spent_others = cpu_of(workers) - before, cpu_of(others) - before_others
+    loads = [wrk_start(server.port, seconds) for server in servers]
+    results = [wrk_result(server.port, load) for server, load in zip(servers, loads)]
     elapsed = time.monotonic() - started
-    return Window(rate, spent / max(requests, 1) * 1000, spent_others / elapsed * 100,
-                  (machine_cpu() - before_all - spent - spent_others) / elapsed * 100)
+    spent = [(cpu_of(mine) - a, cpu_of(rest) - b) for mine, rest, (a, b) in zip(workers, others, before)]
+    machine = machine_cpu() - before_all - sum(a + b for a, b in spent)
+    return [Window(rate, mine / max(requests, 1) * 1000, mine / elapsed * 100, rest / elapsed * 100,
+                   machine / elapsed * 100) for (rate, requests), (mine, rest) in zip(results, spent)]
 
 
 def descendants(pid: int) -> list[int]:
@@ -183,7 +215,7 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=20, help="seconds of idle to measure the daemon's CPU")
     parser.add_argument("--user", help="run both servers as this user (default: nobody when run as root; 'root')")
     parser.add_argument("--windows", type=int, default=2,
-                        help="timed requests/s windows per server and round (A B B A, repeated)")
+                        help="timed requests/s windows per server, round and way (alone: A B, A B B A; at once)")
     parser.add_argument("--start-only", action="store_true",
                         help="time to first 200 only: the pairs of starts, no requests/s rounds")
     parser.add_argument("--rate-only", action="store_true",
@@ -195,8 +227,9 @@ def main() -> None:
         # 11 pairs of starts: one pair's gap moves by +-0.3 s here (each side's two workers booting on 2 shared
         # cores); the median of 5 moved by +-0.1 s from run to run, half the goal.
         args.seconds, args.starts = min(args.seconds, 5), min(args.starts, 11)
-        # One round's ratio moves by about 10 % on these shared cores: five rounds, their median.
-        args.rounds = max(args.rounds, 5)
+        # Loaded at once, one round's ratio moves by about 3 % here (a fresh process's own speed): eight rounds,
+        # their median; one window of each kind a round.
+        args.rounds, args.windows = max(args.rounds, 8), 1
     if args.rate_only:
         args.starts = 0
     if args.start_only:
@@ -209,10 +242,11 @@ def main() -> None:
     starts: dict[str, list[float]] = {remembered: [], asked: [], bare_name: []}
     gaps: list[float] = []  # per pair: omerowebd (remembered) - bare gunicorn
     spawns: list[float] = []  # per omerowebd start: its own Python up to gunicorn's spawn
-    rates: dict[str, list[float]] = {remembered: [], bare_name: []}
-    windows: dict[str, list[Window]] = {remembered: [], bare_name: []}
+    alone: dict[str, list[Window]] = {remembered: [], bare_name: []}  # one server loaded at a time
+    together: dict[str, list[Window]] = {remembered: [], bare_name: []}  # both loaded at once
     idle: list[float] = []
-    paired: list[float] = []  # per round: omerowebd's requests/s over bare's, its windows summed
+    paired: list[float] = []  # per round, each loaded alone: omerowebd's requests/s over bare's, its windows summed
+    paired_together: list[float] = []  # per round, both loaded at once: the same
     rss = 0.0
     with scratch() as root:
         # As a package install leaves it (dh_python3, %py_byte_compile): the daemon's modules compiled, no
@@ -264,36 +298,46 @@ def main() -> None:
                 daemon.stop()
 
         def rate_round(round_: int) -> None:
-            """Both servers up side by side, their windows in the order A B B A: drift on the machine
-            (the other work on its cores comes and goes) hits both alike."""
+            """Both servers fresh and up side by side. First each alone (A B, or A B B A, which goes first
+            alternating by round), then both loaded at once: the same moments of the machine for both."""
             nonlocal rss
             daemon = Omerowebd(root, free_port(), args.workers, python=python, user=user)
-            os.environ["WATCHDOG_USEC"] = str(WATCHDOG_SEC * 1_000_000)  # as under the unit: its probe counts
-            try:
-                daemon.start()
-            finally:
-                del os.environ["WATCHDOG_USEC"]
             bare = BareGunicorn(root / "omerodir", free_port(), args.workers, user=user)
             try:
+                # Which starts first alternates too: where the kernel first puts a server's processes on the two
+                # cores may stay with it for a while, and one core can be slower than the other for a while.
+                if round_ % 2:
+                    bare.start()
+                os.environ["WATCHDOG_USEC"] = str(WATCHDOG_SEC * 1_000_000)  # as under the unit: its probe counts
+                try:
+                    daemon.start()
+                finally:
+                    del os.environ["WATCHDOG_USEC"]
                 settled(daemon)
                 assert daemon.proc is not None
                 if (round_ == 0 or not args.quick) and not args.rate_only:  # before any load: no request's tail
                     idle.append(idle_percent(daemon.proc.pid, args.idle))
-                bare.start()
+                if round_ % 2 == 0:
+                    bare.start()
                 assert bare.proc is not None
-                servers = {remembered: (daemon.port, daemon.proc.pid, daemon.status()["generation"]["master_pid"]),
-                           bare_name: (bare.port, bare.proc.pid, bare.proc.pid)}
+                servers = {remembered: Server(daemon.port, daemon.proc.pid, daemon.status()["generation"]["master_pid"]),
+                           bare_name: Server(bare.port, bare.proc.pid, bare.proc.pid)}
                 for name in servers:
-                    wrk(servers[name][0], WARM_UP)
-                # A B B A is its own reverse: which server is A alternates by round (it was always omerowebd).
+                    wrk(servers[name].port, WARM_UP)
                 first, second = (remembered, bare_name) if round_ % 2 == 0 else (bare_name, remembered)
                 served = {name: 0.0 for name in servers}
-                for name in [first, second, second, first] * ((args.windows + 1) // 2):
-                    window = serve_rate(*servers[name], args.seconds)
-                    rates[name].append(window.rate)
-                    windows[name].append(window)
+                for name in [first, second, second, first][:2 * args.windows]:
+                    window, = serve([servers[name]], args.seconds)
+                    alone[name].append(window)
                     served[name] += window.rate
                 paired.append(served[remembered] / served[bare_name])
+                served = {name: 0.0 for name in servers}
+                for index in range(args.windows):
+                    order = [first, second] if index % 2 == 0 else [second, first]  # whose wrk starts first
+                    for name, window in zip(order, serve([servers[name] for name in order], args.seconds)):
+                        together[name].append(window)
+                        served[name] += window.rate
+                paired_together.append(served[remembered] / served[bare_name])
                 rss = max(rss, rss_mb(daemon.proc.pid))
             finally:
                 bare.stop()
@@ -302,18 +346,33 @@ def main() -> None:
         for round_ in range(args.rounds):
             rate_round(round_)
 
+    def each(windows: dict[str, list[Window]], pick: str, form: str) -> str:
+        return " ".join(f"{form.format(getattr(a, pick))}/{form.format(getattr(b, pick))}"
+                        for a, b in zip(windows[remembered], windows[bare_name]))
+
+    def rate_rows() -> list[list[str]]:
+        """What the requests/s rounds measured: the verdict's windows (both loaded at once), then each alone."""
+        rows = []
+        for how, windows, ratios in [("both loaded at once", together, paired_together),
+                                     ("each loaded alone, in turn", alone, paired)]:
+            rows += [
+                [f"requests/s ratio omerowebd / bare, {how}: median of the rounds' ratios", f"{median(ratios):.3f}",
+                 ">= 0.98" if windows is together else "(for comparison)"],
+                ["  each round's ratio (fresh servers; its windows summed)", " ".join(f"{r:.3f}" for r in ratios), "-"],
+                ["  its windows, omerowebd / bare (requests/s)", each(windows, "rate", "{:.0f}"), "-"],
+                ["  the workers' CPU per request, omerowebd / bare (ms)", each(windows, "per_request", "{:.2f}"), "-"],
+                ["  the workers' CPU, omerowebd / bare (% of a core)", each(windows, "workers", "{:.0f}"), "-"],
+                ["  the server's other processes' CPU, omerowebd / bare (% of a core)", each(windows, "server", "{:.1f}"),
+                 "-"],
+            ]
+        rows.append(["  the rest of the machine's CPU, wrk's included, each alone (% of a core)",
+                     each(alone, "machine", "{:.0f}"), "-"])
+        return rows
+
     if args.rate_only:
-        print(f"\nrequests/s, login page, {args.workers} sync workers, {args.rounds} rounds of "
-              f"{len(rates[bare_name]) // max(args.rounds, 1)} windows of {args.seconds} s per server "
-              f"(load average now: {os.getloadavg()[0]:.2f})")
-        print(f"  ratio omerowebd / bare, of the medians: {median(rates[remembered]) / median(rates[bare_name]):.3f}; "
-              f"each round's (its windows summed): {' '.join(f'{r:.3f}' for r in paired)}")
-        for what, pick, form in [("the workers' CPU per request (ms)", "per_request", "{:.2f}"),
-                                 ("the server's other processes' CPU (% of a core)", "server", "{:.1f}"),
-                                 ("the rest of the machine's CPU, wrk's included (% of a core)", "machine", "{:.0f}")]:
-            print(f"  {what}, omerowebd / bare, each window: " + " ".join(
-                f"{form.format(getattr(a, pick))}/{form.format(getattr(b, pick))}"
-                for a, b in zip(windows[remembered], windows[bare_name])))
+        table(f"requests/s, login page, {args.workers} sync workers, {args.rounds} rounds, {args.windows} windows "
+              f"of {args.seconds} s per server and way (load average now: {os.getloadavg()[0]:.2f})",
+              ["measure", "value", "goal"], rate_rows())
         return
 
     if args.start_only:
@@ -330,13 +389,14 @@ def main() -> None:
 
     who = f"as {user}" if user else "as root"
     rows = [[name, f"{median(starts[name]):.2f}", len(starts[name]),
-             f"{median(rates[name]):.1f}" if name in rates else "-"] for name in starts]
+             f"{median([w.rate for w in together[name]]):.1f}" if name in together else "-"] for name in starts]
     table(f"OMERO.web login page, {args.workers} sync workers (medians), servers run {who}",
-          ["server", "first 200 after start (s)", "starts", f"requests/s (wrk -t2 -c8 -d{args.seconds}, "
-           f"{len(rates[bare_name])} windows)"], rows)
-    # The verdict: the median of the rounds' ratios. Each round has both servers fresh and side by side, its
-    # windows interleaved, so the machine's drift between rounds (the largest noise here) cancels within a round.
-    ratio = median(paired)
+          ["server", "first 200 after start (s)", "starts", f"requests/s, both loaded at once (wrk -t2 -c8 "
+           f"-d{args.seconds} on each, {len(together[bare_name])} windows)"], rows)
+    # The verdict: the median of the rounds' ratios, both servers loaded at once. Each round has both servers
+    # fresh (a process's own speed on these shared cores differs by a few % from the next one's), and loaded at
+    # once they meet the same moments of the machine, whose drift moves a window loaded alone by 10 %.
+    ratio = median(paired_together)
     idle_cpu = median(idle)
     over = median(gaps)
     spawn = median(spawns)
@@ -350,18 +410,7 @@ def main() -> None:
          f"{median(starts[remembered]) - spawn:.2f} s", f"bare: {median(starts[bare_name]):.2f} s"],
         ["first 200: omerowebd (venv asked first) - bare gunicorn",
          f"{median(starts[asked]) - median(starts[bare_name]):+.2f} s", "-"],
-        ["requests/s ratio omerowebd / bare, median of the rounds' ratios", f"{ratio:.3f}", ">= 0.98"],
-        ["  its windows, omerowebd / bare (requests/s)",
-         "  ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(rates[remembered], rates[bare_name])), "-"],
-        ["  each round's ratio (fresh servers; its windows summed)", " ".join(f"{r:.3f}" for r in paired), "-"],
-        ["  the workers' CPU per request, omerowebd / bare (ms)",
-         f"{median([w.per_request for w in windows[remembered]]):.2f} / "
-         f"{median([w.per_request for w in windows[bare_name]]):.2f}", "-"],
-        ["  the server's other processes' CPU meanwhile, omerowebd / bare (% of a core)",
-         f"{median([w.server for w in windows[remembered]]):.1f} / {median([w.server for w in windows[bare_name]]):.1f}",
-         "-"],
-        ["  the rest of the machine's CPU meanwhile, wrk's included (% of a core, each window)",
-         "  ".join(f"{a.machine:.0f}/{b.machine:.0f}" for a, b in zip(windows[remembered], windows[bare_name])), "-"],
+        *rate_rows(),
         ["daemon RSS (MB)", f"{rss:.1f}", "< 40"],
         [f"daemon CPU while idle ({args.idle} s, {len(idle)} windows, systemd's watchdog on)",
          f"{idle_cpu:.2f} %", "< 0.5 %"],
@@ -375,10 +424,17 @@ def main() -> None:
             bare_name, bare_start, "s"),
         row("first 200 after start, nothing remembered (venv asked first)", median(starts[asked]), bare_name,
             bare_start, "s", "(for comparison)", None),
-        row("requests/s, login page", median(rates[remembered]), bare_name, median(rates[bare_name]), "requests/s",
-            f">= 0.98 x anchor (median of {len(paired)} rounds' ratios: {ratio:.3f})", ratio >= 0.98),
-        row("  the workers' CPU per request, login page", median([w.per_request for w in windows[remembered]]),
-            bare_name, median([w.per_request for w in windows[bare_name]]), "ms", "(for comparison)", None),
+        row("requests/s, login page, both loaded at once", median([w.rate for w in together[remembered]]), bare_name,
+            median([w.rate for w in together[bare_name]]), "requests/s",
+            f">= 0.98 x anchor (median of {len(paired_together)} rounds' ratios: {ratio:.3f})", ratio >= 0.98),
+        row("  each loaded alone, in turn", median([w.rate for w in alone[remembered]]), bare_name,
+            median([w.rate for w in alone[bare_name]]), "requests/s",
+            f"(for comparison; median of the rounds' ratios: {median(paired):.3f})", None),
+        row("  the workers' CPU per request, both loaded at once", median([w.per_request for w in together[remembered]]),
+            bare_name, median([w.per_request for w in together[bare_name]]), "ms", "(for comparison)", None),
+        row("  the server's other processes' CPU while it is loaded alone (the daemon, its probe, the master)",
+            median([w.server for w in alone[remembered]]), bare_name + "'s master",
+            median([w.server for w in alone[bare_name]]), "% of a core", "(for comparison)", None),
         row("daemon RSS", rss, "", None, "MB", "< 40 MB", rss < 40),
         row("daemon CPU while idle", idle_cpu, "", None, "%", "< 0.5 %", idle_cpu < 0.5),
     ])
