@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import json
 import os
@@ -24,9 +23,7 @@ if TYPE_CHECKING:  # only a type here: config.py must not need this module to lo
 
 PROBE = Path(__file__).with_name("venv_probe.py")
 PROBE_TIMEOUT = limits.VENV_PROBE_TIMEOUT
-PROBE_NICE = 10  # above the daemon's own: about a tenth of a core against a busy worker (yield_cpu)
-AUTOGROUP_TRIES = 3
-AUTOGROUP_RETRY = 0.11  # seconds: the kernel takes one autogroup change per 0.1 s
+PROBE_NICE = 10  # above the daemon's own: about a tenth of a core against a busy worker (probe_nice)
 
 
 @dataclass(frozen=True)
@@ -159,38 +156,9 @@ def probe_env() -> dict[str, str]:
     return spawn_record.inherited_env()  # one rule for the probe and every generation
 
 
-def yield_cpu(proc: asyncio.subprocess.Process, tries: int = AUTOGROUP_TRIES) -> None:
-    """Let ``proc`` (just started, its own session's leader) yield the CPU to the site's workers.
-
-    The probe runs while the first generation's workers serve their first
-    requests (a start on a remembered answer asks the venv again once it
-    serves) and beside a busy site on a reload; the site comes first.
-
-    Two levers, for the two ways the kernel ranks processes: its nice value,
-    PROBE_NICE above ours, which is what counts where a cgroup CPU controller
-    holds the daemon and its gunicorns together; and its session's autogroup,
-    which is what counts where none does (sched_autogroup_enabled, the usual
-    case): there a nice value only ranks a process inside its own session,
-    and each session competes as an equal, so a niced probe in the daemon's
-    session still took as much CPU as a worker (measured: the two workers
-    lost 40 % of their work to it, and 4 % with its autogroup lowered).
-    Raising either needs no privilege; if the kernel refuses, the probe runs
-    as it is.
-    """
-    nice = PROBE_NICE
-    try:
-        nice = min(os.getpriority(os.PRIO_PROCESS, 0) + PROBE_NICE, 19)
-        os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
-    except OSError:
-        pass
-    try:
-        with open(f"/proc/{proc.pid}/autogroup", "w") as f:
-            f.write(str(nice))
-    except OSError as e:
-        # The kernel takes one such write per 0.1 s, machine-wide (a sweep may have just lowered its own). Only
-        # while the process is unreaped, so its pid is still its own.
-        if e.errno == errno.EAGAIN and tries > 1 and proc.returncode is None:
-            asyncio.get_running_loop().call_later(AUTOGROUP_RETRY, yield_cpu, proc, tries - 1)
+def probe_nice() -> int:
+    """The kept probe's nice value: PROBE_NICE above the daemon's own (venv_probe.lower_priority)."""
+    return min(os.getpriority(os.PRIO_PROCESS, 0) + PROBE_NICE, 19)
 
 
 class Prober:
@@ -228,12 +196,12 @@ class Prober:
             if self._proc is None or self._proc.returncode is not None or self._key != key:
                 await self.close()
                 self._proc = await asyncio.create_subprocess_exec(
-                    *_probe_command(venv), "--serve",
+                    *_probe_command(venv), "--serve", "--nice", str(probe_nice()),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
                     env=probe_env(), cwd="/", limit=16 << 20,
-                    start_new_session=True,  # its own autogroup, to lower (yield_cpu); it leaves when its stdin closes
+                    # Its own session, whose group it lowers; it leaves when its stdin closes, not by a terminal's ^C.
+                    start_new_session=True,
                 )
-                yield_cpu(self._proc)
                 self._key = key
             proc = self._proc
             assert proc.stdin is not None and proc.stdout is not None

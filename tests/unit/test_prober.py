@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -20,6 +21,8 @@ import pytest
 from omerowebd import venv as venv_module
 from omerowebd.errors import ConfigError
 from omerowebd.venv import Prober
+
+from .test_sessions import autogroup_nice
 
 FAKE_PROBE = textwrap.dedent(
     """\
@@ -194,30 +197,50 @@ async def _until(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_the_probe_yields_the_cpu_to_the_site(fake_venv):
+def test_the_probe_is_asked_to_yield_the_cpu_in_a_session_of_its_own(fake_venv):
     """It runs while the first workers serve their first requests (a start on a remembered answer) and beside a
-    busy site (a reload): PROBE_NICE above the daemon's own nice value, capped at 19, and, where the kernel groups
-    processes by session (autogroups), in a session of its own whose group is lowered as far: there a nice value
-    ranks a process only inside its own session, and a niced probe in the daemon's session took a worker's share."""
+    busy site (a reload): the kept probe is its own session's leader, told to lower itself to PROBE_NICE above the
+    daemon's own nice value (venv_probe.lower_priority: with autogroups, only its own session's group can be)."""
     venv, state = fake_venv
     plan(state, "good")
 
-    async def scenario() -> tuple[int, int, str | None]:
+    async def scenario() -> tuple[list[str], bool]:
         prober = Prober(timeout=30.0)
         try:
-            answer = await prober.probe(venv, {"q": "1"})
-            pid = int(answer.versions["pid"])
-            try:
-                group = Path(f"/proc/{pid}/autogroup").read_text()
-            except FileNotFoundError:  # a kernel without autogroups
-                group = None
-            return os.getpriority(os.PRIO_PROCESS, pid), os.getsid(pid) == pid, group
+            pid = int((await prober.probe(venv, {"q": "1"})).versions["pid"])
+            return Path(f"/proc/{pid}/cmdline").read_text().split("\0"), os.getsid(pid) == pid
         finally:
             await prober.close()
 
-    nice, leader, group = asyncio.run(scenario())
-    expected = min(os.getpriority(os.PRIO_PROCESS, 0) + venv_module.PROBE_NICE, 19)
-    assert nice == expected
+    argv, leader = asyncio.run(scenario())
+    nice = min(os.getpriority(os.PRIO_PROCESS, 0) + venv_module.PROBE_NICE, 19)
+    assert argv[argv.index("--nice") + 1] == str(nice) and "--serve" in argv
     assert leader
-    if Path("/proc/self/autogroup").exists():
-        assert group is not None and group.split()[-2:] == ["nice", str(expected)], group
+
+
+def _lower(nice: int, own_session: bool) -> list[str]:
+    """Run venv_probe.lower_priority(nice) in a child as the daemon's probe runs (by path, not as a module);
+    its nice value and its session group's nice afterwards."""
+    code = ("import os, runpy, sys; probe = runpy.run_path(sys.argv[1], run_name='probe');"
+            "probe['lower_priority'](int(sys.argv[2])); print(os.getpriority(os.PRIO_PROCESS, 0));"
+            "print(open('/proc/self/autogroup').read().partition(' nice ')[2].strip() or '-')")
+    done = subprocess.run([sys.executable, "-c", code, str(venv_module.PROBE), str(nice)], capture_output=True,
+                          text=True, timeout=60, start_new_session=own_session)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_the_probe_lowers_its_own_session_group_only_as_its_leader():
+    """The probe lowers itself, never the daemon by pid (only the process knows its pid is still its own). With
+    autogroups a nice value ranks it only inside its session's group, which competes with gunicorn's as an equal:
+    as its own session's leader it lowers that group too; in someone else's session it leaves the group as it is."""
+    nice = min(os.getpriority(os.PRIO_PROCESS, 0) + venv_module.PROBE_NICE, 19)
+    assert nice > 0, "the test runs at a nice value that leaves the probe at 0: nothing would be lowered"
+    group = autogroup_nice()
+    own = _lower(nice, own_session=True)
+    assert own[0] == str(nice)
+    if group is not None:  # a kernel with autogroups, and this process in one
+        assert own[1] == str(nice)
+    shared = _lower(nice, own_session=False)
+    assert shared[0] == str(nice)
+    assert autogroup_nice() == group
