@@ -223,7 +223,8 @@ def _lower(nice: int, own_session: bool) -> list[str]:
     its nice value and its session group's nice afterwards."""
     code = ("import os, runpy, sys; probe = runpy.run_path(sys.argv[1], run_name='probe');"
             "probe['lower_priority'](int(sys.argv[2])); print(os.getpriority(os.PRIO_PROCESS, 0));"
-            "print(open('/proc/self/autogroup').read().partition(' nice ')[2].strip() or '-')")
+            "group = '/proc/self/autogroup'; os.path.exists(group) or print('-');"  # a kernel without autogroups
+            "os.path.exists(group) and print(open(group).read().partition(' nice ')[2].strip() or '-')")
     done = subprocess.run([sys.executable, "-c", code, str(venv_module.PROBE), str(nice)], capture_output=True,
                           text=True, timeout=60, start_new_session=own_session)
     assert done.returncode == 0, done.stderr
