@@ -90,6 +90,7 @@ async def _first_generation(config: Config, running: Running, verdicts: Verdicts
     async def confirm(target: Desired) -> Desired:
         # Now, not before the spawn: the file watcher's library and thread would delay gunicorn (config_xml.py).
         running.site_xml.follow()
+        prober.site_serves = True
         # Started on a remembered answer: the venv is asked now, before anything is published (verdicts.py).
         nonlocal fresh
         fresh = await verdicts.confirm(config, prober, packages)

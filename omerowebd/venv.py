@@ -183,6 +183,9 @@ class Prober:
         self._lock = asyncio.Lock()
         self._reaping: set[asyncio.Task[Any]] = set()
         self._asked = 0  # numbers the questions; the probe echoes the number in its answer
+        # Set once the first generation serves: a probe started from then on yields the CPU to its workers. Not
+        # before: on a start that asks the venv first, the probe is what the site waits for.
+        self.site_serves = False
 
     async def probe(self, venv: Path, properties: Mapping[str, str], omerodir: Path | None = None,
                     packages: str | None = None) -> VenvInfo:
@@ -196,7 +199,7 @@ class Prober:
             if self._proc is None or self._proc.returncode is not None or self._key != key:
                 await self.close()
                 self._proc = await asyncio.create_subprocess_exec(
-                    *_probe_command(venv), "--serve", "--nice", str(probe_nice()),
+                    *_probe_command(venv), "--serve", *(["--nice", str(probe_nice())] if self.site_serves else []),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
                     env=probe_env(), cwd="/", limit=16 << 20,
                     # Its own session, whose group it lowers; it leaves when its stdin closes, not by a terminal's ^C.

@@ -148,8 +148,12 @@ def answer(settings, leave_unset, omerodir, request):
 VERSIONS = versions()
 
 
+GROUP_NICE = 10  # the least this probe's session group is lowered to: gunicorn's group starts at 0, like every new one
+
+
 def lower_priority(nice):
-    """Yield the CPU to the site's workers: nice ``nice``, and, as its own session's leader, that session's group.
+    """Yield the CPU to the site's workers: nice ``nice``, and, as its own session's leader, that session's group
+    (to ``nice``, and at least GROUP_NICE: a new session's group starts at 0 whatever the daemon's nice value).
 
     The kept probe runs while the first generation's workers serve their first
     requests (a start on a remembered answer asks the venv again once it
@@ -163,7 +167,9 @@ def lower_priority(nice):
     pid: only the process itself knows that its pid is still its own. Only as
     its session's leader (the daemon starts it so): the group is the whole
     session's. Raising either needs no privilege; what the kernel refuses is
-    left as it is (no autogroups, a /proc that hides it).
+    left as it is (no autogroups, a /proc that hides it). The group's loop is
+    session_sweep.lower_priority's: both run by path on the venv's Python, so
+    neither can import the other.
     """
     try:
         if nice > os.getpriority(os.PRIO_PROCESS, 0):
@@ -172,10 +178,10 @@ def lower_priority(nice):
         pass
     if os.getsid(0) != os.getpid():
         return
-    for attempt in range(3):
+    for _ in range(3):
         try:
             with open("/proc/self/autogroup", "w") as f:
-                f.write(str(nice))
+                f.write(str(max(nice, GROUP_NICE)))
             return
         except OSError as e:
             if e.errno != errno.EAGAIN:
