@@ -158,8 +158,8 @@ def lower_priority(nice):
     The kept probe runs while the first generation's workers serve their first
     requests (a start on a remembered answer asks the venv again once it
     serves) and beside a busy site on a reload; the site comes first. Where
-    the kernel groups processes by session (autogroups: no cgroup CPU
-    controller holds the daemon and its gunicorns, the usual case) a nice
+    the kernel groups processes by session (autogroups, on by default: where
+    no cgroup CPU controller ranks the daemon and its gunicorns) a nice
     value ranks a process only inside its own session's group, and each group
     competes as an equal: a niced probe in the daemon's session took as much
     CPU as a worker (measured: two busy workers lost 40 % of their work to it,
