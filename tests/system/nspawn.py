@@ -207,8 +207,9 @@ class Container:
     def journal(self, *args: str) -> str:
         return self.run(["journalctl", "--no-pager", "-o", "cat", *args], check=False).stdout
 
-    def processes(self) -> list[tuple[int, str, str]]:
-        """(pid, user, command line) of every process in the container."""
+    def processes(self) -> list[tuple[int, str, str, str]]:
+        """(pid, user, command line, control group's last part: its unit) of every process in the container,
+        read in one pass, so a process is never told by a unit it has left since."""
         script = r"""
 import os, pwd
 for pid in os.listdir('/proc'):
@@ -217,17 +218,18 @@ for pid in os.listdir('/proc'):
     try:
         uid = os.stat(f'/proc/{pid}').st_uid
         cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\0', b' ').replace(b'\n', b' ').decode(errors='replace').strip()
-    except OSError:
+        group = open(f'/proc/{pid}/cgroup').read().strip().splitlines()[-1].rpartition('/')[2]
+    except (OSError, IndexError):
         continue
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    print(pid, user, cmd, sep='\t')
+    print(pid, user, group, cmd, sep='\t')
 """
         out = self.run(["python3", "-c", script]).stdout
         rows = []
         for line in out.splitlines():
-            pid, user, cmd = (line.split("\t") + ["", ""])[:3]
-            rows.append((int(pid), user, cmd))
+            pid, user, group, cmd = (line.split("\t") + ["", "", ""])[:4]
+            rows.append((int(pid), user, cmd, group))
         return rows
