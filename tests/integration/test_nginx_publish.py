@@ -60,7 +60,8 @@ def test_root_publishes_what_the_daemon_serves_and_nginx_serves_it(daemon: Daemo
         daemon.save(site_config(daemon, front.port))
         front.start()  # with nothing to include yet
         daemon.start()
-        assert (own / nginx.APPLIED_MARKER).exists()
+        # Written once the generation is promoted, in a thread: status may say serving a moment before.
+        wait_for((own / nginx.APPLIED_MARKER).exists, 30, "the daemon to mark its TOML applied")
 
         code, lines = nginx_publish.run(options)
         assert code == EXIT_OK and lines[0].startswith("published"), lines
