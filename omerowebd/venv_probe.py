@@ -162,8 +162,8 @@ def lower_priority(nice):
     no cgroup CPU controller ranks the daemon and its gunicorns) a nice
     value ranks a process only inside its own session's group, and each group
     competes as an equal: a niced probe in the daemon's session took as much
-    CPU as a worker (measured: two busy workers lost 40 % of their work to it,
-    4 % with its group lowered). The probe lowers itself, never the daemon by
+    CPU as a worker (measured by hand: two busy processes lost 40 % of their
+    work to it, 4 % with its group lowered). The probe lowers itself, never the daemon by
     pid: only the process itself knows that its pid is still its own. Only as
     its session's leader (the daemon starts it so): the group is the whole
     session's. Raising either needs no privilege; what the kernel refuses is
