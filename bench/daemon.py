@@ -366,6 +366,10 @@ def main() -> None:
         return " ".join(f"{form.format(getattr(a, pick))}/{form.format(getattr(b, pick))}"
                         for a, b in zip(windows[remembered], windows[bare_name]))
 
+    def loaded_cpu() -> float:
+        """The daemon's processes' CPU while its site is loaded, % of a core: the median of every window."""
+        return median([w.server for w in together[remembered] + alone[remembered]])
+
     def rate_rows() -> list[list[str]]:
         """What the requests/s rounds measured: the verdict's windows (both loaded at once), then each alone."""
         rows = []
@@ -384,9 +388,8 @@ def main() -> None:
                  " ".join(f"{w.machine:.0f}" for w in windows[bare_name]) if windows is together
                  else each(windows, "machine", "{:.0f}"), "-"],
             ]
-        loaded = [w.server for w in together[remembered] + alone[remembered]]
         rows.append(["omerowebd's other processes' CPU while its site is loaded (the daemon, its venv probe, the "
-                     "gunicorn master; median of every window)", f"{median(loaded):.2f} %", "< 0.5 %"])
+                     "gunicorn master; median of every window)", f"{loaded_cpu():.2f} %", "< 0.5 %"])
         return rows
 
     if args.rate_only:
@@ -417,7 +420,7 @@ def main() -> None:
     # fresh (a process's own speed on these shared cores differs by a few % from the next one's), and loaded at
     # once they meet the same moments of the machine, whose drift moves a window loaded alone by 10 %.
     ratio = median(paired_together)
-    loaded_cpu = median([w.server for w in together[remembered] + alone[remembered]])
+    loaded = loaded_cpu()
     idle_cpu = median(idle)
     over = median(gaps)
     spawn = median(spawns)
@@ -455,8 +458,8 @@ def main() -> None:
             bare_name, median([w.per_request for w in together[bare_name]]), "ms", "(for comparison)", None),
         # Both loaded at once, each server's session has an equal share of the CPU, so the daemon's own CPU would
         # not show in the ratio: it is judged here, against the same goal as when idle.
-        row("daemon CPU while its site is loaded (the daemon, its venv probe, the gunicorn master)", loaded_cpu, "",
-            None, "%", "< 0.5 %", loaded_cpu < 0.5),
+        row("daemon CPU while its site is loaded (the daemon, its venv probe, the gunicorn master)", loaded, "",
+            None, "%", "< 0.5 %", loaded < 0.5),
         row("daemon RSS", rss, "", None, "MB", "< 40 MB", rss < 40),
         row("daemon CPU while idle", idle_cpu, "", None, "%", "< 0.5 %", idle_cpu < 0.5),
     ])
