@@ -13,21 +13,26 @@ venv). Goals: first 200 within 0.2 s of bare gunicorn, requests/s ratio >=
 Each requests/s round starts omerowebd and bare gunicorn fresh, side by side,
 waits for what the daemon's start leaves running after READY (the first
 session sweep), loads each for a second, then times windows: each server
-alone, in turn (A B, or A B B A; which goes first alternates by round), and
-then both loaded at once, wrk against each. The ratio judged is the median of
-the rounds' ratios with both loaded at once (8 rounds in --quick). On these 2
-shared cores a window loaded alone moves by about 10 % with the machine's
-drift (one round's ratio went from 0.85 to 1.17 in this bench's runs of
-2026-11-29); loaded at once, both servers meet the same moments of it, and the
-kernel gives each server's session an equal share of the CPU, so their ratio
-is that of what a request costs each. One process's own speed also differs by
-a few % from the next one's (two bare gunicorns side by side, by hand: 0.95 to
-1.02), hence fresh servers each round, and which of them starts first
-alternates by round as well: loaded at once, the one started first served 2 to
-4 % less (this bench, 8 rounds, 2026-11-29: 0.953 with omerowebd always
-started first, 0.995 alternating). Beside requests/s: the workers' CPU per
-request, and what the server's other processes (omerowebd: the daemon, its
-venv probe, the gunicorn master) and the rest of the machine took meanwhile.
+alone, in turn (A B, or A B B A; not in --quick), and then both loaded at
+once, wrk against each. On these 2 shared cores a window loaded alone moves by
+about 10 % with the machine's drift (one round's ratio went from 0.85 to 1.17
+in this bench's runs of 2026-11-29); loaded at once, both servers meet the
+same moments of it, and the kernel gives each server's session an equal share
+of the CPU, so their ratio is that of what a request costs each. One process's
+own speed also differs by a few % from the next one's (two bare gunicorns side
+by side: 0.95 to 1.02, now and then 0.90 or 1.14), hence fresh servers each
+round. Every step of a round (start, warm-up, windows, whose wrk starts
+first) goes in one order, omerowebd first in even rounds and bare gunicorn
+first in odd ones, because the order shows: loaded at once, the server that
+went first served about 3 % less (16 rounds, 2026-11-30: 0.936 to 0.973 with
+omerowebd first, 0.971 to 1.042 with bare first; 16/16 rounds with the first
+one's workers spending more CPU per request; two bare gunicorns by hand: about
+1 %, in the same direction). The ratio judged is therefore
+per pair of rounds, one each way, the geometric mean of the two (the order's
+share cancels out), and the verdict is the median over the pairs (8 pairs in
+--quick). Beside requests/s: the workers' CPU per request, and what the
+server's other processes (omerowebd: the daemon, its venv probe, the gunicorn
+master) and the rest of the machine took meanwhile.
 Loaded at once, the daemon's own CPU would come out of both servers' shares
 alike and never show in the ratio, so it is judged on its own: under 0.5 % of
 a core while its site is loaded, as when idle. The daemon's idle CPU is
@@ -44,8 +49,8 @@ sides of a pair alike. Where omerowebd's start goes: its own Python up to
 gunicorn's spawn (the master's fork time less the daemon's, from /proc, to
 the clock tick), and gunicorn from there to the first 200.
 
-    .venv/bin/python bench/daemon.py [--rounds 3] [--starts 7] [--seconds 10] [--workers 2] [--user USER] [--quick] [--report FILE]
-    .venv/bin/python bench/daemon.py --rate-only [--rounds 8] [--windows 1] [--seconds 5]   # requests/s only
+    .venv/bin/python bench/daemon.py [--rounds 4] [--starts 11] [--seconds 10] [--workers 2] [--user USER] [--quick] [--report FILE]
+    .venv/bin/python bench/daemon.py --rate-only [--rounds 16] [--windows 1] [--seconds 5]   # requests/s only
 """
 
 from __future__ import annotations
@@ -171,6 +176,12 @@ def machine_cpu() -> float:
     return (sum(fields[:7]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def balanced(ratios: list[float]) -> list[float]:
+    """Per pair of rounds (the first with omerowebd first, the second with bare gunicorn first), the geometric mean
+    of their ratios: what going first costs a server comes out of one and into the other, so it cancels out."""
+    return [(a * b) ** 0.5 for a, b in zip(ratios[::2], ratios[1::2])]
+
+
 def children(pid: int) -> list[int]:
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -224,7 +235,7 @@ def spawn_offset(daemon: Omerowebd) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="requests/s and idle rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="requests/s and idle rounds (even: pairs, one each way)")
     parser.add_argument("--starts", type=int, default=11, help="pairs of starts (omerowebd, bare gunicorn)")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
@@ -243,9 +254,11 @@ def main() -> None:
         # 11 pairs of starts: one pair's gap moves by +-0.3 s here (each side's two workers booting on 2 shared
         # cores); the median of 5 moved by +-0.1 s from run to run, half the goal.
         args.seconds, args.starts = min(args.seconds, 5), min(args.starts, 11)
-        # Loaded at once, one round's ratio moves by about 3 % here (a fresh process's own speed): eight rounds,
-        # their median; one window of each kind a round.
-        args.rounds, args.windows = max(args.rounds, 8), 1
+        # Loaded at once, one pair of rounds' ratio moves by about 3 % here, now and then 10 % (a fresh server's own
+        # speed): eight pairs, their median. One window loaded at once a round and none alone: 16 rounds take
+        # about as long as 8 did with them (4 minutes).
+        args.rounds, args.windows = max(args.rounds, 16), 1
+    args.rounds += args.rounds % 2  # whole pairs: one round each way
     if args.rate_only:
         args.starts = 0
     if args.start_only:
@@ -320,8 +333,7 @@ def main() -> None:
             daemon = Omerowebd(root, free_port(), args.workers, python=python, user=user)
             bare = BareGunicorn(root / "omerodir", free_port(), args.workers, user=user)
             try:
-                # Which starts first alternates too: where the kernel first puts a server's processes on the two
-                # cores may stay with it for a while, and one core can be slower than the other for a while.
+                # The round's order (the module's docstring): the server started first serves a few % less.
                 if round_ % 2:
                     bare.start()
                 os.environ["WATCHDOG_USEC"] = str(WATCHDOG_SEC * 1_000_000)  # as under the unit: its probe counts
@@ -338,15 +350,16 @@ def main() -> None:
                 assert bare.proc is not None
                 servers = {remembered: Server(daemon.port, daemon.proc.pid, daemon.status()["generation"]["master_pid"]),
                            bare_name: Server(bare.port, bare.proc.pid, bare.proc.pid)}
-                for name in servers:
-                    wrk(servers[name].port, WARM_UP)
                 first, second = (remembered, bare_name) if round_ % 2 == 0 else (bare_name, remembered)
-                served = {name: 0.0 for name in servers}
-                for name in ([first, second, second, first] * args.windows)[:2 * args.windows]:
-                    window, = serve([servers[name]], args.seconds)
-                    alone[name].append(window)
-                    served[name] += window.rate
-                paired.append(served[remembered] / served[bare_name])
+                for name in (first, second):
+                    wrk(servers[name].port, WARM_UP)
+                if not args.quick:
+                    served = {name: 0.0 for name in servers}
+                    for name in ([first, second, second, first] * args.windows)[:2 * args.windows]:
+                        window, = serve([servers[name]], args.seconds)
+                        alone[name].append(window)
+                        served[name] += window.rate
+                    paired.append(served[remembered] / served[bare_name])
                 served = {name: 0.0 for name in servers}
                 for index in range(args.windows):
                     order = [first, second] if index % 2 == 0 else [second, first]  # whose wrk starts first
@@ -375,10 +388,18 @@ def main() -> None:
         rows = []
         for how, windows, ratios in [("both loaded at once", together, paired_together),
                                      ("each loaded alone, in turn", alone, paired)]:
+            if not ratios:
+                continue
+            first, second = ratios[::2], ratios[1::2]
             rows += [
-                [f"requests/s ratio omerowebd / bare, {how}: median of the rounds' ratios", f"{median(ratios):.3f}",
+                [f"requests/s ratio omerowebd / bare, {how}: median over the pairs of rounds (one each way) of "
+                 "their geometric mean", f"{median(balanced(ratios)):.3f}",
                  ">= 0.98" if windows is together else "(for comparison)"],
-                ["  each round's ratio (fresh servers; its windows summed)", " ".join(f"{r:.3f}" for r in ratios), "-"],
+                ["  each pair's", " ".join(f"{r:.3f}" for r in balanced(ratios)), "-"],
+                ["  each pair's rounds: omerowebd first / bare gunicorn first (fresh servers; a round's windows summed)",
+                 " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(first, second)), "-"],
+                ["  median of the rounds, omerowebd first / bare gunicorn first", f"{median(first):.3f}/{median(second):.3f}",
+                 "-"],
                 ["  its windows, omerowebd / bare (requests/s)", each(windows, "rate", "{:.0f}"), "-"],
                 ["  the workers' CPU per request, omerowebd / bare (ms)", each(windows, "per_request", "{:.2f}"), "-"],
                 ["  the workers' CPU, omerowebd / bare (% of a core)", each(windows, "workers", "{:.0f}"), "-"],
@@ -416,10 +437,9 @@ def main() -> None:
     table(f"OMERO.web login page, {args.workers} sync workers (medians), servers run {who}",
           ["server", "first 200 after start (s)", "starts", f"requests/s, both loaded at once (wrk -t2 -c8 "
            f"-d{args.seconds} on each, {len(together[bare_name])} windows)"], rows)
-    # The verdict: the median of the rounds' ratios, both servers loaded at once. Each round has both servers
-    # fresh (a process's own speed on these shared cores differs by a few % from the next one's), and loaded at
-    # once they meet the same moments of the machine, whose drift moves a window loaded alone by 10 %.
-    ratio = median(paired_together)
+    # The verdict: both servers loaded at once, the median over the pairs of rounds of the pair's geometric mean
+    # (the module's docstring says why).
+    ratio = median(balanced(paired_together))
     loaded = loaded_cpu()
     idle_cpu = median(idle)
     over = median(gaps)
@@ -450,10 +470,12 @@ def main() -> None:
             bare_start, "s", "(for comparison)", None),
         row("requests/s, login page, both loaded at once", median([w.rate for w in together[remembered]]), bare_name,
             median([w.rate for w in together[bare_name]]), "requests/s",
-            f">= 0.98 x anchor (median of {len(paired_together)} rounds' ratios: {ratio:.3f})", ratio >= 0.98),
-        row("  each loaded alone, in turn", median([w.rate for w in alone[remembered]]), bare_name,
-            median([w.rate for w in alone[bare_name]]), "requests/s",
-            f"(for comparison; median of the rounds' ratios: {median(paired):.3f})", None),
+            f">= 0.98 x anchor (median of {len(paired_together) // 2} pairs of rounds, one each way: {ratio:.3f})",
+            ratio >= 0.98),
+        *([row("  each loaded alone, in turn", median([w.rate for w in alone[remembered]]), bare_name,
+               median([w.rate for w in alone[bare_name]]), "requests/s",
+               f"(for comparison; median of the pairs of rounds: {median(balanced(paired)):.3f})", None)]
+          if alone[remembered] else []),
         row("  the workers' CPU per request, both loaded at once", median([w.per_request for w in together[remembered]]),
             bare_name, median([w.per_request for w in together[bare_name]]), "ms", "(for comparison)", None),
         # Both loaded at once, each server's session has an equal share of the CPU, so the daemon's own CPU would
