@@ -24,13 +24,15 @@ by side: 0.95 to 1.02, now and then 0.90 or 1.14), hence fresh servers each
 round. Every step of a round (start, warm-up, windows, whose wrk starts
 first) goes in one order, omerowebd first in even rounds and bare gunicorn
 first in odd ones, because the order shows: loaded at once, the server that
-went first served about 3 % less (16 rounds, 2026-11-30: 0.936 to 0.973 with
-omerowebd first, 0.971 to 1.042 with bare first; 16/16 rounds with the first
-one's workers spending more CPU per request; two bare gunicorns by hand: about
-1 %, in the same direction). The ratio judged is therefore
-per pair of rounds, one each way, the geometric mean of the two (the order's
-share cancels out), and the verdict is the median over the pairs (8 pairs in
---quick). Beside requests/s: the workers' CPU per request, and what the
+went first served 1 to 3 % less (one 16-round run of 2026-11-30: 0.936 to
+0.973 with omerowebd first, 0.971 to 1.042 with bare first, the first one's
+workers spending more CPU per request in all 16 rounds; the two reports of
+that day: 1 to 2 % each way; two bare gunicorns by hand: about 1 %, the same
+way). The ratio judged is therefore per pair of rounds, one each way, the
+geometric mean of the two, from which the order's share cancels out as long
+as going first costs either server the same share; the verdict is the median
+over the pairs (8 pairs in --quick). It still moves by about 1 % from run to
+run (0.983 to 1.004 in five runs of 2026-11-30). Beside requests/s: the workers' CPU per request, and what the
 server's other processes (omerowebd: the daemon, its venv probe, the gunicorn
 master) and the rest of the machine took meanwhile.
 Loaded at once, the daemon's own CPU would come out of both servers' shares
@@ -50,7 +52,7 @@ gunicorn's spawn (the master's fork time less the daemon's, from /proc, to
 the clock tick), and gunicorn from there to the first 200.
 
     .venv/bin/python bench/daemon.py [--rounds 4] [--starts 11] [--seconds 10] [--workers 2] [--user USER] [--quick] [--report FILE]
-    .venv/bin/python bench/daemon.py --rate-only [--rounds 16] [--windows 1] [--seconds 5]   # requests/s only
+    .venv/bin/python bench/daemon.py --rate-only --quick [--rounds 16]   # requests/s only, as the report judges it
 """
 
 from __future__ import annotations
@@ -235,7 +237,9 @@ def spawn_offset(daemon: Omerowebd) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4, help="requests/s and idle rounds (even: pairs, one each way)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="requests/s rounds, in pairs (one each way; an odd number gets one more); without "
+                             "--quick, also the idle windows and the starts that ask the venv first")
     parser.add_argument("--starts", type=int, default=11, help="pairs of starts (omerowebd, bare gunicorn)")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
@@ -259,6 +263,8 @@ def main() -> None:
         # about as long as 8 did with them (4 minutes).
         args.rounds, args.windows = max(args.rounds, 16), 1
     args.rounds += args.rounds % 2  # whole pairs: one round each way
+    if args.rounds < 2 and not args.start_only:
+        parser.error("--rounds must be at least 2 (one pair of rounds, one each way)")
     if args.rate_only:
         args.starts = 0
     if args.start_only:
@@ -327,8 +333,9 @@ def main() -> None:
                 daemon.stop()
 
         def rate_round(round_: int) -> None:
-            """Both servers fresh and up side by side. First each alone (A B, or A B B A, which goes first
-            alternating by round), then both loaded at once: the same moments of the machine for both."""
+            """Both servers fresh and up side by side, every step in the round's order (omerowebd first in even
+            rounds): each alone in turn (A B, or A B B A; not in --quick), then both loaded at once (the same
+            moments of the machine for both)."""
             nonlocal rss
             daemon = Omerowebd(root, free_port(), args.workers, python=python, user=user)
             bare = BareGunicorn(root / "omerodir", free_port(), args.workers, user=user)
@@ -342,12 +349,13 @@ def main() -> None:
                 finally:
                     del os.environ["WATCHDOG_USEC"]
                 settled(daemon)
-                assert daemon.proc is not None
-                if (round_ == 0 or not args.quick) and not args.rate_only:  # before any load: no request's tail
-                    idle.append(idle_percent(daemon.proc.pid, args.idle))
                 if round_ % 2 == 0:
                     bare.start()
-                assert bare.proc is not None
+                assert daemon.proc is not None and bare.proc is not None
+                # Before any load (no request's tail in it), with both up: the first server's lead is then the
+                # same in both rounds of a pair.
+                if (round_ == 0 or not args.quick) and not args.rate_only:
+                    idle.append(idle_percent(daemon.proc.pid, args.idle))
                 servers = {remembered: Server(daemon.port, daemon.proc.pid, daemon.status()["generation"]["master_pid"]),
                            bare_name: Server(bare.port, bare.proc.pid, bare.proc.pid)}
                 first, second = (remembered, bare_name) if round_ % 2 == 0 else (bare_name, remembered)
@@ -361,9 +369,8 @@ def main() -> None:
                         served[name] += window.rate
                     paired.append(served[remembered] / served[bare_name])
                 served = {name: 0.0 for name in servers}
-                for index in range(args.windows):
-                    order = [first, second] if index % 2 == 0 else [second, first]  # whose wrk starts first
-                    for name, window in zip(order, serve([servers[name] for name in order], args.seconds)):
+                for _ in range(args.windows):  # the first's wrk starts first
+                    for name, window in zip((first, second), serve([servers[first], servers[second]], args.seconds)):
                         together[name].append(window)
                         served[name] += window.rate
                 paired_together.append(served[remembered] / served[bare_name])
@@ -395,7 +402,7 @@ def main() -> None:
                 [f"requests/s ratio omerowebd / bare, {how}: median over the pairs of rounds (one each way) of "
                  "their geometric mean", f"{median(balanced(ratios)):.3f}",
                  ">= 0.98" if windows is together else "(for comparison)"],
-                ["  each pair's", " ".join(f"{r:.3f}" for r in balanced(ratios)), "-"],
+                ["  each pair's geometric mean", " ".join(f"{r:.3f}" for r in balanced(ratios)), "-"],
                 ["  each pair's rounds: omerowebd first / bare gunicorn first (fresh servers; a round's windows summed)",
                  " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(first, second)), "-"],
                 ["  median of the rounds, omerowebd first / bare gunicorn first", f"{median(first):.3f}/{median(second):.3f}",
