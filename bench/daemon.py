@@ -24,17 +24,18 @@ by side: 0.95 to 1.02, now and then 0.90 or 1.14), hence fresh servers each
 round. Every step of a round (start, warm-up, windows, whose wrk starts first)
 goes in one order, omerowebd first in even rounds and bare gunicorn first in
 odd ones, because the order shows: loaded at once, the server that went first
-served 1 to 3 % less (one 16-round run of 2026-11-30: 0.936 to 0.973 with
+served up to 3 % less (one 16-round run of 2026-11-30: 0.936 to 0.973 with
 omerowebd first, 0.971 to 1.042 with bare first, the first one's workers
-spending more CPU per request in all 16 rounds; the two reports of that day: 1
-to 2 % each way; two bare gunicorns by hand: about 1 %, the same way). The
-ratio judged is therefore per pair of rounds, one each way, the geometric mean
-of the two, from which the order's share cancels out as long as going first
-costs either server the same share; the verdict is the median over the pairs
-(8 pairs in --quick). It still moves by about 1 % from run to run (0.983 to
-1.004 in five runs of 2026-11-30). Beside requests/s: the workers' CPU per
-request, and what the server's other processes (omerowebd: the daemon, its
-venv probe, the gunicorn master) and the rest of the machine took meanwhile.
+spending more CPU per request in all 16 rounds; the three reports of that day:
+1 to 2 % each way in two, none in the third; two bare gunicorns by hand: about
+1 %, the same way). The ratio judged is therefore per pair of rounds, one each
+way, the geometric mean of the two, from which the order's share cancels out
+as long as going first costs either server the same share; the verdict is the
+median over the pairs (8 pairs in --quick). It still moves by about 1 % from
+run to run (0.983 to 1.004 in six runs of 2026-11-30). Beside requests/s: the
+workers' CPU per request, and what the server's other processes (omerowebd:
+the daemon, its venv probe, the gunicorn master) and the rest of the machine
+took meanwhile.
 Loaded at once, the daemon's own CPU would come out of both servers' shares
 alike and never show in the ratio, so it is judged on its own: under 0.5 % of
 a core while its site is loaded, as when idle. The daemon's idle CPU is
